@@ -1,0 +1,42 @@
+"""Test helpers: import the single-file scripts as modules, run them as subprocesses."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(1)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def load_script(name: str):
+    """Import e.g. 'dqn_atari_injection' from the repository root as a module (cached)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_script(name: str, *args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run a script with the given flags; returns the completed process (stdout/stderr captured)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline")
+    return subprocess.run(
+        [sys.executable, str(ROOT / f"{name}.py"), *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path, monkeypatch):
+    """Run inside a temporary folder so runs/, models/ and datasets/ never touch the repository."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
