@@ -29,7 +29,7 @@ import time
 import zipfile
 import base64
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ class Args:
     # Plasticity injection
     inject_at: List[int] = field(default_factory=list)
     """global steps at which to inject plasticity (at the first rollout boundary at or after each step)"""
-    inject_target: str = "encoder"
+    inject_target: Literal["encoder", "heads", "all"] = "encoder"
     """what to inject into: `encoder` (NatureCNN conv+linear), `heads` (action_net and value_net), `all` (whole network)"""
     inject_keep_trainable: bool = False
     """ablation: the original module and both new copies all stay trainable"""
@@ -1277,7 +1277,7 @@ def train(args: Args) -> dict:
 
     envs.close()
     writer.close()
-    summary.update(global_step=global_step, run_name=run_name)
+    summary.update(global_step=global_step, run_name=run_name, agent=agent, optimizer=optimizer)
     return summary
 
 
