@@ -1,10 +1,24 @@
-"""ppo_atari_injection vs Stable-Baselines3: same observations, same network outputs, same optimizer state."""
+"""ppo_atari_injection vs Stable-Baselines3: same observations, same network outputs, same optimizer state;
+a tiny real run continuing a real SB3 zip with injection; clear errors for bad input and bad zips."""
+import glob
+import os
+
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, run_script
 
 P = load_script("ppo_atari_injection")
+NAME = "ppo_atari_injection"
+TINY = ["--num-envs", "2", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "2", "--no-cuda"]
+
+
+def _scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return {k: [e.value for e in acc.Scalars(k)] for k in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="session")
@@ -149,3 +163,62 @@ def test_observation_pipeline_matches_sb3(env_id):
     ours.close()
     assert visible > 1000 and dones >= 3, (visible, dones)  # life losses and game overs were crossed
     assert our_games and our_games == sb3_games[: len(our_games)]
+
+
+def test_smoke_continues_sb3_zip_injects_midway_and_logs(sb3_zips, tmp_cwd):
+    proc = run_script(NAME, *TINY, "--total-timesteps", "128", "--pretrained", sb3_zips["shared"],
+                      "--pretrained-load-optimizer", "--inject-at", "64", "--inject-target", "encoder",
+                      "--eval-every", "64", "--eval-episodes", "1", "--no-eval-deterministic", "--save-model",
+                      "--seed", "3", cwd=tmp_cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (run_dir,) = glob.glob(str(tmp_cwd / "runs" / "*"))
+    scalars = _scalars(run_dir)
+    for key in ("charts/learning_rate", "charts/SPS", "losses/value_loss", "losses/policy_loss", "losses/entropy",
+                "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
+                "injection/count", "injection/output_change", "injection/trainable_params", "eval/episodic_return"):
+        assert key in scalars, key
+    assert len(scalars["losses/value_loss"]) == 4  # 128 steps / 32 per rollout
+    assert scalars["injection/count"] == [1.0] and scalars["injection/output_change"] == [0.0]
+    assert scalars["injection/trainable_params"] == scalars["injection/trainable_params_before"]
+    ckpt = torch.load(glob.glob(os.path.join(run_dir, "*.cleanrl_model"))[0], weights_only=False)
+    assert ckpt["global_step"] == 128
+    # the reloaded model is the injected one, with the same frozen/trainable split
+    agent = P.Agent(ckpt["n_actions"], ckpt["share_features_extractor"])
+    P.load_injected_state_dict(agent, ckpt["model"])
+    assert P.injection_counts(agent) == {"policy.features_extractor": 1}
+    assert P.count_params(agent, trainable_only=True) == P.count_params(P.Agent(4), trainable_only=True)
+    assert not any(p.requires_grad for p in agent.policy.features_extractor.terms[0].parameters())
+
+
+def _bad(tmp_cwd, *flags):
+    proc = run_script(NAME, *TINY, *flags, cwd=tmp_cwd)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_cwd / "runs").exists(), "a run folder was created for bad input"
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_bad_input_gives_one_clear_line(sb3_zips, tmp_cwd):
+    corrupt = tmp_cwd / "corrupt.zip"
+    data = open(sb3_zips["shared"], "rb").read()
+    corrupt.write_bytes(data[: len(data) // 2])
+    cases = [
+        (["--pretrained", str(tmp_cwd / "missing.zip")], ["--pretrained", "missing.zip", "no such file"]),
+        (["--pretrained", str(corrupt)], ["--pretrained", "corrupt.zip", "zip"]),
+        (["--pretrained", sb3_zips["dqn"]], ["--pretrained", "dqn_cartpole.zip", "DQN"]),
+        (["--pretrained", sb3_zips["a2c"]], ["--pretrained", "a2c_cartpole.zip", "PPO"]),
+        (["--pretrained", sb3_zips["shared"], "--env-id", "PongNoFrameskip-v4"], ["--pretrained", "4 actions", "6"]),
+        (["--total-timesteps", "64", "--inject-at", "100"], ["--inject-at", "100"]),
+        (["--env-id", "CartPole-v1"], ["--env-id", "CartPole-v1"]),
+    ]
+    for flags, words in cases:
+        line = _bad(tmp_cwd, *flags)
+        assert line.startswith("error: ")
+        for w in words:
+            assert w in line, (flags, line)
+
+
+def test_hub_id_without_network_or_package_needs_a_local_path(tmp_cwd):
+    line = _bad(tmp_cwd, "--pretrained", "sb3/ppo-BreakoutNoFrameskip-v4")
+    assert "--pretrained sb3/ppo-BreakoutNoFrameskip-v4" in line and "local path" in line
