@@ -1,0 +1,307 @@
+"""The interventions block (shared_blocks/interventions.py): resets, shrink-and-perturb, L2 schedules,
+LayerNorm/LeakyReLU builders, the adaptive trigger and the validation of their flags."""
+import copy
+import math
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_blocks(*names):
+    """common + injection + the given blocks executed into one namespace, as in a script."""
+    mod = types.ModuleType("blocks_" + "_".join(names))
+    for name in ("common", "injection", *names):
+        path = ROOT / "shared_blocks" / f"{name}.py"
+        exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)
+    return mod
+
+
+B = load_blocks("plasticity", "interventions")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def _trained(steps=3, seed=0):
+    torch.manual_seed(seed)
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = torch.rand(16, 3), torch.rand(16, 2)
+    for _ in range(steps):
+        opt.zero_grad()
+        (net(x) - y).pow(2).mean().backward()
+        opt.step()
+    return net, opt, x, y
+
+
+def _snapshot(net, opt):
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in net.named_parameters() if p in opt.state}
+    return params, state
+
+
+# -- reset -----------------------------------------------------------------------------------------
+def test_reset_changes_exactly_the_chosen_parameters_and_their_optimizer_state():
+    net, opt, x, y = _trained()
+    target = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)  # a lagged target differs from the online net
+    target_encoder = copy.deepcopy(target.encoder.state_dict())
+    params, state = _snapshot(net, opt)
+    log = B.reset_modules(net, ["head"], optimizers=[opt], targets=[target])
+    assert log["interventions/reset_params"] == sum(p.numel() for p in net.head.parameters())
+    for n, p in net.named_parameters():
+        if n.startswith("head."):
+            assert not torch.equal(p, params[n]), n
+            assert p not in opt.state  # fresh Adam state: moments and step start from zero
+        else:
+            assert torch.equal(p, params[n]), n  # bit-for-bit
+            assert all(torch.equal(v, state[n][k]) for k, v in opt.state[p].items()), n
+    # targets get the same new head values, their encoder is untouched
+    assert all(torch.equal(a, b) for a, b in zip(net.head.parameters(), target.head.parameters()))
+    assert all(torch.equal(v, target.encoder.state_dict()[k]) for k, v in target_encoder.items())
+    # the optimizer still trains the reset parameters (same objects) from fresh state
+    opt.zero_grad()
+    (net(x) - y).pow(2).mean().backward()
+    opt.step()
+    assert int(opt.state[net.head[0].weight]["step"]) == 1
+    assert int(opt.state[net.encoder[0].weight]["step"]) == 4
+
+
+def test_reset_values_come_from_the_layers_init_or_a_factory():
+    net, opt, _, _ = _trained()
+    torch.manual_seed(7)
+    B.reset_modules(net, ["head.2"], optimizers=[opt])
+    torch.manual_seed(7)
+    expected = nn.Linear(8, 2)  # same init scheme, same random draws
+    assert torch.equal(net.head[2].weight, expected.weight) and torch.equal(net.head[2].bias, expected.bias)
+
+    def factory():
+        return B.init_orthogonal(nn.Linear(8, 2), std=0.01)
+
+    B.reset_modules(net, ["head.2"], make_fresh={"head.2": factory})
+    assert float(net.head[2].bias.detach().abs().max()) == 0.0
+    assert float(net.head[2].weight.detach().abs().max()) < 0.05
+
+
+def test_reset_of_an_injected_head_resets_only_trainable_terms():
+    net, opt, x, _ = _trained()
+    B.apply_injection(net, ["head"], x, optimizers=[opt])
+    frozen = [copy.deepcopy(t.state_dict()) for t in net.head.frozen_terms()]
+    trainable = copy.deepcopy(net.head.trainable_terms()[0].state_dict())
+    B.reset_modules(net, ["head"], optimizers=[opt])
+    for t, sd in zip(net.head.frozen_terms(), frozen):
+        assert all(torch.equal(v, t.state_dict()[k]) for k, v in sd.items())
+    new = net.head.trainable_terms()[0].state_dict()
+    assert not any(torch.equal(v, new[k]) for k, v in trainable.items())
+
+
+# -- shrink-and-perturb ---------------------------------------------------------------------------
+def test_shrink_perturb_identity_is_a_no_op():
+    net, _, _, _ = _trained()
+    before = copy.deepcopy(net.state_dict())
+    rng = torch.get_rng_state()
+    log = B.shrink_perturb(net, shrink=1.0, perturb=0.0)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(rng, torch.get_rng_state())  # no random numbers drawn
+    assert log["interventions/shrink_perturb_rel_change"] == 0.0
+
+
+def test_shrink_perturb_is_s_theta_plus_p_eps():
+    net, _, _, _ = _trained()
+    target = copy.deepcopy(net)
+    before = copy.deepcopy(net.state_dict())
+    s, p = 0.8, 0.01
+    torch.manual_seed(3)
+    B.shrink_perturb(net, ("",), shrink=s, perturb=p, targets=[target])
+    torch.manual_seed(3)
+    eps = copy.deepcopy(net)
+    for m in eps.modules():  # the fresh initialisation, drawn the same way
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    for k, e in eps.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[k], s * before[k] + p * e, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(target.state_dict()[k], net.state_dict()[k], rtol=0, atol=0)
+    # statistically: with S=1 the change of a weight matrix has the scale of P times its init
+    torch.manual_seed(4)
+    big = nn.Sequential(nn.Linear(400, 400))
+    w0 = big[0].weight.detach().clone()
+    B.shrink_perturb(big, shrink=1.0, perturb=0.01)
+    bound = 1 / math.sqrt(400)  # default init: U(-b, b), std b/sqrt(3)
+    assert float((big[0].weight.detach() - w0).std()) == pytest.approx(0.01 * bound / math.sqrt(3), rel=0.02)
+
+
+def test_shrink_perturb_on_a_path_leaves_the_rest_and_frozen_terms():
+    net, opt, x, _ = _trained()
+    B.apply_injection(net, ["head"], x, optimizers=[opt])
+    frozen = [copy.deepcopy(t.state_dict()) for t in net.head.frozen_terms()]
+    encoder = copy.deepcopy(net.encoder.state_dict())
+    trainable = copy.deepcopy(net.head.trainable_terms()[0].state_dict())
+    B.shrink_perturb(net, ["head"], shrink=0.5, perturb=0.01)
+    assert all(torch.equal(v, net.encoder.state_dict()[k]) for k, v in encoder.items())
+    for t, sd in zip(net.head.frozen_terms(), frozen):
+        assert all(torch.equal(v, t.state_dict()[k]) for k, v in sd.items())
+    new = net.head.trainable_terms()[0].state_dict()
+    assert all(not torch.equal(v, new[k]) for k, v in trainable.items())
+
+
+# -- L2 --------------------------------------------------------------------------------------------
+def test_l2_schedules():
+    c = dict(coef=1e-3, start=1e-4, end=5e-4, period_on=500, period_off=100)
+    assert B.l2_coef("none", 123, 1000, **c) == 0.0
+    assert B.l2_coef("constant", 0, 1000, **c) == B.l2_coef("constant", 999, 1000, **c) == 1e-3
+    assert B.l2_coef("incremental", 0, 1000, **c) == pytest.approx(1e-4)
+    assert B.l2_coef("incremental", 500, 1000, **c) == pytest.approx(3e-4)
+    assert B.l2_coef("incremental", 1000, 1000, **c) == pytest.approx(5e-4)
+    on = [0, 499, 600, 1099, 1200]
+    off = [500, 599, 1100, 1199]
+    assert all(B.l2_coef("periodic", s, 10_000, **c) == 1e-3 for s in on)
+    assert all(B.l2_coef("periodic", s, 10_000, **c) == 0.0 for s in off)
+    with pytest.raises(B.UserError, match="--l2-schedule"):
+        B.l2_coef("cosine", 0, 10)
+    args = types.SimpleNamespace(l2_schedule="periodic", l2_coef=2.0, l2_start=0.0, l2_end=0.0,
+                                 l2_period_on=10, l2_period_off=5)
+    assert [B.l2_coef_from_args(args, s, 100) for s in (9, 10, 15)] == [2.0, 0.0, 2.0]
+
+
+def test_l2_penalty_is_the_hand_sum_of_trainable_weights():
+    lin = nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+        lin.bias.copy_(torch.tensor([10.0, 10.0]))  # biases are not penalised
+    model = nn.Sequential(lin, nn.LayerNorm(2), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[2].weight.fill_(2.0)
+    assert B.l2_penalty(model).item() == pytest.approx(1 + 4 + 9 + 0.25 + 4 + 4)
+    model[2].weight.requires_grad_(False)  # frozen weights are not penalised
+    assert B.l2_penalty(model).item() == pytest.approx(14.25)
+    # the loss includes the term: its gradient is the base gradient + 2 λ w
+    x, lam = torch.rand(4, 2), 0.1
+    base = model(x).pow(2).mean()
+    g_base = torch.autograd.grad(base, lin.weight)[0]
+    total = model(x).pow(2).mean() + lam * B.l2_penalty(model)
+    g_total = torch.autograd.grad(total, lin.weight)[0]
+    torch.testing.assert_close(g_total, g_base + 2 * lam * lin.weight.detach())
+
+
+# -- builders --------------------------------------------------------------------------------------
+def test_builders_layer_norm_and_leaky_relu():
+    cnn = B.NatureCNNEncoder(4, layer_norm=True, activation="leaky_relu")
+    types_ = [type(m) for m in cnn.cnn] + [type(m) for m in cnn.linear]
+    assert types_ == [nn.Conv2d, nn.GroupNorm, nn.LeakyReLU] * 3 + [nn.Flatten, nn.Linear, nn.LayerNorm, nn.LeakyReLU]
+    assert all(m.num_groups == 1 for m in cnn.modules() if isinstance(m, nn.GroupNorm))
+    assert cnn.cnn[2].negative_slope == 0.01
+    plain = B.NatureCNNEncoder(4)
+    assert set(plain.state_dict()) == {f"{p}.{t}" for p in ("cnn.0", "cnn.2", "cnn.4", "linear.0") for t in ("weight", "bias")}
+    assert plain(torch.rand(2, 4, 84, 84)).shape == (2, 512)
+    net = B.build_mlp(2, [16, 16], 5, layer_norm=True, activation="leaky_relu", orthogonal=True, out_gain=0.01)
+    assert [type(m) for m in net] == [nn.Linear, nn.LayerNorm, nn.LeakyReLU] * 2 + [nn.Linear]
+    w = net[3].weight.detach()
+    torch.testing.assert_close(w @ w.T, 2.0 * torch.eye(16), rtol=0, atol=1e-5)  # orthogonal, gain sqrt(2)
+    assert float(net[6].weight.detach().norm(dim=1).max()) == pytest.approx(0.01)  # output gain
+    assert list(B.hidden_layers(net)) == ["0", "3"]
+    with pytest.raises(B.UserError, match="--activation"):
+        B.build_activation("gelu")
+
+
+@pytest.mark.parametrize("path", ["1", "0.linear", "0"])
+def test_layer_norm_leaky_relu_networks_support_injection(path):
+    torch.manual_seed(0)
+    model = nn.Sequential(B.NatureCNNEncoder(4, 64, layer_norm=True, activation="leaky_relu", input_hw=(36, 36)),
+                          B.build_mlp(64, [32], 3, layer_norm=True, activation="leaky_relu"))
+    x = torch.rand(6, 4, 36, 36)
+    with torch.no_grad():
+        before = model(x)
+    log = B.apply_injection(model, [path], x)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert log["injection/output_change"] == 0.0
+    assert log["injection/trainable_params"] == log["injection/trainable_params_before"]
+
+
+# -- adaptive trigger -------------------------------------------------------------------------------
+def test_adaptive_trigger_fires_on_crossing_and_respects_gap_and_count():
+    key = "plasticity/erank_features_mean"
+    trig = B.AdaptiveTrigger(key, 15.0, "below", min_gap=100, max_count=2, start_step=10)
+    series = {0: 5.0, 20: 20.0, 40: 12.3, 60: 10.0, 139: 9.0, 140: 16.0, 160: 14.0, 300: 1.0}
+    fired = {s: trig.check(s, {key: v}) for s, v in series.items()}
+    assert fired[0] is None  # before start_step
+    assert fired[20] is None  # not crossed
+    assert fired[40] == f"{key}=12.3 < 15 at step 40"
+    assert fired[60] is None and fired[139] is None  # within the gap
+    assert fired[140] is None  # gap passed, but not crossed
+    assert fired[160] is not None and fired[300] is None  # second fire, then max_count reached
+    assert trig.fired == [40, 160]
+    resumed = B.AdaptiveTrigger(key, 15.0, "below", min_gap=100, max_count=2)
+    resumed.load_state_dict(trig.state_dict())
+    assert resumed.fired == [40, 160] and resumed.check(400, {key: 0.0}) is None
+    up = B.AdaptiveTrigger("plasticity/dormant_ratio_mean", 0.5, "above")
+    assert up.check(1, {"plasticity/dormant_ratio_mean": 0.5}) is None
+    assert "> 0.5" in up.check(2, {"plasticity/dormant_ratio_mean": 0.6})
+    with pytest.raises(B.UserError, match="did you mean plasticity/dormant_ratio_mean"):
+        B.AdaptiveTrigger("plasticity/dormant_ratio", 0.5).check(0, {"plasticity/dormant_ratio_mean": 0.1})
+    args = types.SimpleNamespace(adaptive_inject_threshold=None)
+    assert B.AdaptiveTrigger.from_args(args) is None
+
+
+# -- flag validation ---------------------------------------------------------------------------------
+def _args(**kw):
+    base = dict(metrics_every=1000, metrics_batch_size=256, dormant_tau=0.025, reset_at=[], reset_target="head",
+                shrink_perturb_at=[], shrink_perturb_target="all", sp_shrink=1.0, sp_perturb=0.01,
+                l2_schedule="none", l2_coef=1e-5, l2_start=0.0, l2_end=1e-4, l2_period_on=500_000,
+                l2_period_off=100_000, layer_norm=False, activation="relu", adaptive_inject_metric=None,
+                adaptive_inject_threshold=None, adaptive_inject_direction="below", adaptive_inject_min_gap=0,
+                adaptive_inject_max_count=1)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("bad, flag", [
+    (dict(metrics_every=-1), "--metrics-every"),
+    (dict(metrics_batch_size=1), "--metrics-batch-size"),
+    (dict(dormant_tau=-0.1), "--dormant-tau"),
+    (dict(reset_at=[10_000]), "--reset-at"),
+    (dict(shrink_perturb_at=[5, 5]), "--shrink-perturb-at"),
+    (dict(sp_perturb=-0.01), "--sp-perturb"),
+    (dict(sp_shrink=float("nan")), "--sp-shrink"),
+    (dict(l2_schedule="cosine"), "--l2-schedule"),
+    (dict(l2_coef=-1.0), "--l2-coef"),
+    (dict(l2_period_on=0), "--l2-period-on"),
+    (dict(l2_period_off=-5), "--l2-period-off"),
+    (dict(activation="gelu"), "--activation"),
+    (dict(adaptive_inject_threshold=3.0), "--adaptive-inject-metric"),
+    (dict(adaptive_inject_metric="plasticity/erank_features_mean"), "--adaptive-inject-threshold"),
+    (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, adaptive_inject_direction="sideways"),
+     "--adaptive-inject-direction"),
+    (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, adaptive_inject_max_count=0),
+     "--adaptive-inject-max-count"),
+    (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, adaptive_inject_min_gap=-1),
+     "--adaptive-inject-min-gap"),
+    (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, metrics_every=0), "--metrics-every"),
+])
+def test_check_intervention_args_names_the_flag(bad, flag):
+    B.check_intervention_args(_args(), 1000)  # the defaults are valid
+    with pytest.raises(B.UserError, match=flag):
+        B.check_intervention_args(_args(**bad), 1000)
+
+
+def test_check_intervention_args_validates_the_metric_name():
+    keys = B.plasticity_keys(Net())
+    ok = _args(adaptive_inject_metric="plasticity/erank_features_mean", adaptive_inject_threshold=3.0)
+    B.check_intervention_args(ok, 1000, metric_keys=keys)
+    bad = _args(adaptive_inject_metric="plasticity/erank_mean", adaptive_inject_threshold=3.0)
+    with pytest.raises(B.UserError, match="--adaptive-inject-metric 'plasticity/erank_mean'"):
+        B.check_intervention_args(bad, 1000, metric_keys=keys)
