@@ -1184,7 +1184,7 @@ def train(args: Args) -> dict:
     next_obs_np, next_valid_np = envs.reset()
     next_obs = torch.as_tensor(next_obs_np, device=device)
     next_valid = torch.as_tensor(next_valid_np, device=device)
-    summary = {"games": [], "injections": [], "evals": [], "losses": {}}
+    summary = {"games": [], "injections": [], "evals": [], "losses": {}, "timing": []}
     next_eval = args.eval_every if args.eval_every > 0 else None
     video_frames, games_env0, recording = [], 0, args.capture_video
 
@@ -1257,6 +1257,8 @@ def train(args: Args) -> dict:
         writer.add_scalar("charts/update_time", update_time, global_step)
         writer.add_scalar("charts/valid_fraction", float(buf.valid.float().mean()), global_step)
         summary["losses"] = stats
+        summary["timing"].append({"rollout": rollout_time, "update": update_time,
+                                  "iteration": time.time() - rollout_start, "samples": int(batch["obs"].shape[0])})
 
         # --- evaluation ------------------------------------------------------------------------
         if next_eval is not None and global_step >= next_eval:
