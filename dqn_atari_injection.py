@@ -194,7 +194,7 @@ def make_env_spec(args: Args) -> EnvSpec:
         ALEInterface.setLoggerMode(LoggerMode.Error)
         ale = ALEInterface()
         ale.loadROM(roms.get_rom_path(game))
-        return EnvSpec(args.env_id, game, (args.frame_stack, 84, 84), len(ale.getMinimalActionSet()))
+        return EnvSpec(spec.id, game, (args.frame_stack, 84, 84), len(ale.getMinimalActionSet()))
     try:
         env = gym.make(args.env_id)
     except Exception as e:
@@ -239,7 +239,7 @@ def make_envs(spec: EnvSpec, args: Args, num_envs: int):
 def make_video_env(spec: EnvSpec, args: Args, run_name: str):
     """Single env recording one greedy episode per evaluation (RecordVideo needs a plain gym env)."""
     if spec.atari:
-        env = gym.make(args.env_id, render_mode="rgb_array", frameskip=1, repeat_action_probability=args.repeat_action_probability,
+        env = gym.make(spec.env_id, render_mode="rgb_array", frameskip=1, repeat_action_probability=args.repeat_action_probability,
                        max_episode_steps=args.max_episode_frames)
         env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda i: True, disable_logger=True)
         env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, frame_skip=4, screen_size=84,

@@ -267,7 +267,7 @@ def test_linear_schedule_and_polyak():
 def test_env_ids_resolve():
     assert dqn.make_env_spec(dqn.Args(env_id="PhoenixNoFrameskip-v4")) == dqn.EnvSpec("PhoenixNoFrameskip-v4", "phoenix", (4, 84, 84), 8)
     assert dqn.make_env_spec(dqn.Args(env_id="ALE/Phoenix-v5")).atari_game == "phoenix"
-    assert dqn.make_env_spec(dqn.Args(env_id="Breakout-v5")).n_actions == 4
+    assert dqn.make_env_spec(dqn.Args(env_id="Breakout-v5")) == dqn.EnvSpec("ALE/Breakout-v5", "breakout", (4, 84, 84), 4)
     assert dqn.make_env_spec(dqn.Args(env_id="LunarLander-v3")) == dqn.EnvSpec("LunarLander-v3", None, (8,), 4)
 
 
