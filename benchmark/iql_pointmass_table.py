@@ -11,6 +11,7 @@ Prints a Markdown table of the final evaluation return and success rate (mean +-
     python benchmark/iql_pointmass_table.py --table-only     # print the table from stored results
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -25,10 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmark" / "results" / "iql_pointmass"
 
 
-def _load_script():
+SNAPSHOT = OUT / "iql_pointmass_injection_snapshot.py"
+
+
+def _load_script(path=None):
+    """Workers import the snapshot taken when the benchmark started, so edits made to the script
+    while the benchmark runs cannot mix two versions into one table."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("iql_pointmass_injection", ROOT / "iql_pointmass_injection.py")
+    spec = importlib.util.spec_from_file_location("iql_pointmass_injection", path or SNAPSHOT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["iql_pointmass_injection"] = mod
     spec.loader.exec_module(mod)
@@ -55,7 +61,8 @@ def _run(name: str, extra: dict, seed: int, workdir: str) -> dict:
     os.chdir(workdir)
     t0 = time.time()
     res = m.train(m.Args(seed=seed, cuda=False, exp_name="iql_table", dataset_dir=str(ROOT / "datasets"), **extra))
-    res.update(setup=name, seed=seed, wall_s=time.time() - t0, extra=extra)
+    res.update(setup=name, seed=seed, wall_s=time.time() - t0, extra=extra,
+               code_sha1=hashlib.sha1(SNAPSHOT.read_bytes()).hexdigest()[:12])
     return res
 
 
@@ -80,8 +87,12 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="parallel runs (one CPU thread each)")
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args()
-    m = _load_script()
     OUT.mkdir(parents=True, exist_ok=True)
+    script = (ROOT / "iql_pointmass_injection.py").read_text()
+    if not a.table_only:
+        SNAPSHOT.write_text(script)
+    m = _load_script(ROOT / "iql_pointmass_injection.py")
+    code_sha = hashlib.sha1(script.encode()).hexdigest()[:12]
     todo, results = [], []
     # seed-major order, longest runs first within a seed
     for seed in a.seeds:
@@ -111,7 +122,7 @@ def main():
     results.sort(key=lambda r: (order.index(r["setup"]) if r["setup"] in order else 99, r["seed"]))
     print(table(results, set(a.seeds)))
     if todo and not a.table_only:
-        print(f"\nwall time of this invocation: {(time.time() - t0) / 60:.1f} min, {a.workers} workers")
+        print(f"\ncode sha1 {code_sha}; wall time of this invocation: {(time.time() - t0) / 60:.1f} min, {a.workers} workers")
 
 
 if __name__ == "__main__":
