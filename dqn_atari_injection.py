@@ -108,9 +108,9 @@ class Args:
 
     # Network (hooks for interventions)
     layer_norm: bool = False
-    """LayerNorm after every conv/linear layer except the output layer"""
-    activation: Literal["relu", "leaky_relu"] = "relu"
-    """activation function of the network"""
+    """LayerNorm after every hidden linear layer, GroupNorm(1, C) (LayerNorm over C, H, W) after every conv"""
+    activation: Literal["relu", "leaky_relu", "tanh"] = "relu"
+    """hidden activation of the network (leaky_relu: slope 0.01)"""
 
     # Plasticity injection
     inject_at: List[int] = field(default_factory=list)
@@ -297,10 +297,6 @@ class EpisodeTracker:
 # ----------------------------------------------------------------------------------------------
 # Network
 # ----------------------------------------------------------------------------------------------
-def make_activation(name: str) -> nn.Module:
-    return nn.LeakyReLU(0.01) if name == "leaky_relu" else nn.ReLU()
-
-
 class ScaleObs(nn.Module):
     """uint8 frames -> float in [0, 1]."""
 
@@ -311,6 +307,8 @@ class ScaleObs(nn.Module):
 class QNetwork(nn.Module):
     """Q(s) = head(encoder(s)), stored as `self.net = nn.Sequential(encoder, head)`.
 
+    Every hidden layer is followed by [a norm under `layer_norm`] and its own activation module
+    (what the plasticity block's per-layer feature metrics hook into).
     Atari: encoder = the Nature DQN conv torso (3 conv layers, flattened to 3136 features), head =
     Linear(3136, 512) + activation + Linear(512, n_actions). Vector obs: encoder = Linear(obs, 120) +
     activation, head = Linear(120, 84) + activation + Linear(84, n_actions) (cleanRL's dqn.py sizes).
@@ -320,21 +318,18 @@ class QNetwork(nn.Module):
     def __init__(self, obs_shape, n_actions: int, *, atari: bool, layer_norm: bool = False, activation: str = "relu"):
         super().__init__()
         self.obs_shape, self.n_actions, self.atari = tuple(obs_shape), int(n_actions), atari
-        act = lambda: make_activation(activation)  # noqa: E731
+        def block(layer: nn.Module) -> List[nn.Module]:  # layer [-> norm] -> its own activation module
+            return [layer] + ([build_norm(layer)] if layer_norm else []) + [build_activation(activation)]
+
         if atari:
             c = obs_shape[0]
-            layers: List[nn.Module] = [ScaleObs()]
-            for cin, cout, k, s, hw in ((c, 32, 8, 4, 20), (32, 64, 4, 2, 9), (64, 64, 3, 1, 7)):
-                layers.append(nn.Conv2d(cin, cout, k, s))
-                if layer_norm:
-                    layers.append(nn.LayerNorm([cout, hw, hw]))
-                layers.append(act())
-            encoder = nn.Sequential(*layers, nn.Flatten())
-            feat, hidden = 3136, 512
+            convs = [nn.Conv2d(c, 32, 8, 4), nn.Conv2d(32, 64, 4, 2), nn.Conv2d(64, 64, 3, 1)]
+            encoder = nn.Sequential(ScaleObs(), *[m for conv in convs for m in block(conv)], nn.Flatten())
+            feat, hidden = 64 * 7 * 7, 512
         else:
             feat, hidden = 120, 84
-            encoder = nn.Sequential(nn.Linear(int(np.prod(obs_shape)), feat), *([nn.LayerNorm(feat)] if layer_norm else []), act())
-        head = nn.Sequential(nn.Linear(feat, hidden), *([nn.LayerNorm(hidden)] if layer_norm else []), act(), nn.Linear(hidden, n_actions))
+            encoder = nn.Sequential(*block(nn.Linear(int(np.prod(obs_shape)), feat)))
+        head = nn.Sequential(*block(nn.Linear(feat, hidden)), nn.Linear(hidden, n_actions))
         self.net = nn.Sequential(encoder, head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -812,6 +807,665 @@ def apply_injection(
         )
     return log
 # ==== END SHARED BLOCK: injection ====
+# ==== BEGIN SHARED BLOCK: plasticity (canonical: shared_blocks/plasticity.py; sync: python tools/sync_blocks.py) ====
+# Plasticity diagnostics, generic over any nn.Module, logged under `plasticity/...`.
+#
+#   metrics = measure_plasticity(model, probe_inputs, loss_fn=None, tau=args.dormant_tau,
+#                                forward=None, prefix="plasticity")
+#   for k, v in metrics.items(): writer.add_scalar(k, v, global_step)
+#
+# Call it every `--metrics-every` steps on a FIXED probe batch of `--metrics-batch-size` (256)
+# samples drawn once (e.g. from the replay buffer when metrics start, with its own
+# np.random.default_rng(seed) so the training RNG stream is not consumed), so every point of a
+# curve measures the same inputs. It runs one forward under no_grad (feature metrics) and, when
+# loss_fn is given, one torch.autograd.grad on the trainable parameters (gradient metrics). It never
+# touches `.grad`, the optimizer, the train/eval mode or the RNG (unless your forward/loss_fn draw
+# random numbers), so training with and without metrics gives the same numbers. DQN example:
+#   obs, act, target_q = probe            # fixed tensors; target_q computed once or per call
+#   loss_fn = lambda m: F.smooth_l1_loss(m(obs).gather(1, act).squeeze(1), target_q)
+#   metrics = measure_plasticity(q_network, obs, loss_fn=loss_fn, tau=args.dormant_tau)
+# Cost (benchmark/metrics_overhead.py): NatureCNN + head, probe 256, 1 CPU thread ~0.5 s a call
+# with loss_fn; MLP 2-256-256-5 ~20 ms.
+#
+# Layers. Every Linear/Conv layer is measured (weights). A layer is *hidden* when, in module
+# registration order, it is followed by an activation module (optionally after a LayerNorm /
+# GroupNorm / BatchNorm / Dropout / Identity); its features are that activation's output. The
+# final output layer is followed by no activation, so it has weight metrics only. Each hidden
+# layer needs its own activation module instance (a reused one raises ValueError); activations
+# called functionally (F.relu) are invisible: use modules.
+#
+# Units. A Linear layer's units are its outputs; a conv layer's units are its channels. The conv
+# feature matrix for the effective rank has one row per (sample, position) and one column per
+# channel, i.e. (B*H*W) x C, so erank ranges over [1, C] like a Linear layer's [1, units];
+# dormant scores average over batch and positions; the feature norm is the L2 norm of the whole
+# flattened (C*H*W) feature map per sample.
+#
+# Keys, with <layer> the module path of the Linear/Conv layer, <role> `trainable` or `frozen`
+# (from the layer's weight.requires_grad; after an injection `head.terms.0.*` is the frozen
+# original head, `head.terms.<2k+1>.*` the trainable copy added by injection k+1 and
+# `head.terms.<2k+2>.*` its frozen twin, see the injection block):
+#   <prefix>/<role>/<layer>/weight_magnitude    mean |w| over the weight tensor (bias excluded)
+#   <prefix>/<role>/<layer>/erank_weights       effective rank of w reshaped to out x (in*k*k)
+#   <prefix>/<role>/<layer>/erank_features      hidden layers: effective rank of the feature matrix
+#   <prefix>/<role>/<layer>/dormant_ratio       hidden layers: share of units with s_i <= tau (ReDo)
+#   <prefix>/<role>/<layer>/feature_norm        hidden layers: mean over samples of ||h(x)||_2
+#   <prefix>/trainable/<layer>/updated_units_pct  with loss_fn: % of units whose incoming weights
+#                                               or bias got a non-zero gradient on the batch
+#   <prefix>/trainable/<layer>/grad_norm        with loss_fn: L2 norm of the layer's gradient
+#   <prefix>/<metric>_mean                      average over TRAINABLE layers of each metric above
+#   <prefix>/frozen/<metric>_mean               average over frozen layers (only once some exist)
+#   <prefix>/grad_norm                          with loss_fn: global L2 norm over all trainable params
+# Frozen layers get no gradient metrics. Feature metrics of a frozen head still move when the
+# encoder feeding it keeps training (shared encoder); its weight metrics are constant.
+# A non-injected network is all `trainable`, so its curves continue under the same keys.
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+_PL_ACTIVATIONS = (
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish,
+)
+_PL_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PL_PASS_THROUGH = (
+    nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Identity,
+)
+
+
+def _pl_f64(x: torch.Tensor) -> torch.Tensor:
+    # float64 for exact ranks; MPS has no float64, so go through the CPU there.
+    return x.detach().to("cpu" if x.device.type == "mps" else x.device, torch.float64)
+
+
+def effective_rank(matrix: torch.Tensor) -> torch.Tensor:
+    """Roy & Vetterli (2007): exp(entropy of p_k = σ_k / Σσ). A zero matrix gives 0.
+
+    Any 2-D shape; singular values come from the smaller Gram matrix in float64.
+    """
+    x = _pl_f64(matrix).reshape(matrix.shape[0], -1)
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
+    sigma = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    total = sigma.sum()
+    p = sigma / total.clamp_min(torch.finfo(torch.float64).tiny)
+    erank = torch.exp(-torch.special.xlogy(p, p).sum())  # 0 log 0 = 0
+    return torch.where(total > 0, erank, torch.zeros_like(erank))
+
+
+def unit_matrix(features: torch.Tensor) -> torch.Tensor:
+    """(B, units) stays; (B, C, *spatial) -> (B*prod(spatial), C): one column per channel."""
+    if features.dim() <= 2:
+        return features.reshape(features.shape[0], -1)
+    return features.movedim(1, -1).reshape(-1, features.shape[1])
+
+
+def dormant_ratio(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
+    """ReDo (Sokar et al. 2023): s_i = mean|h_i| / mean_j mean|h_j|; share of units with s_i <= tau.
+
+    features: (B, units) or (B, C, *spatial) (units = channels, mean over batch and positions).
+    All-zero features count as fully dormant (1.0).
+    """
+    score = unit_matrix(features).detach().abs().float().mean(0)
+    avg = score.mean()
+    s = torch.where(avg > 0, score / avg.clamp_min(torch.finfo(score.dtype).tiny), torch.zeros_like(score))
+    return (s <= tau).float().mean()
+
+
+def updated_units_fraction(grad_weight: Optional[torch.Tensor], grad_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Share of units (rows of the weight = output units / channels) whose incoming weights or
+    bias got a non-zero gradient. A missing gradient (None) counts as zero."""
+    if grad_weight is None:
+        return torch.zeros(())
+    hit = (grad_weight.reshape(grad_weight.shape[0], -1) != 0).any(1)
+    if grad_bias is not None:
+        hit = hit | (grad_bias != 0)
+    return hit.float().mean()
+
+
+def weight_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """module path -> every Linear/Conv layer of the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _PL_WEIGHT_LAYERS)}
+
+
+def hidden_layers(model: nn.Module) -> Dict[str, Tuple[nn.Module, nn.Module]]:
+    """module path -> (layer, activation) for every Linear/Conv layer followed by an activation."""
+    # remove_duplicate=False to see a reused activation; a layer registered under two names
+    # (e.g. SB3's pi_/vf_features_extractor aliases) is measured once, under its first name.
+    leaves = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if next(m.children(), None) is None]
+    out, owner, seen = {}, {}, set()
+    for i, (name, m) in enumerate(leaves):
+        if not isinstance(m, _PL_WEIGHT_LAYERS) or id(m) in seen:
+            continue
+        seen.add(id(m))
+        for _, nxt in leaves[i + 1:]:
+            if isinstance(nxt, _PL_ACTIVATIONS):
+                if owner.setdefault(id(nxt), name) != name:
+                    raise ValueError(
+                        f"the activation module after '{owner[id(nxt)]}' is reused after '{name}': "
+                        "give each layer its own activation module to measure plasticity"
+                    )
+                out[name] = (m, nxt)
+                break
+            if not isinstance(nxt, _PL_PASS_THROUGH):
+                break
+    return out
+
+
+@torch.no_grad()
+def _pl_capture_features(model: nn.Module, probe_inputs, forward: Optional[Callable]) -> Dict[str, torch.Tensor]:
+    feats: Dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(_module, _inputs, output):
+            feats.setdefault(name, output.detach())  # first call wins if a forward reuses a layer
+        return hook
+
+    handles = [act.register_forward_hook(hook_for(n)) for n, (_, act) in hidden_layers(model).items()]
+    try:
+        forward(model, probe_inputs) if forward is not None else model(probe_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return feats
+
+
+def measure_plasticity(
+    model: nn.Module,
+    probe_inputs: Any,
+    loss_fn: Optional[Callable[[nn.Module], torch.Tensor]] = None,
+    tau: float = 0.025,
+    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+    prefix: str = "plasticity",
+) -> Dict[str, float]:
+    """Plasticity diagnostics of `model` on a fixed probe batch; flat {key: float} (keys above).
+
+    probe_inputs: what `forward(model, probe_inputs)` (default `model(probe_inputs)`) takes, e.g.
+                  the scaled observations of the probe batch. Run under torch.no_grad.
+    loss_fn:      optional `loss_fn(model) -> scalar`, the training loss on the probe batch (close
+                  over actions/targets); enables updated_units_pct and grad_norm. It must not call
+                  .backward(): gradients come from torch.autograd.grad and never reach `.grad`.
+    tau:          dormant threshold (`--dormant-tau`).
+    prefix:       key prefix, e.g. "plasticity/critic" when measuring several networks.
+    """
+    feats = _pl_capture_features(model, probe_inputs, forward)
+    grads: Dict[int, Optional[torch.Tensor]] = {}
+    vals: Dict[str, torch.Tensor] = {}
+    if loss_fn is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            loss = loss_fn(model)
+            gs = torch.autograd.grad(loss, params, allow_unused=True) if params else []
+        grads = {id(p): g for p, g in zip(params, gs)}
+        present = [g.detach().float().pow(2).sum() for g in gs if g is not None]
+        vals[f"{prefix}/grad_norm"] = torch.stack(present).sum().sqrt() if present else torch.zeros(())
+    per_role: Dict[str, Dict[str, list]] = {"trainable": {}, "frozen": {}}
+    for name, layer in weight_layers(model).items():
+        w = layer.weight.detach()
+        role = "trainable" if layer.weight.requires_grad else "frozen"
+        m = {
+            "weight_magnitude": w.abs().float().mean(),
+            "erank_weights": effective_rank(w.reshape(w.shape[0], -1)),
+        }
+        if name in feats:
+            h = feats[name]
+            m["erank_features"] = effective_rank(unit_matrix(h))
+            m["dormant_ratio"] = dormant_ratio(h, tau)
+            m["feature_norm"] = h.float().reshape(h.shape[0], -1).norm(dim=1).mean()
+        if loss_fn is not None and role == "trainable":
+            gw = grads.get(id(layer.weight))
+            gb = grads.get(id(layer.bias)) if layer.bias is not None else None
+            m["updated_units_pct"] = 100.0 * updated_units_fraction(gw, gb)
+            parts = [g.detach().float().pow(2).sum() for g in (gw, gb) if g is not None]
+            m["grad_norm"] = torch.stack(parts).sum().sqrt() if parts else torch.zeros(())
+        for metric, v in m.items():
+            vals[f"{prefix}/{role}/{name}/{metric}"] = v
+            per_role[role].setdefault(metric, []).append(v)
+    dev = next(model.parameters()).device
+    for role, metrics in per_role.items():
+        head = prefix if role == "trainable" else f"{prefix}/frozen"
+        for metric, vs in metrics.items():
+            vals[f"{head}/{metric}_mean"] = torch.stack([v.to(dev, torch.float64) for v in vs]).mean()
+    keys = list(vals)  # one device->host transfer for all numbers
+    numbers = torch.stack([vals[k].detach().to(dev, torch.float64) for k in keys]).cpu().tolist()
+    return dict(zip(keys, numbers))
+
+
+def plasticity_keys(model: nn.Module, with_grads: bool = True, prefix: str = "plasticity") -> set:
+    """The `_mean` keys measure_plasticity returns for `model` as it is now (before any injection),
+    e.g. to validate `--adaptive-inject-metric` before a run starts. Per-layer keys are not listed."""
+    metrics = ["weight_magnitude", "erank_weights"]
+    if hidden_layers(model):
+        metrics += ["erank_features", "dormant_ratio", "feature_norm"]
+    keys = set()
+    if any(l.weight.requires_grad for l in weight_layers(model).values()):
+        keys |= {f"{prefix}/{m}_mean" for m in metrics}
+        if with_grads:
+            keys |= {f"{prefix}/updated_units_pct_mean", f"{prefix}/grad_norm_mean", f"{prefix}/grad_norm"}
+    return keys
+# ==== END SHARED BLOCK: plasticity ====
+# ==== BEGIN SHARED BLOCK: interventions (canonical: shared_blocks/interventions.py; sync: python tools/sync_blocks.py) ====
+# Interventions to compare plasticity injection against, generic over any nn.Module: resets,
+# shrink-and-perturb, L2 schedules, LayerNorm / LeakyReLU network builders, an adaptive trigger,
+# and the validation of their flags. Uses UserError / check_steps (common block) and
+# InjectedModule (injection block).
+#
+# Flags every script defines (same names; python attribute = snake_case; [default]):
+#   --metrics-every N            measure plasticity every N env steps, 0 = never [script-specific]
+#   --metrics-batch-size B       size of the fixed probe batch [256]
+#   --dormant-tau T              ReDo dormant threshold, 0 <= T <= 1 [0.025]
+#   --reset-at STEP [STEP ...]   re-initialise --reset-target at these steps [empty]
+#   --reset-target NAME          what to reset [script-specific choices, e.g. head]
+#   --shrink-perturb-at STEP [STEP ...]  shrink-and-perturb --shrink-perturb-target at these steps [empty]
+#   --shrink-perturb-target NAME what to shrink-and-perturb [script-specific choices, e.g. all]
+#   --sp-shrink S                θ <- S·θ + P·ε [1.0]
+#   --sp-perturb P               [0.01]
+#   --l2-schedule {none,constant,incremental,periodic}  L2 on the critic loss [none]
+#   --l2-coef λ                  constant λ, and periodic λ while on [1e-5]
+#   --l2-start / --l2-end        incremental: λ linear from start to end over the run [0.0, 1e-4]
+#   --l2-period-on / --l2-period-off  periodic: λ on for N steps, off for M, repeating [500000, 100000]
+#   --layer-norm                 LayerNorm after every hidden conv/linear layer [False]
+#   --activation {relu,leaky_relu}  hidden activation; tanh is also accepted [relu]
+#   --adaptive-inject-metric KEY inject when this measure_plasticity key crosses the threshold [None]
+#   --adaptive-inject-threshold X   setting it turns the adaptive trigger on [None]
+#   --adaptive-inject-direction {below,above}  fire when the metric is below / above X [below]
+#   --adaptive-inject-min-gap N  at least N env steps between two adaptive injections [0]
+#   --adaptive-inject-max-count K   at most K adaptive injections [1]
+#
+# How a script uses it (steps are env steps; with vector envs act at the first step >= STEP):
+#   check_intervention_args(args, args.total_timesteps, plasticity_keys(net))  # before runs/ exists
+#   net = ... build_mlp / NatureCNNEncoder(layer_norm=args.layer_norm, activation=args.activation)
+#   trigger = AdaptiveTrigger.from_args(args)            # None unless --adaptive-inject-threshold
+#   if step in reset steps:  log = reset_modules(net, [path], optimizers=[opt], targets=[target_net])
+#   if step in S&P steps:    log = shrink_perturb(net, [path], args.sp_shrink, args.sp_perturb, targets=[target_net])
+#   lam = l2_coef_from_args(args, step, args.total_timesteps)
+#   if lam > 0: loss = loss + lam * l2_penalty(critic);  writer.add_scalar("losses/l2_coef", lam, step)
+#   after measure_plasticity: if trigger and (why := trigger.check(step, metrics)): apply_injection(...)
+#   checkpoints: {"adaptive_trigger": trigger.state_dict()} -> trigger.load_state_dict(...)
+# Pass make_fresh={path: factory} to resets / shrink-and-perturb when the network uses a custom
+# init (e.g. orthogonal), since reset_parameters gives PyTorch's default init.
+import copy as _copy
+import difflib as _difflib
+import math as _math
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+L2_SCHEDULE_CHOICES = ("none", "constant", "incremental", "periodic")
+ACTIVATION_CHOICES = ("relu", "leaky_relu", "tanh")
+
+
+# -- resets and shrink-and-perturb -------------------------------------------------------------
+def _iv_canonical_params(module: nn.Module, prefix: str = ""):
+    """(name without InjectedModule `terms.K.` levels, parameter) for every parameter: the name
+    it has in the un-injected network, so a fresh un-injected copy supplies its new value."""
+    if isinstance(module, InjectedModule):
+        for term in module.terms:
+            yield from _iv_canonical_params(term, prefix)
+        return
+    for n, p in module.named_parameters(recurse=False):
+        yield prefix + n, p
+    for n, child in module.named_children():
+        yield from _iv_canonical_params(child, prefix + n + ".")
+
+
+def fresh_uninjected(module: nn.Module) -> nn.Module:
+    """A fresh copy of `module` from its layers' own init (`reset_parameters`), every
+    InjectedModule inside replaced by its original head (terms[0])."""
+    fresh = _copy.deepcopy(module.terms[0] if isinstance(module, InjectedModule) else module)
+
+    def strip(m: nn.Module) -> None:
+        for n, child in list(m.named_children()):
+            if isinstance(child, InjectedModule):
+                child = child.terms[0]
+                setattr(m, n, child)
+            strip(child)
+
+    strip(fresh)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return fresh
+
+
+def _iv_fresh_values(model: nn.Module, path: str, make_fresh) -> Dict[str, torch.Tensor]:
+    factory = (make_fresh or {}).get(path)
+    fresh = factory() if factory is not None else fresh_uninjected(model.get_submodule(path))
+    return dict(fresh.named_parameters())
+
+
+def _iv_trainable_under(model: nn.Module, path: str):
+    """(name relative to path, canonical name, param) for every trainable parameter under path."""
+    sub = model.get_submodule(path)
+    names = {id(p): n for n, p in sub.named_parameters()}
+    return [(names[id(p)], c, p) for c, p in _iv_canonical_params(sub) if p.requires_grad]
+
+
+def _iv_mirror(targets: Sequence[nn.Module], path: str, updates: Callable[[str, torch.Tensor], None]) -> None:
+    for t in targets:
+        tparams = dict(t.get_submodule(path).named_parameters())
+        for name, fn in updates:
+            if name not in tparams:
+                raise ValueError(f"target network has no parameter '{path}.{name}': mirror its structure first")
+            fn(tparams[name])
+
+
+@torch.no_grad()
+def reset_modules(
+    model: nn.Module,
+    paths: Iterable[str],
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    make_fresh: Optional[Dict[str, Callable[[], nn.Module]]] = None,
+    targets: Iterable[nn.Module] = (),
+) -> Dict[str, float]:
+    """Re-initialise the sub-modules `model.<path>` in place (the parameter objects stay, so
+    optimizers still hold them); return values to log.
+
+    New values: `make_fresh[path]()` if given (a module shaped like the un-injected sub-module,
+    e.g. with the script's orthogonal init), else each layer's own `reset_parameters`.
+    optimizers: the reset parameters lose their optimizer state (Adam moments and step count
+                start from zero); every other parameter keeps its state untouched.
+    targets:    networks mirroring `model` (DQN/IQL target nets) get the SAME new values.
+    Only trainable parameters are reset: on an injected path (InjectedModule) that means the
+    trainable term(s); the frozen original head and frozen twins keep their values.
+    `path=""` resets the whole network.
+    """
+    targets, optimizers = list(targets), list(optimizers)
+    count = 0
+    for path in paths:
+        fresh = _iv_fresh_values(model, path, make_fresh)
+        params = _iv_trainable_under(model, path)
+        for _, canon, p in params:
+            if canon not in fresh or fresh[canon].shape != p.shape:
+                raise ValueError(f"make_fresh['{path}'] does not provide parameter '{canon}' of shape {tuple(p.shape)}")
+            p.copy_(fresh[canon])
+            for opt in optimizers:
+                opt.state.pop(p, None)
+            count += p.numel()
+        _iv_mirror(targets, path, [(n, (lambda q, p=p: q.copy_(p))) for n, _, p in params])
+    return {"interventions/reset_params": float(count)}
+
+
+@torch.no_grad()
+def shrink_perturb(
+    model: nn.Module,
+    paths: Iterable[str] = ("",),
+    shrink: float = 1.0,
+    perturb: float = 0.01,
+    make_fresh: Optional[Dict[str, Callable[[], nn.Module]]] = None,
+    targets: Iterable[nn.Module] = (),
+) -> Dict[str, float]:
+    """Shrink-and-perturb (Ash & Adams 2020): θ <- S·θ + P·ε, ε a fresh initialisation of the same
+    layer (`make_fresh[path]()` or `reset_parameters`), for every trainable parameter under each
+    path (weights, biases and norm gains alike; a norm gain initialised to 1 thus gains +P).
+    `paths=("",)` is the whole network. Frozen (injected) terms are untouched; optimizer state is
+    kept. Targets get the same operation with the same ε. S=1, P=0 changes nothing and draws no
+    random numbers. Returns values to log, including the relative change ||Δθ|| / ||θ||.
+    """
+    targets = list(targets)
+    count, sq_change, sq_norm = 0, 0.0, 0.0
+    for path in paths:
+        params = _iv_trainable_under(model, path)
+        fresh = _iv_fresh_values(model, path, make_fresh) if perturb != 0 else {}
+
+        def update(q: torch.Tensor, canon: str) -> None:
+            q.mul_(shrink)
+            if perturb != 0:
+                q.add_(fresh[canon].to(q.device, q.dtype), alpha=perturb)
+
+        for _, canon, p in params:
+            if perturb != 0 and (canon not in fresh or fresh[canon].shape != p.shape):
+                raise ValueError(f"make_fresh['{path}'] does not provide parameter '{canon}' of shape {tuple(p.shape)}")
+            before = p.detach().clone()
+            update(p, canon)
+            sq_change += float((p - before).double().pow(2).sum())
+            sq_norm += float(before.double().pow(2).sum())
+            count += p.numel()
+        _iv_mirror(targets, path, [(n, (lambda q, c=c: update(q, c))) for n, c, _ in params])
+    return {
+        "interventions/shrink_perturb_params": float(count),
+        "interventions/shrink_perturb_rel_change": _math.sqrt(sq_change / sq_norm) if sq_norm > 0 else 0.0,
+    }
+
+
+# -- L2 regularisation ----------------------------------------------------------------------------
+def l2_coef(
+    schedule: str,
+    step: int,
+    total_steps: int,
+    coef: float = 0.0,
+    start: float = 0.0,
+    end: float = 0.0,
+    period_on: int = 500_000,
+    period_off: int = 100_000,
+) -> float:
+    """λ at `step`: none -> 0; constant -> coef; incremental -> start + (end − start)·step/total_steps
+    (clipped to [start, end] at the ends); periodic -> coef for period_on steps, 0 for period_off
+    steps, repeating from step 0 (on first)."""
+    if schedule == "none":
+        return 0.0
+    if schedule == "constant":
+        return float(coef)
+    if schedule == "incremental":
+        frac = min(max(step / max(total_steps, 1), 0.0), 1.0)
+        return float(start + (end - start) * frac)
+    if schedule == "periodic":
+        return float(coef) if step % (period_on + period_off) < period_on else 0.0
+    raise UserError(f"--l2-schedule '{schedule}' is unknown: choose one of {', '.join(L2_SCHEDULE_CHOICES)}")
+
+
+def l2_coef_from_args(args, step: int, total_steps: int) -> float:
+    """l2_coef with the --l2-* flags."""
+    return l2_coef(args.l2_schedule, step, total_steps, args.l2_coef, args.l2_start, args.l2_end,
+                   args.l2_period_on, args.l2_period_off)
+
+
+def l2_penalty(module: nn.Module) -> torch.Tensor:
+    """Σ w² over the TRAINABLE weight matrices / conv kernels (parameters with ≥ 2 dims) of `module`.
+    Biases and norm gains/shifts are excluded; frozen (injected) terms are excluded.
+    Use as `loss = loss + l2_coef(...) * l2_penalty(critic)` (no 1/2 factor: gradient 2λw),
+    and skip the call when the coefficient is 0."""
+    ws = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    if not ws:
+        return torch.zeros((), device=next(module.parameters()).device)
+    return torch.stack([w.pow(2).sum() for w in ws]).sum()
+
+
+# -- network builders: LayerNorm, LeakyReLU, init ---------------------------------------------------
+def build_activation(name: str) -> nn.Module:
+    """`--activation`: relu -> nn.ReLU(); leaky_relu -> nn.LeakyReLU(0.01); tanh -> nn.Tanh().
+    A new module per call (plasticity metrics need one activation module per layer)."""
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.01)
+    if name == "tanh":
+        return nn.Tanh()
+    raise UserError(f"--activation '{name}' is unknown: choose one of {', '.join(ACTIVATION_CHOICES)}")
+
+
+def build_norm(layer: nn.Module) -> nn.Module:
+    """The LayerNorm that follows `layer` under `--layer-norm`: nn.LayerNorm(out_features) after a
+    Linear; nn.GroupNorm(1, out_channels) after a conv, which normalises each sample over all of
+    (C, H, W) like LayerNorm, with a per-channel gain and shift, whatever the spatial size."""
+    if isinstance(layer, nn.Linear):
+        return nn.LayerNorm(layer.out_features)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return nn.GroupNorm(1, layer.out_channels)
+    raise TypeError(f"no LayerNorm for {type(layer).__name__}")
+
+
+def init_orthogonal(layer: nn.Module, std: float = _math.sqrt(2), bias_const: float = 0.0) -> nn.Module:
+    """cleanRL/SB3 orthogonal init: weight orthogonal with gain `std`, bias constant."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def _iv_block(layer: nn.Module, layer_norm: bool, activation: str, orthogonal: bool, gain: float) -> List[nn.Module]:
+    if orthogonal:
+        init_orthogonal(layer, gain)
+    return [layer] + ([build_norm(layer)] if layer_norm else []) + [build_activation(activation)]
+
+
+def build_mlp(
+    in_dim: int,
+    hidden: Sequence[int],
+    out_dim: Optional[int] = None,
+    *,
+    layer_norm: bool = False,
+    activation: str = "relu",
+    orthogonal: bool = False,
+    gain: float = _math.sqrt(2),
+    out_gain: float = 1.0,
+) -> nn.Sequential:
+    """Linear [-> LayerNorm] -> activation for each hidden size, then a plain Linear(out_dim)
+    (no norm, no activation) unless out_dim is None. Default PyTorch init unless `orthogonal`
+    (hidden gain `gain`, output gain `out_gain`, biases 0)."""
+    layers: List[nn.Module] = []
+    for h in hidden:
+        layers += _iv_block(nn.Linear(in_dim, h), layer_norm, activation, orthogonal, gain)
+        in_dim = h
+    if out_dim is not None:
+        out = nn.Linear(in_dim, out_dim)
+        layers.append(init_orthogonal(out, out_gain) if orthogonal else out)
+    return nn.Sequential(*layers)
+
+
+class NatureCNNEncoder(nn.Module):
+    """Mnih et al. (2015) encoder with Stable-Baselines3's layout: `cnn` = Conv(32,8,4), Conv(64,4,2),
+    Conv(64,3,1) each followed by [GroupNorm(1,C) if layer_norm] and the activation, then Flatten;
+    `linear` = Linear(n_flatten, features_dim) [LayerNorm] activation. Without layer_norm the keys
+    are SB3's (`cnn.0/2/4`, `linear.0`), so SB3 `features_extractor.*` weights load directly.
+    Input: float images already scaled to [0, 1], shape (B, in_channels, *input_hw).
+    orthogonal: SB3/cleanRL PPO init (gain sqrt(2), biases 0); default PyTorch init otherwise.
+    For resets/injection of an orthogonally initialised net pass a `make_fresh` factory that
+    builds it again, since `reset_parameters` gives PyTorch's default init."""
+
+    def __init__(self, in_channels: int = 4, features_dim: int = 512, *, layer_norm: bool = False,
+                 activation: str = "relu", orthogonal: bool = False, input_hw=(84, 84)):
+        super().__init__()
+        convs = [nn.Conv2d(in_channels, 32, 8, 4), nn.Conv2d(32, 64, 4, 2), nn.Conv2d(64, 64, 3, 1)]
+        layers: List[nn.Module] = []
+        for conv in convs:
+            layers += _iv_block(conv, layer_norm, activation, orthogonal, _math.sqrt(2))
+        self.cnn = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            n_flatten = self.cnn(torch.zeros(1, in_channels, *input_hw)).shape[1]
+        self.linear = nn.Sequential(*_iv_block(nn.Linear(n_flatten, features_dim), layer_norm, activation,
+                                            orthogonal, _math.sqrt(2)))
+        self.features_dim = features_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.cnn(x))
+
+
+# -- adaptive trigger --------------------------------------------------------------------------------
+class AdaptiveTrigger:
+    """Fire (e.g. inject) when a measured metric crosses a threshold.
+
+    check(step, metrics) returns a reason string such as
+    "plasticity/erank_features_mean=12.3 < 15.0 at step 50000" when metrics[metric] is below
+    (direction="below") or above ("above") threshold, step >= start_step, fewer than max_count
+    fires happened, and at least min_gap steps passed since the last fire; else None. Fire steps
+    are kept in `.fired`; save `state_dict()` in checkpoints so a resumed run keeps its history.
+    """
+
+    def __init__(self, metric: str, threshold: float, direction: str = "below", min_gap: int = 0,
+                 max_count: int = 1, start_step: int = 0):
+        if direction not in ("below", "above"):
+            raise UserError(f"--adaptive-inject-direction '{direction}' is unknown: choose below or above")
+        self.metric, self.threshold, self.direction = metric, float(threshold), direction
+        self.min_gap, self.max_count, self.start_step = int(min_gap), int(max_count), int(start_step)
+        self.fired: List[int] = []
+
+    @classmethod
+    def from_args(cls, args, start_step: int = 0) -> Optional["AdaptiveTrigger"]:
+        """The trigger of the --adaptive-inject-* flags, or None when no threshold is set."""
+        if getattr(args, "adaptive_inject_threshold", None) is None:
+            return None
+        return cls(args.adaptive_inject_metric, args.adaptive_inject_threshold, args.adaptive_inject_direction,
+                   args.adaptive_inject_min_gap, args.adaptive_inject_max_count, start_step)
+
+    def check(self, step: int, metrics: Dict[str, float]) -> Optional[str]:
+        if self.metric not in metrics:
+            close = _difflib.get_close_matches(self.metric, list(metrics), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"--adaptive-inject-metric '{self.metric}' is not a measured metric{hint}")
+        if step < self.start_step or len(self.fired) >= self.max_count:
+            return None
+        if self.fired and step - self.fired[-1] < self.min_gap:
+            return None
+        value = float(metrics[self.metric])
+        crossed = value < self.threshold if self.direction == "below" else value > self.threshold
+        if not crossed:
+            return None
+        self.fired.append(int(step))
+        op = "<" if self.direction == "below" else ">"
+        return f"{self.metric}={value:.6g} {op} {self.threshold:.6g} at step {step}"
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "threshold": self.threshold, "direction": self.direction,
+                "fired": list(self.fired)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fired = [int(s) for s in state["fired"]]
+
+
+# -- flag validation ---------------------------------------------------------------------------------
+def _iv_finite(flag: str, value, lo: Optional[float] = None, hi: Optional[float] = None) -> None:
+    v = float(value)
+    if not _math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise UserError(f"{flag} {value} is invalid: it must be a finite number {rng}")
+
+
+def check_intervention_args(args, total_steps: int, metric_keys: Optional[Iterable[str]] = None) -> None:
+    """Raise UserError naming the flag for any impossible intervention/metrics setting. Call before
+    creating run folders. metric_keys (e.g. plasticity_keys(model)) also validates
+    --adaptive-inject-metric against what measure_plasticity will report."""
+    a = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    if int(a("metrics_every", 0)) < 0:
+        raise UserError(f"--metrics-every {a('metrics_every')} must be >= 0 (0 turns the metrics off)")
+    if int(a("metrics_batch_size", 256)) < 2:
+        raise UserError(f"--metrics-batch-size {a('metrics_batch_size')} must be >= 2")
+    _iv_finite("--dormant-tau", a("dormant_tau", 0.025), 0.0, 1.0)
+    check_steps("--reset-at", a("reset_at", []), total_steps)
+    check_steps("--shrink-perturb-at", a("shrink_perturb_at", []), total_steps)
+    _iv_finite("--sp-shrink", a("sp_shrink", 1.0), 0.0)
+    _iv_finite("--sp-perturb", a("sp_perturb", 0.01), 0.0)
+    if a("l2_schedule", "none") not in L2_SCHEDULE_CHOICES:
+        raise UserError(f"--l2-schedule '{a('l2_schedule')}' is unknown: choose one of {', '.join(L2_SCHEDULE_CHOICES)}")
+    for flag in ("l2_coef", "l2_start", "l2_end"):
+        _iv_finite("--" + flag.replace("_", "-"), a(flag, 0.0), 0.0)
+    for flag in ("l2_period_on", "l2_period_off"):
+        if int(a(flag, 1)) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} {a(flag)} must be > 0 steps")
+    if a("activation", "relu") not in ACTIVATION_CHOICES:
+        raise UserError(f"--activation '{a('activation')}' is unknown: choose one of {', '.join(ACTIVATION_CHOICES)}")
+    metric, threshold = a("adaptive_inject_metric"), a("adaptive_inject_threshold")
+    if threshold is None:
+        if metric:
+            raise UserError("--adaptive-inject-metric needs --adaptive-inject-threshold")
+        return
+    if not metric:
+        raise UserError("--adaptive-inject-threshold needs --adaptive-inject-metric (e.g. plasticity/erank_features_mean)")
+    _iv_finite("--adaptive-inject-threshold", threshold)
+    if a("adaptive_inject_direction", "below") not in ("below", "above"):
+        raise UserError(f"--adaptive-inject-direction '{a('adaptive_inject_direction')}' is unknown: choose below or above")
+    if int(a("adaptive_inject_min_gap", 0)) < 0:
+        raise UserError(f"--adaptive-inject-min-gap {a('adaptive_inject_min_gap')} must be >= 0")
+    if int(a("adaptive_inject_max_count", 1)) < 1:
+        raise UserError(f"--adaptive-inject-max-count {a('adaptive_inject_max_count')} must be >= 1")
+    if int(a("metrics_every", 0)) <= 0:
+        raise UserError("--adaptive-inject-threshold needs --metrics-every > 0 (the trigger reads the metrics)")
+    if metric_keys is not None and metric not in set(metric_keys):
+        close = _difflib.get_close_matches(metric, sorted(metric_keys), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; choose one of {', '.join(sorted(metric_keys))}"
+        raise UserError(f"--adaptive-inject-metric '{metric}' is not a measured metric{hint}")
+# ==== END SHARED BLOCK: interventions ====
 
 
 # ----------------------------------------------------------------------------------------------
