@@ -110,6 +110,12 @@ class Args:
     """episodes per evaluation"""
     log_every: int = 1000
     """write losses and SPS every this many global steps"""
+    metrics_every: int = 0
+    """measure plasticity metrics of the critic q1 (plasticity/...) every this many global steps; 0 = never"""
+    metrics_batch_size: int = 256
+    """size of the fixed probe batch of the plasticity metrics (drawn once from the offline data)"""
+    dormant_tau: float = 0.025
+    """ReDo dormant threshold of the plasticity metrics"""
 
     # Plasticity injection
     inject_at: List[int] = field(default_factory=list)
@@ -1643,6 +1649,15 @@ class IQLAgent:
             return int(rng.integers(self.n_actions))
         return int(logits.argmax())
 
+    def plasticity_metrics(self, batch, tau: float) -> Dict[str, float]:
+        """measure_plasticity of critic q1 on a fixed probe batch, with its TD loss for the gradient
+        metrics (target r + gamma (1 - terminal) V(s') computed now, without gradient)."""
+        o, a, r, o2, d = batch
+        with torch.no_grad():
+            y = r + self.args.gamma * (1.0 - d) * self.vf(o2).squeeze(1)
+        loss_fn = lambda q: F.mse_loss(q(o).gather(1, a[:, None]).squeeze(1), y)  # noqa: E731
+        return measure_plasticity(self.qf.q1, o, loss_fn=loss_fn, tau=tau, prefix="plasticity")
+
     def state_dict(self) -> dict:
         return {"qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
                 "vf": self.vf.state_dict(), "actor": self.actor.state_dict()}
@@ -1681,6 +1696,7 @@ def validate_args(args: Args) -> int:
     if not args.beta >= 0 or not args.max_weight > 0:
         raise UserError(f"--beta {args.beta} must be >= 0 and --max-weight {args.max_weight} > 0")
     args.inject_at = check_steps("--inject-at", args.inject_at, total)
+    check_intervention_args(args, total)
     return total
 
 
@@ -1731,6 +1747,9 @@ def train(args: Args) -> Dict[str, float]:
     rb = ReplayBuffer(data, args.online_steps, device)
     probe = rb.sample(min(256, rb.size), np.random.default_rng(args.seed + 12345))[0]  # fixed probe batch
     inject_steps = set(args.inject_at)
+    metrics_probe = None
+    if args.metrics_every > 0:  # own RNG: the training streams are the same with or without metrics
+        metrics_probe = rb.sample(args.metrics_batch_size, np.random.default_rng(args.seed + 54321))
     env = PointmassEnv(args.env_id)
     obs, _ = env.reset(seed=args.seed)
     ep_ret, ep_len = 0.0, 0
@@ -1758,6 +1777,10 @@ def train(args: Args) -> Dict[str, float]:
                 writer.add_scalar(k, v, global_step)
             print(f"global_step={global_step}, injected plasticity into {args.inject_target}: "
                   f"output change {log['injection/output_change']:.3g}, trainable {int(log['injection/trainable_params'])}")
+
+        if metrics_probe is not None and global_step % args.metrics_every == 0:
+            for k, v in agent.plasticity_metrics(metrics_probe, args.dormant_tau).items():
+                writer.add_scalar(k, v, global_step)
 
         if online:  # one environment step with the current policy
             action = agent.act(obs, rng, args.online_exploration, args.online_epsilon)

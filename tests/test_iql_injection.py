@@ -152,3 +152,25 @@ def test_whole_network_injection_without_encoder():
         assert torch.equal(a, b)
     assert m.count_params(agent.qf, True) == n
     _train(agent, rb, rng, 3)
+
+
+def test_plasticity_metrics_do_not_change_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kw = dict(hidden_sizes=[16, 16], batch_size=32, dataset_kind="random", dataset_steps=200, eval_episodes=1,
+              offline_steps=30, online_steps=30, eval_every=60, inject_at=[30], cuda=False)
+    calls = []
+    real = m.IQLAgent.plasticity_metrics
+
+    def spy(self, batch, tau):
+        out = real(self, batch, tau)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(m.IQLAgent, "plasticity_metrics", spy)
+    with_metrics = m.train(m.Args(metrics_every=20, **kw))
+    without = m.train(m.Args(**kw))
+    assert len(calls) == 3  # steps 0, 20, 40
+    assert "plasticity/erank_features_mean" in calls[0] and "plasticity/updated_units_pct_mean" in calls[0]
+    assert any(k.startswith("plasticity/frozen/") for k in calls[-1])  # after the injection at 30
+    for k in ("losses/q_loss", "losses/v_loss", "losses/actor_loss"):
+        assert with_metrics[k] == without[k]
