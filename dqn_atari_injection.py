@@ -118,7 +118,7 @@ class Args:
     inject_target: Literal["head", "all"] = "head"
     """where to inject: `head` = the MLP head after the encoder (the paper), `all` = the whole Q-network"""
     inject_keep_trainable: bool = False
-    """ablation: keep every term trainable (old head, θ'1 and θ'2): trainable parameters triple"""
+    """ablation: keep every term trainable (old head, θ'1 and θ'2): the head's trainable parameters triple"""
     inject_no_third_term: bool = False
     """ablation: drop the frozen −h_θ'2 term, so the Q-values jump at injection"""
     inject_reset_optimizer: bool = False
@@ -1659,8 +1659,14 @@ def train(args: Args) -> dict:
 
     seed_everything(args.seed, args.torch_deterministic)
     device = pick_device(args.cuda)
-    envs = make_envs(spec, args, args.num_envs)
     n = args.num_envs
+    try:  # before anything is written
+        rb = ReplayBuffer(args.buffer_size, n, (84, 84) if spec.atari else spec.obs_shape,
+                          np.uint8 if spec.atari else np.float32, args.frame_stack if spec.atari else 1,
+                          stacked=spec.atari, seed=args.seed + 1)
+    except MemoryError:
+        raise UserError(f"--buffer-size {args.buffer_size} does not fit in memory (84x84 bytes per Atari frame)") from None
+    envs = make_envs(spec, args, n)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -1677,9 +1683,6 @@ def train(args: Args) -> dict:
     target_network = build_network(spec, args).to(device)
     target_network.load_state_dict(q_network.state_dict())
 
-    rb = ReplayBuffer(args.buffer_size, n, (84, 84) if spec.atari else spec.obs_shape,
-                      np.uint8 if spec.atari else np.float32, args.frame_stack if spec.atari else 1,
-                      stacked=spec.atari, seed=args.seed + 1)
     tracker = EpisodeTracker(n, episodic_life=spec.atari and args.episodic_life, clip_reward=spec.atari and args.clip_reward)
     act_rng = np.random.default_rng(args.seed)
     probe_rng = np.random.default_rng(args.seed + 2)

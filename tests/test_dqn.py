@@ -284,6 +284,7 @@ BAD_ARGS = [
     (dict(learning_starts=20000), "--learning-starts"),
     (dict(buffer_size=2), "--buffer-size"),
     (dict(buffer_size=5, batch_size=4, num_envs=2), "--buffer-size"),
+    (dict(buffer_size=10**14), "--buffer-size .* memory"),
     (dict(total_timesteps=0, learning_starts=0), "--total-timesteps"),
     (dict(tau=0.0), "--tau"),
     (dict(num_envs=0), "--num-envs"),
