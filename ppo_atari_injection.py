@@ -129,6 +129,14 @@ class Args:
     """reuse the frozen terms' outputs computed during the rollout in every update epoch
     (encoder/all targets); `--no-inject-cache-frozen` recomputes them (for comparison)"""
 
+    # Plasticity diagnostics
+    metrics_every: int = 0
+    """measure plasticity diagnostics (`plasticity/...`) every this many global steps (0: never)"""
+    metrics_batch_size: int = 256
+    """size of the fixed probe batch (drawn once from the first measured rollout)"""
+    dormant_tau: float = 0.025
+    """threshold of the dormant-unit ratio (ReDo)"""
+
     # Evaluation
     eval_every: int = 0
     """evaluate every this many global steps (0: never; checked at rollout boundaries)"""
@@ -1524,8 +1532,9 @@ def read_sb3_zip(path: str, map_location="cpu") -> dict:
     if "Discrete" not in act.get(":type:", "") or "n" not in act:
         raise UserError(f"{flag}: action space {act.get(':type:')} is not Discrete")
     obs = data.get("observation_space", {})
-    if list(obs.get("_shape", [])) != [4, 84, 84] or obs.get("dtype") != "uint8":
-        raise UserError(f"{flag}: observation space {obs.get('_shape')} {obs.get('dtype')} is not the 4x84x84 uint8 Atari stack")
+    obs_shape = list(obs.get("_shape", obs.get("shape", [])))  # older SB3 versions wrote `shape`
+    if obs_shape != [4, 84, 84] or obs.get("dtype") != "uint8":
+        raise UserError(f"{flag}: observation space {obs_shape} {obs.get('dtype')} is not the 4x84x84 uint8 Atari stack")
     kwargs = data.get("policy_kwargs") or {}
     if kwargs.get("normalize_images", True) is False:
         raise UserError(f"{flag}: policy was trained with normalize_images=False; not supported")
@@ -1655,6 +1664,30 @@ def injection_iterations(args: Args) -> Dict[int, int]:
 # ---------------------------------------------------------------------------------------------
 # PPO update
 # ---------------------------------------------------------------------------------------------
+def ppo_loss(agent: Agent, mb: dict, args: Args, frozen: Optional[Dict[str, list]] = None):
+    """cleanRL's PPO loss on one minibatch; returns (loss, parts)."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"], frozen=frozen)
+    logratio = newlogprob - mb["logprobs"]
+    ratio = logratio.exp()
+    mb_advantages = mb["advantages"]
+    if args.norm_adv and len(mb_advantages) > 1:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+    newvalue = newvalue.view(-1)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
+        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_loss_clipped = (v_clipped - mb["returns"]) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    return loss, {"pg_loss": pg_loss, "v_loss": v_loss, "entropy": entropy_loss, "logratio": logratio.detach()}
+
+
 def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, frozen: Optional[Dict[str, list]] = None,
                global_step: int = 0) -> dict:
     """cleanRL's PPO update on the valid samples of a flattened rollout.
@@ -1675,34 +1708,14 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, frozen: Optiona
             mb = torch.as_tensor(mb_inds, device=batch["obs"].device)
             mb_frozen = None if frozen is None else {
                 p: [None if o is None else o[mb] for o in outs] for p, outs in frozen.items()}
-            _, newlogprob, entropy, newvalue = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb], frozen=mb_frozen)
-            logratio = newlogprob - batch["logprobs"][mb]
-            ratio = logratio.exp()
-
+            mb_batch = {k: v[mb] for k, v in batch.items()}
+            loss, parts = ppo_loss(agent, mb_batch, args, frozen=mb_frozen)
+            pg_loss, v_loss, entropy_loss = parts["pg_loss"], parts["v_loss"], parts["entropy"]
             with torch.no_grad():
+                logratio, ratio = parts["logratio"], parts["logratio"].exp()
                 old_approx_kl = (-logratio).mean()
                 approx_kl = ((ratio - 1) - logratio).mean()
                 clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-
-            mb_advantages = batch["advantages"][mb]
-            if args.norm_adv and len(mb_inds) > 1:
-                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-            pg_loss1 = -mb_advantages * ratio
-            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-            pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-            newvalue = newvalue.view(-1)
-            if args.clip_vloss:
-                v_loss_unclipped = (newvalue - batch["returns"][mb]) ** 2
-                v_clipped = batch["values"][mb] + torch.clamp(newvalue - batch["values"][mb], -args.clip_coef, args.clip_coef)
-                v_loss_clipped = (v_clipped - batch["returns"][mb]) ** 2
-                v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-            else:
-                v_loss = 0.5 * ((newvalue - batch["returns"][mb]) ** 2).mean()
-
-            entropy_loss = entropy.mean()
-            loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
             check_finite(loss, "PPO loss", global_step)
 
             optimizer.zero_grad()
@@ -1736,6 +1749,15 @@ def flatten_rollout(buf: RolloutBuffer, advantages, returns, use_cache: bool):
     if use_cache and buf.frozen:
         frozen = {p: [None if o is None else o[idx] for o in outs] for p, outs in buf.flat_frozen().items()}
     return batch, frozen
+
+
+def draw_probe(batch: dict, size: int, seed: int) -> dict:
+    """A fixed probe batch for the plasticity diagnostics, drawn with its own generator (the training
+    RNG stream is untouched), kept for the whole run so every point of a curve measures the same inputs."""
+    n = batch["obs"].shape[0]
+    idx = np.random.default_rng(seed + 12345).choice(n, size=min(size, n), replace=False)
+    idx = torch.as_tensor(np.sort(idx), device=batch["obs"].device)
+    return {k: v[idx].clone() for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1775,6 +1797,9 @@ def validate_args(args: Args) -> dict:
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps", "eval_episodes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.metrics_every < 0 or args.metrics_batch_size < 1 or not 0 <= args.dormant_tau < 1:
+        raise UserError(f"--metrics-every must be >= 0, --metrics-batch-size >= 1 and --dormant-tau in [0, 1) "
+                        f"(got {args.metrics_every}, {args.metrics_batch_size}, {args.dormant_tau})")
     if args.eval_every < 0:
         raise UserError(f"--eval-every must be >= 0 (got {args.eval_every})")
     if args.noop_max < 0:
@@ -1851,6 +1876,8 @@ def train(args: Args) -> dict:
     next_valid = torch.as_tensor(next_valid_np, device=device)
     summary = {"games": [], "injections": [], "evals": [], "losses": {}, "timing": []}
     next_eval = args.eval_every if args.eval_every > 0 else None
+    next_metrics = args.metrics_every if args.metrics_every > 0 else None
+    probe = None
     video_frames, games_env0, recording = [], 0, args.capture_video
 
     for iteration in range(1, args.num_iterations + 1):
@@ -1924,6 +1951,18 @@ def train(args: Args) -> dict:
         summary["losses"] = stats
         summary["timing"].append({"rollout": rollout_time, "update": update_time,
                                   "iteration": time.time() - rollout_start, "samples": int(batch["obs"].shape[0])})
+
+        # --- plasticity diagnostics on a fixed probe batch -------------------------------------
+        if next_metrics is not None and global_step >= next_metrics and batch["obs"].shape[0] > 0:
+            if probe is None:
+                probe = draw_probe(batch, args.metrics_batch_size, args.seed)
+            metrics = measure_plasticity(agent, probe["obs"], loss_fn=lambda m: ppo_loss(m, probe, args)[0],
+                                         tau=args.dormant_tau, forward=agent_output)
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, global_step)
+            summary["metrics"] = metrics
+            while next_metrics <= global_step:
+                next_metrics += args.metrics_every
 
         # --- evaluation ------------------------------------------------------------------------
         if next_eval is not None and global_step >= next_eval:

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Throughput cost of plasticity injection in ppo_atari_injection.py (CPU, tiny settings).
 
-Runs the script's own `train()` for a few iterations per configuration, injecting at step 0 (the
+First times the script's `ppo_update` alone on a fixed batch (best of several repeats, so a busy
+machine disturbs it little), with the frozen outputs precomputed as the rollout would store them.
+Then runs the script's own `train()` for a few iterations per configuration, injecting at step 0 (the
 first rollout boundary), and reports steps per second of the rollout phase, of the update phase
 (samples x epochs / update time) and of whole iterations, for: no injection, encoder injection with
 and without the frozen-output cache, head injection, and whole-network injection with the cache.
@@ -58,6 +60,43 @@ def run(config: dict, args_ns) -> dict:
             "iteration_sps": steps * len(timing) / iteration}
 
 
+def update_setup(config: dict, n: int, seed: int = 0):
+    """Agent, optimizer, batch and cached frozen outputs (as the rollout stores them) for one configuration."""
+    args = P.Args(num_minibatches=4, update_epochs=4, **{k: v for k, v in config.items() if k != "inject_at"})
+    torch.manual_seed(seed)
+    agent = P.Agent(4)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-5, eps=1e-5)
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g)
+    if config.get("inject_at"):
+        P.do_injection(agent, optimizer, args, obs[:4])
+    paths = P.cacheable_paths(agent, args.inject_target) if config.get("inject_at") and args.inject_cache_frozen else []
+    with torch.no_grad():
+        frozen = agent.frozen_outputs(obs, paths) or None
+        actions, logprobs, _, values = agent.get_action_and_value(obs)
+    batch = dict(obs=obs, actions=actions, logprobs=logprobs, advantages=torch.randn(n, generator=g),
+                 returns=values, values=values)
+    return agent, optimizer, batch, args, frozen
+
+
+def update_only(configs: dict, n: int, repeats: int) -> dict:
+    """Samples x epochs per second of `ppo_update` alone on a fixed batch of n samples: configurations
+    interleaved, best of `repeats` per configuration."""
+    import numpy as np
+
+    setups = {name: update_setup(cfg, n) for name, cfg in configs.items()}
+    best = {name: float("inf") for name in configs}
+    for agent, optimizer, batch, args, frozen in setups.values():  # warm-up (allocations, Adam state)
+        P.ppo_update(agent, optimizer, batch, args, frozen=frozen)
+    for _ in range(repeats):
+        for name, (agent, optimizer, batch, args, frozen) in setups.items():
+            np.random.seed(0)
+            t = time.perf_counter()
+            P.ppo_update(agent, optimizer, batch, args, frozen=frozen)
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: n * 4 / t for name, t in best.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -66,8 +105,14 @@ def main():
     ap.add_argument("--num-steps", type=int, default=32)
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--update-repeats", type=int, default=8, help="repeats of the update-only measurement")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    # 1) the update phase alone, in-process on a fixed batch: best of several repeats (robust to a busy machine)
+    upd = update_only({name: CONFIGS[name] for name in a.configs}, a.num_envs * a.num_steps, a.update_repeats)
+    for name, sps in upd.items():
+        print(f"update only, {name}: {sps:.0f} samples/s")
+    # 2) whole training iterations through train()
     results = {name: [] for name in a.configs}
     for r in range(a.rounds):
         for name in a.configs:
@@ -76,10 +121,14 @@ def main():
                   flush=True)
     med = {name: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for name, runs in results.items()}
     base = med.get("no injection")
-    lines = ["| configuration | rollout SPS | update SPS | iteration SPS | extra iteration time |", "|-|-|-|-|-|"]
+    ubase = upd.get("no injection")
+    lines = ["| configuration | update-only SPS (best) | extra update time | rollout SPS | update SPS | iteration SPS "
+             "| extra iteration time |", "|-|-|-|-|-|-|-|"]
     for name, m in med.items():
         extra = f"{(base['iteration_sps'] / m['iteration_sps'] - 1) * 100:+.1f}%" if base else "n/a"
-        lines.append(f"| {name} | {m['rollout_sps']:.0f} | {m['update_sps']:.0f} | {m['iteration_sps']:.0f} | {extra} |")
+        uextra = f"{(ubase / upd[name] - 1) * 100:+.1f}%" if ubase else "n/a"
+        lines.append(f"| {name} | {upd[name]:.0f} | {uextra} | {m['rollout_sps']:.0f} | {m['update_sps']:.0f} "
+                     f"| {m['iteration_sps']:.0f} | {extra} |")
     table = "\n".join(lines)
     print(table)
     out_dir = ROOT / "benchmark" / "results"
@@ -88,7 +137,7 @@ def main():
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": a.cuda and torch.cuda.is_available(), "num_envs": a.num_envs, "num_steps": a.num_steps,
             "update_epochs": 4, "num_minibatches": 4, "rounds": a.rounds, "iterations": a.iterations}
-    (out_dir / "ppo_injection_overhead.json").write_text(json.dumps({"meta": meta, "median": med, "runs": results}, indent=1))
+    (out_dir / "ppo_injection_overhead.json").write_text(json.dumps({"meta": meta, "update_only": upd, "median": med, "runs": results}, indent=1))
     (out_dir / "ppo_injection_overhead.md").write_text(table + "\n")
     print(f"wrote {out_dir / 'ppo_injection_overhead.json'}")
 

@@ -35,3 +35,18 @@ def test_saved_model_reloads_with_the_same_function(tmp_cwd):
     assert not [f for f in os.listdir(os.path.dirname(out["model_path"])) if f.startswith(".tmp-")]
 
 
+
+
+def test_plasticity_metrics_are_logged_and_do_not_change_training(tmp_cwd):
+    args = dict(num_envs=2, num_steps=16, num_minibatches=2, update_epochs=1, total_timesteps=96, cuda=False,
+                inject_at=[32], inject_target="encoder", seed=5)
+    plain = P.train(P.Args(**args))
+    measured = P.train(P.Args(**args, metrics_every=32, metrics_batch_size=16))
+    assert plain["losses"] == measured["losses"]
+    for p, q in zip(plain["agent"].parameters(), measured["agent"].parameters()):
+        assert torch.equal(p, q)
+    m = measured["metrics"]
+    # after the injection both the trainable copy and the frozen terms are measured, and labelled
+    assert any(k.startswith("plasticity/trainable/policy.features_extractor.terms.1.") for k in m)
+    assert any(k.startswith("plasticity/frozen/policy.features_extractor.terms.0.") for k in m)
+    assert 0.0 <= m["plasticity/dormant_ratio_mean"] <= 1.0 and m["plasticity/grad_norm"] > 0
