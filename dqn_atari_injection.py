@@ -130,6 +130,49 @@ class Args:
     probe_batch_size: int = 256
     """observations in the (seeded) probe batch sampled from the replay buffer to measure output changes"""
 
+    # Plasticity diagnostics and other interventions (shared blocks `plasticity` / `interventions`)
+    metrics_every: int = 0
+    """measure plasticity (`plasticity/...`: effective rank, dormant units, weight magnitude, updated
+    units, gradient norms) every this many env steps from --learning-starts on; 0 = never"""
+    metrics_batch_size: int = 256
+    """size of the fixed probe batch for the plasticity metrics (drawn once from the replay buffer, seeded)"""
+    dormant_tau: float = 0.025
+    """ReDo threshold: a unit is dormant when its normalised mean activation is <= tau"""
+    reset_at: List[int] = field(default_factory=list)
+    """global step(s) at which to re-initialise --reset-target (a reset baseline; the buffer is kept)"""
+    reset_target: Literal["head", "all"] = "head"
+    """what --reset-at re-initialises (the target network gets the same values, Adam state of reset params is cleared)"""
+    shrink_perturb_at: List[int] = field(default_factory=list)
+    """global step(s) at which to shrink-and-perturb --shrink-perturb-target: θ <- S·θ + P·ε"""
+    shrink_perturb_target: Literal["head", "all"] = "all"
+    """what --shrink-perturb-at changes"""
+    sp_shrink: float = 1.0
+    """shrink factor S of shrink-and-perturb"""
+    sp_perturb: float = 0.01
+    """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
+    l2_schedule: Literal["none", "constant", "incremental", "periodic"] = "none"
+    """L2 penalty on the TD loss: constant --l2-coef, incremental --l2-start -> --l2-end, or periodic"""
+    l2_coef: float = 1e-5
+    """L2 coefficient (constant schedule, and periodic while on)"""
+    l2_start: float = 0.0
+    """incremental L2: coefficient at step 0"""
+    l2_end: float = 1e-4
+    """incremental L2: coefficient at the last step"""
+    l2_period_on: int = 500000
+    """periodic L2: steps with the penalty on"""
+    l2_period_off: int = 100000
+    """periodic L2: steps with the penalty off"""
+    adaptive_inject_metric: Optional[str] = None
+    """inject when this plasticity key (e.g. plasticity/erank_features_mean) crosses --adaptive-inject-threshold"""
+    adaptive_inject_threshold: Optional[float] = None
+    """threshold of the adaptive injection trigger (setting it turns the trigger on; needs --metrics-every)"""
+    adaptive_inject_direction: Literal["below", "above"] = "below"
+    """fire when the metric is below / above the threshold"""
+    adaptive_inject_min_gap: int = 0
+    """at least this many env steps between two adaptive injections"""
+    adaptive_inject_max_count: int = 1
+    """at most this many adaptive injections"""
+
     # Atari-only options (an error on other envs when changed from the default)
     frame_stack: int = 4
     """Atari only: number of stacked frames"""
@@ -1476,9 +1519,8 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
     return max(slope * t + start_e, end_e) if end_e <= start_e else min(slope * t + start_e, end_e)
 
 
-def dqn_update(q_network, target_network, optimizer, batch, *, gamma: float, double_dqn: bool = True,
-               loss_type: str = "huber", max_grad_norm: float = 0.0, global_step: int = 0):
-    """One gradient step on a replay batch; returns (td_loss, mean Q(s, a)) as detached tensors."""
+def td_loss(q_network, target_network, batch, *, gamma: float, double_dqn: bool = True, loss_type: str = "huber"):
+    """(TD loss, Q(s, a)) of a replay batch; the bootstrap target carries no gradient."""
     obs, actions, rewards, terminated, next_obs = batch
     with torch.no_grad():
         target_q = target_network(next_obs)
@@ -1490,7 +1532,17 @@ def dqn_update(q_network, target_network, optimizer, batch, *, gamma: float, dou
         td_target = rewards + gamma * next_value * (1.0 - terminated)
     q_sa = q_network(obs).gather(1, actions.long().unsqueeze(1)).squeeze(1)
     loss = F.smooth_l1_loss(q_sa, td_target) if loss_type == "huber" else F.mse_loss(q_sa, td_target)
+    return loss, q_sa
+
+
+def dqn_update(q_network, target_network, optimizer, batch, *, gamma: float, double_dqn: bool = True,
+               loss_type: str = "huber", max_grad_norm: float = 0.0, global_step: int = 0, l2: float = 0.0):
+    """One gradient step on a replay batch; returns (td_loss, mean Q(s, a)) as detached tensors.
+    l2 > 0 adds l2 * Σw² over the trainable weight matrices (`--l2-schedule`) to the loss."""
+    loss, q_sa = td_loss(q_network, target_network, batch, gamma=gamma, double_dqn=double_dqn, loss_type=loss_type)
     check_finite(loss, "losses/td_loss", global_step)
+    if l2 > 0:
+        loss = loss + l2 * l2_penalty(q_network)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm > 0:
@@ -1638,6 +1690,7 @@ def validate_args(args: Args) -> EnvSpec:
                 if isinstance(getattr(defaults, name), bool):
                     flag = flag if getattr(args, name) else "--no-" + name.replace("_", "-")
                 raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
+    check_intervention_args(args, args.total_timesteps, plasticity_keys(build_network(spec, args)))
     stack = args.frame_stack if spec.atari else 1
     need(args.buffer_size // args.num_envs >= stack + 2,
          f"--buffer-size {args.buffer_size} is too small: need at least {(stack + 2) * args.num_envs} for {args.num_envs} env(s)")
@@ -1687,6 +1740,12 @@ def train(args: Args) -> dict:
     act_rng = np.random.default_rng(args.seed)
     probe_rng = np.random.default_rng(args.seed + 2)
     inject_steps = set(args.inject_at)
+    reset_steps, sp_steps = set(args.reset_at), set(args.shrink_perturb_at)
+    trigger = AdaptiveTrigger.from_args(args, start_step=args.learning_starts)
+    metrics_rng = np.random.default_rng(args.seed + 3)
+    metrics_probe = None
+    metrics: Dict[str, float] = {}
+    interventions: List[dict] = []
     injections: List[dict] = []
     train_returns: List[float] = []
     eval_returns: List[float] = []
@@ -1711,6 +1770,21 @@ def train(args: Args) -> dict:
                 print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
                 video_env = None
 
+    def do_inject(step: int, adaptive: bool = False) -> None:
+        probe = rb.sample(args.probe_batch_size, device, rng=probe_rng)[0]
+        log = inject_plasticity(q_network, target_network, optimizer, probe, args)
+        log["injection/adaptive"] = float(adaptive)
+        injections.append({"global_step": step, **log})
+        for k, v in log.items():
+            writer.add_scalar(k, v, step)
+        print(f"global_step={step}, injection: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
+
+    def log_intervention(step: int, kind: str, log: dict) -> None:
+        interventions.append({"global_step": step, "kind": kind, **log})
+        for k, v in log.items():
+            writer.add_scalar(k, v, step)
+        print(f"global_step={step}, {kind}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
+
     loss = q_mean = None
     start_time = time.time()
     obs, info = envs.reset(seed=args.seed)
@@ -1734,19 +1808,25 @@ def train(args: Args) -> dict:
 
             for step in range(global_step, min(global_step + n, args.total_timesteps)):
                 if step in inject_steps:
-                    probe = rb.sample(args.probe_batch_size, device, rng=probe_rng)[0]
-                    log = inject_plasticity(q_network, target_network, optimizer, probe, args)
-                    injections.append({"global_step": step, **log})
-                    for k, v in log.items():
-                        writer.add_scalar(k, v, step)
-                    print(f"global_step={step}, injection: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
+                    do_inject(step)
+                if step in reset_steps:
+                    log = reset_modules(q_network, INJECT_PATHS[args.reset_target], optimizers=[optimizer],
+                                        targets=[target_network])
+                    log_intervention(step, "reset", log)
+                if step in sp_steps:
+                    log = shrink_perturb(q_network, INJECT_PATHS[args.shrink_perturb_target], args.sp_shrink,
+                                         args.sp_perturb, targets=[target_network])
+                    log_intervention(step, "shrink_perturb", log)
                 if step > args.learning_starts:
                     if step % args.train_frequency == 0:
                         batch = rb.sample(args.batch_size, device)
+                        lam = l2_coef_from_args(args, step, args.total_timesteps)
                         loss, q_mean = dqn_update(q_network, target_network, optimizer, batch, gamma=args.gamma,
                                                   double_dqn=args.double_dqn, loss_type=args.loss,
-                                                  max_grad_norm=args.max_grad_norm, global_step=step)
+                                                  max_grad_norm=args.max_grad_norm, global_step=step, l2=lam)
                         if step % 100 == 0:
+                            if args.l2_schedule != "none":
+                                writer.add_scalar("losses/l2_coef", lam, step)
                             writer.add_scalar("losses/td_loss", float(loss), step)
                             writer.add_scalar("losses/q_values", float(q_mean), step)
                             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
@@ -1754,6 +1834,20 @@ def train(args: Args) -> dict:
                             writer.add_scalar("charts/SPS", sps, step)
                     if step % args.target_network_frequency == 0:
                         update_target(target_network, q_network, args.tau)
+                if args.metrics_every > 0 and step >= args.learning_starts and step % args.metrics_every == 0:
+                    if metrics_probe is None:  # ONE fixed batch for the whole run, its own RNG
+                        metrics_probe = rb.sample(args.metrics_batch_size, device, rng=metrics_rng)
+                    metrics = measure_plasticity(
+                        q_network, metrics_probe[0], tau=args.dormant_tau,
+                        loss_fn=lambda m: td_loss(m, target_network, metrics_probe, gamma=args.gamma,
+                                                  double_dqn=args.double_dqn, loss_type=args.loss)[0],
+                    )
+                    for k, v in metrics.items():
+                        writer.add_scalar(k, v, step)
+                    reason = trigger.check(step, metrics) if trigger is not None else None
+                    if reason:
+                        print(f"global_step={step}, adaptive injection: {reason}")
+                        do_inject(step, adaptive=True)
                 if args.eval_every > 0 and step > 0 and step % args.eval_every == 0:
                     run_eval(step)
         global_step = args.total_timesteps
@@ -1788,6 +1882,8 @@ def train(args: Args) -> dict:
         "losses/td_loss": None if loss is None else float(loss),
         "losses/q_values": None if q_mean is None else float(q_mean),
         "injections": injections,
+        "interventions": interventions,
+        "plasticity": metrics,
         "SPS": int(global_step / max(time.time() - start_time, 1e-9)),
     }
 
