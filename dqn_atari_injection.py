@@ -11,6 +11,10 @@ Plasticity injection at step t (`--inject-at t [t2 ...]`) turns the head h into
 with θ frozen, θ'1 = θ'2 one fresh initialisation (θ'1 trainable, θ'2 frozen): the Q-values and the
 number of trainable parameters are unchanged at t, the target network gets the same θ' values.
 
+Baselines and diagnostics from the shared blocks: `--metrics-every` (plasticity/... metrics on a fixed
+probe batch), `--reset-at`, `--shrink-perturb-at`, `--l2-schedule`, `--layer-norm`, `--activation`,
+and an adaptive injection trigger (`--adaptive-inject-metric/-threshold`).
+
 Episodes, rewards and the replay buffer:
 * Training treats a life loss as terminal (episodic life) and learns from sign-clipped rewards;
   `charts/episodic_return` and `eval/episodic_return` are RAW game scores of whole games.
