@@ -60,7 +60,9 @@ def _run(name: str, extra: dict, seed: int, workdir: str) -> dict:
     m = _load_script()
     os.chdir(workdir)
     t0 = time.time()
-    res = m.train(m.Args(seed=seed, cuda=False, exp_name="iql_table", dataset_dir=str(ROOT / "datasets"), **extra))
+    # one exp_name per setup: two runs of one seed that start in the same second get separate folders
+    exp = "iql_table_" + "".join(c if c.isalnum() else "_" for c in name.split(" (")[0])
+    res = m.train(m.Args(seed=seed, cuda=False, exp_name=exp, dataset_dir=str(ROOT / "datasets"), **extra))
     res.update(setup=name, seed=seed, wall_s=time.time() - t0, extra=extra,
                code_sha1=hashlib.sha1(SNAPSHOT.read_bytes()).hexdigest()[:12])
     return res
