@@ -1682,8 +1682,6 @@ def validate_args(args: Args) -> int:
         raise UserError(f"--hidden-sizes {args.hidden_sizes} must be one or more positive sizes")
     if not 0 <= args.critic_encoder_layers < len(args.hidden_sizes) + 1:
         raise UserError(f"--critic-encoder-layers {args.critic_encoder_layers} must lie in [0, {len(args.hidden_sizes)}]")
-    if args.critic_encoder_layers == len(args.hidden_sizes) and args.inject_at:
-        pass  # head = output layer only: allowed
     for flag, v, lo, hi in (("--gamma", args.gamma, 0.0, 1.0), ("--expectile", args.expectile, 0.0, 1.0),
                             ("--tau", args.tau, 0.0, 1.0), ("--rnd-epsilon", args.rnd_epsilon, 0.0, 1.0),
                             ("--online-epsilon", args.online_epsilon, 0.0, 1.0)):
