@@ -8,7 +8,7 @@ first rollout boundary), and reports steps per second of the rollout phase, of t
 (samples x epochs / update time) and of whole iterations, for: no injection, encoder injection with
 and without the frozen-output cache, head injection, and whole-network injection with the cache.
 Configurations are interleaved over rounds and the median per configuration is reported, because
-the machine may be shared. Results go to benchmark/results/ppo_injection_overhead.json.
+the machine may be shared; the order is shuffled per round, since position alone biases a timing. Results go to benchmark/results/ppo_injection_overhead.json.
 
     OMP_NUM_THREADS=1 python benchmark/ppo_injection_overhead.py [--rounds 3] [--iterations 5]
 """
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -88,8 +89,11 @@ def update_only(configs: dict, n: int, repeats: int) -> dict:
     best = {name: float("inf") for name in configs}
     for agent, optimizer, batch, args, frozen in setups.values():  # warm-up (allocations, Adam state)
         P.ppo_update(agent, optimizer, batch, args, frozen=frozen)
-    for _ in range(repeats):
-        for name, (agent, optimizer, batch, args, frozen) in setups.items():
+    for r in range(repeats):
+        order = list(setups)
+        random.Random(r).shuffle(order)  # a configuration's position in the sequence biases it (~10%)
+        for name in order:
+            agent, optimizer, batch, args, frozen = setups[name]
             np.random.seed(0)
             t = time.perf_counter()
             P.ppo_update(agent, optimizer, batch, args, frozen=frozen)
@@ -105,7 +109,7 @@ def main():
     ap.add_argument("--num-steps", type=int, default=32)
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    ap.add_argument("--update-repeats", type=int, default=8, help="repeats of the update-only measurement")
+    ap.add_argument("--update-repeats", type=int, default=12, help="repeats of the update-only measurement")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     # 1) the update phase alone, in-process on a fixed batch: best of several repeats (robust to a busy machine)
@@ -115,7 +119,9 @@ def main():
     # 2) whole training iterations through train()
     results = {name: [] for name in a.configs}
     for r in range(a.rounds):
-        for name in a.configs:
+        order = list(a.configs)
+        random.Random(100 + r).shuffle(order)
+        for name in order:
             results[name].append(run(CONFIGS[name], a))
             print(f"round {r + 1}/{a.rounds} {name}: " + ", ".join(f"{k}={v:.0f}" for k, v in results[name][-1].items()),
                   flush=True)
