@@ -219,6 +219,7 @@ def test_bad_input_gives_one_clear_line(sb3_zips, tmp_cwd):
             assert w in line, (flags, line)
 
 
-def test_hub_id_without_network_or_package_needs_a_local_path(tmp_cwd):
+def test_hub_id_without_network_or_package_needs_a_local_path(tmp_cwd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline even where huggingface_hub is installed and online
     line = _bad(tmp_cwd, "--pretrained", "sb3/ppo-BreakoutNoFrameskip-v4")
     assert "--pretrained sb3/ppo-BreakoutNoFrameskip-v4" in line and "local path" in line
