@@ -137,6 +137,46 @@ class Args:
     dormant_tau: float = 0.025
     """threshold of the dormant-unit ratio (ReDo)"""
 
+    # Interventions to compare injection against (applied at the first rollout boundary at or after each step)
+    reset_at: List[int] = field(default_factory=list)
+    """global steps at which to re-initialise `--reset-target` (trainable parameters only; their Adam state is cleared)"""
+    reset_target: Literal["encoder", "heads", "all"] = "heads"
+    """what to reset: `encoder`, `heads` (action_net and value_net) or `all`"""
+    shrink_perturb_at: List[int] = field(default_factory=list)
+    """global steps at which to shrink-and-perturb `--shrink-perturb-target`: theta <- S*theta + P*fresh init"""
+    shrink_perturb_target: Literal["encoder", "heads", "all"] = "all"
+    """what to shrink-and-perturb: `encoder`, `heads` or `all`"""
+    sp_shrink: float = 1.0
+    """shrink factor S of shrink-and-perturb"""
+    sp_perturb: float = 0.01
+    """perturbation scale P of shrink-and-perturb"""
+    l2_schedule: Literal["none", "constant", "incremental", "periodic"] = "none"
+    """L2 penalty on the trainable weights, added to the PPO loss: none, constant, incremental, periodic"""
+    l2_coef: float = 1e-5
+    """L2 coefficient for `constant`, and for `periodic` while on"""
+    l2_start: float = 0.0
+    """`incremental`: coefficient at step 0"""
+    l2_end: float = 1e-4
+    """`incremental`: coefficient at the last step (linear in between)"""
+    l2_period_on: int = 500_000
+    """`periodic`: steps with the penalty on"""
+    l2_period_off: int = 100_000
+    """`periodic`: steps with the penalty off"""
+    layer_norm: bool = False
+    """LayerNorm (GroupNorm(1, C) after convolutions) after every hidden layer; not with `--pretrained`"""
+    activation: Literal["relu", "leaky_relu", "tanh"] = "relu"
+    """hidden activation"""
+    adaptive_inject_metric: Optional[str] = None
+    """inject (into `--inject-target`) when this `plasticity/...` key crosses `--adaptive-inject-threshold`"""
+    adaptive_inject_threshold: Optional[float] = None
+    """setting it turns the adaptive trigger on (needs `--metrics-every`)"""
+    adaptive_inject_direction: Literal["below", "above"] = "below"
+    """fire when the metric is below / above the threshold"""
+    adaptive_inject_min_gap: int = 0
+    """at least this many global steps between two adaptive injections"""
+    adaptive_inject_max_count: int = 1
+    """at most this many adaptive injections"""
+
     # Evaluation
     eval_every: int = 0
     """evaluate every this many global steps (0: never; checked at rollout boundaries)"""
@@ -289,21 +329,9 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
-class NatureCNN(nn.Module):
-    """SB3's NatureCNN: `cnn.{0,2,4}` convolutions and `linear.0`, same names as in SB3 zips."""
-
-    def __init__(self, in_channels: int = 4, features_dim: int = 512):
-        super().__init__()
-        self.cnn = nn.Sequential(
-            layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
-            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
-            nn.Flatten(),
-        )
-        self.linear = nn.Sequential(layer_init(nn.Linear(64 * 7 * 7, features_dim)), nn.ReLU())
-
-    def forward(self, x):
-        return self.linear(self.cnn(x))
+def make_encoder(layer_norm: bool = False, activation: str = "relu") -> nn.Module:
+    """SB3's NatureCNN (`cnn.{0,2,4}` convolutions, `linear.0`; same names as in SB3 zips), orthogonal init."""
+    return NatureCNNEncoder(4, 512, layer_norm=layer_norm, activation=activation, orthogonal=True)
 
 
 def make_action_net(n_actions: int) -> nn.Module:
@@ -324,15 +352,16 @@ class ActorCriticCnn(nn.Module):
     One tensor out (not a tuple) so that the whole network can itself be an injected module.
     """
 
-    def __init__(self, n_actions: int, share_features_extractor: bool = True):
+    def __init__(self, n_actions: int, share_features_extractor: bool = True, layer_norm: bool = False,
+                 activation: str = "relu"):
         super().__init__()
         self.n_actions = n_actions
         self.share_features_extractor = share_features_extractor
         if share_features_extractor:
-            self.features_extractor = NatureCNN()
+            self.features_extractor = make_encoder(layer_norm, activation)
         else:
-            self.pi_features_extractor = NatureCNN()
-            self.vf_features_extractor = NatureCNN()
+            self.pi_features_extractor = make_encoder(layer_norm, activation)
+            self.vf_features_extractor = make_encoder(layer_norm, activation)
         self.action_net = make_action_net(n_actions)
         self.value_net = make_value_net()
 
@@ -352,11 +381,18 @@ class ActorCriticCnn(nn.Module):
 class Agent(nn.Module):
     """cleanRL-style agent around `self.policy` (an ActorCriticCnn, or an injected one)."""
 
-    def __init__(self, n_actions: int, share_features_extractor: bool = True):
+    def __init__(self, n_actions: int, share_features_extractor: bool = True, layer_norm: bool = False,
+                 activation: str = "relu"):
         super().__init__()
         self.n_actions = n_actions
         self.share_features_extractor = share_features_extractor
-        self.policy = ActorCriticCnn(n_actions, share_features_extractor)
+        self.layer_norm, self.activation = layer_norm, activation
+        self.policy = ActorCriticCnn(n_actions, share_features_extractor, layer_norm, activation)
+
+    def config(self) -> dict:
+        """Constructor arguments: `Agent(**config)` rebuilds the (un-injected) network for reloading."""
+        return {"n_actions": self.n_actions, "share_features_extractor": self.share_features_extractor,
+                "layer_norm": self.layer_norm, "activation": self.activation}
 
     @staticmethod
     def preprocess(obs: torch.Tensor) -> torch.Tensor:
@@ -1614,13 +1650,13 @@ def injection_paths(agent: Agent, target: str) -> List[str]:
 
 
 def fresh_factories(agent: Agent, target: str) -> dict:
-    """Fresh modules drawn with the network's own (cleanRL/SB3 orthogonal) init scheme."""
-    n, share = agent.n_actions, agent.share_features_extractor
+    """Fresh modules drawn with the network's own (cleanRL/SB3 orthogonal) init scheme, per path of `target`."""
+    n, share, ln, act = agent.n_actions, agent.share_features_extractor, agent.layer_norm, agent.activation
     if target == "encoder":
-        return {p: NatureCNN for p in injection_paths(agent, target)}
+        return {p: (lambda: make_encoder(ln, act)) for p in injection_paths(agent, target)}
     if target == "heads":
         return {"policy.action_net": lambda: make_action_net(n), "policy.value_net": make_value_net}
-    return {"policy": lambda: ActorCriticCnn(n, share)}
+    return {"policy": lambda: ActorCriticCnn(n, share, ln, act)}
 
 
 def cacheable_paths(agent: Agent, target: str) -> List[str]:
@@ -1645,20 +1681,24 @@ def agent_output(agent: Agent, obs: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits, value[:, None]], dim=1)
 
 
-def injection_iterations(args: Args) -> Dict[int, int]:
-    """iteration (1-based) at whose start each --inject-at step takes effect: first boundary >= step."""
+def boundary_iterations(flag: str, steps, args: Args) -> Dict[int, int]:
+    """iteration (1-based) at whose start each step of `flag` takes effect: the first rollout boundary >= step."""
     out = {}
-    for s in check_steps("--inject-at", args.inject_at, args.total_timesteps):
+    for s in check_steps(flag, steps, args.total_timesteps):
         it = -(-s // args.batch_size) + 1  # boundary before iteration `it` is at (it-1)*batch_size
         if it > args.num_iterations:
             raise UserError(
-                f"--inject-at {s}: no rollout starts at or after it (the last starts at step "
-                f"{(args.num_iterations - 1) * args.batch_size}); raise --total-timesteps or inject earlier"
+                f"{flag} {s}: no rollout starts at or after it (the last starts at step "
+                f"{(args.num_iterations - 1) * args.batch_size}); raise --total-timesteps or choose an earlier step"
             )
         if it in out:
-            raise UserError(f"--inject-at {out[it]} and {s} fall before the same rollout (batch of {args.batch_size} steps)")
+            raise UserError(f"{flag} {out[it]} and {s} fall before the same rollout (batch of {args.batch_size} steps)")
         out[it] = s
     return out
+
+
+def injection_iterations(args: Args) -> Dict[int, int]:
+    return boundary_iterations("--inject-at", args.inject_at, args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1689,11 +1729,12 @@ def ppo_loss(agent: Agent, mb: dict, args: Args, frozen: Optional[Dict[str, list
 
 
 def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, frozen: Optional[Dict[str, list]] = None,
-               global_step: int = 0) -> dict:
+               global_step: int = 0, l2: float = 0.0) -> dict:
     """cleanRL's PPO update on the valid samples of a flattened rollout.
 
     batch: obs, actions, logprobs, advantages, returns, values (flat, valid samples only).
     frozen: path -> per-term cached outputs aligned with the batch (None: recompute them).
+    l2: coefficient of the L2 penalty on the trainable weights (`--l2-schedule`), 0 for none.
     """
     n = batch["obs"].shape[0]
     if n == 0:  # every step of the rollout was a forced reset step (only with tiny --num-steps)
@@ -1711,6 +1752,8 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, frozen: Optiona
             mb_batch = {k: v[mb] for k, v in batch.items()}
             loss, parts = ppo_loss(agent, mb_batch, args, frozen=mb_frozen)
             pg_loss, v_loss, entropy_loss = parts["pg_loss"], parts["v_loss"], parts["entropy"]
+            if l2 > 0:
+                loss = loss + l2 * l2_penalty(agent)
             with torch.no_grad():
                 logratio, ratio = parts["logratio"], parts["logratio"].exp()
                 old_approx_kl = (-logratio).mean()
@@ -1749,6 +1792,13 @@ def flatten_rollout(buf: RolloutBuffer, advantages, returns, use_cache: bool):
     if use_cache and buf.frozen:
         frozen = {p: [None if o is None else o[idx] for o in outs] for p, outs in buf.flat_frozen().items()}
     return batch, frozen
+
+
+def log_intervention(writer, summary: dict, kind: str, target: str, log: dict, global_step: int) -> None:
+    for k, v in log.items():
+        writer.add_scalar(k, v, global_step)
+    summary["interventions"].append(dict(log, kind=kind, global_step=global_step))
+    print(f"global_step={global_step}, {kind} of {target}: " + ", ".join(f"{k.split('/')[1]}={v:g}" for k, v in log.items()))
 
 
 def draw_probe(batch: dict, size: int, seed: int) -> dict:
@@ -1797,9 +1847,6 @@ def validate_args(args: Args) -> dict:
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps", "eval_episodes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.metrics_every < 0 or args.metrics_batch_size < 1 or not 0 <= args.dormant_tau < 1:
-        raise UserError(f"--metrics-every must be >= 0, --metrics-batch-size >= 1 and --dormant-tau in [0, 1) "
-                        f"(got {args.metrics_every}, {args.metrics_batch_size}, {args.dormant_tau})")
     if args.eval_every < 0:
         raise UserError(f"--eval-every must be >= 0 (got {args.eval_every})")
     if args.noop_max < 0:
@@ -1819,9 +1866,17 @@ def validate_args(args: Args) -> dict:
         raise UserError(f"--num-minibatches {args.num_minibatches} exceeds the batch size {args.batch_size}")
     args.inject_at = sorted(args.inject_at)
     plan = injection_iterations(args)
+    resets = boundary_iterations("--reset-at", args.reset_at, args)
+    shrink_perturbs = boundary_iterations("--shrink-perturb-at", args.shrink_perturb_at, args)
+    if args.adaptive_inject_min_gap < 0:
+        raise UserError(f"--adaptive-inject-min-gap {args.adaptive_inject_min_gap} must be >= 0")
+    check_intervention_args(args, args.total_timesteps,
+                            plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation)))
     zip_info = None
     if args.pretrained_load_optimizer and not args.pretrained:
         raise UserError("--pretrained-load-optimizer needs --pretrained")
+    if args.pretrained and args.layer_norm:
+        raise UserError("--layer-norm cannot be combined with --pretrained: SB3 CnnPolicy weights have no norm layers")
     if args.pretrained:
         zip_info = read_sb3_zip(resolve_pretrained(args.pretrained))
         probe_env = AtariEnvs(args.env_id, 1, 0, 0, 100, 1)
@@ -1837,11 +1892,11 @@ def validate_args(args: Args) -> dict:
         args.share_features_extractor = zip_info["share"]
         if args.pretrained_load_optimizer:  # check the Adam state now, before any run folder exists
             build_agent(args, zip_info["n_actions"], torch.device("cpu"), zip_info)
-    return {"inject_plan": plan, "zip_info": zip_info}
+    return {"inject_plan": plan, "zip_info": zip_info, "resets": resets, "shrink_perturbs": shrink_perturbs}
 
 
 def build_agent(args: Args, n_actions: int, device, zip_info: Optional[dict] = None):
-    agent = Agent(n_actions, args.share_features_extractor).to(device)
+    agent = Agent(n_actions, args.share_features_extractor, args.layer_norm, args.activation).to(device)
     if zip_info is not None:
         load_pretrained(agent, zip_info)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -1867,6 +1922,8 @@ def train(args: Args) -> dict:
     envs = AtariEnvs(args.env_id, args.num_envs, args.seed, args.noop_max, args.max_episode_frames, args.env_threads)
     agent, optimizer = exit_on_user_error(build_agent, args, envs.n_actions, device, setup["zip_info"])
     inject_plan = setup["inject_plan"]
+    trigger = AdaptiveTrigger.from_args(args)
+    adaptive_reason = None  # set when the trigger fires: inject at the next rollout boundary
 
     buf = RolloutBuffer(args.num_steps, args.num_envs, envs.observation_shape, device)
     global_step = 0
@@ -1874,7 +1931,7 @@ def train(args: Args) -> dict:
     next_obs_np, next_valid_np = envs.reset()
     next_obs = torch.as_tensor(next_obs_np, device=device)
     next_valid = torch.as_tensor(next_valid_np, device=device)
-    summary = {"games": [], "injections": [], "evals": [], "losses": {}, "timing": []}
+    summary = {"games": [], "injections": [], "interventions": [], "evals": [], "losses": {}, "timing": []}
     next_eval = args.eval_every if args.eval_every > 0 else None
     next_metrics = args.metrics_every if args.metrics_every > 0 else None
     probe = None
@@ -1882,14 +1939,27 @@ def train(args: Args) -> dict:
 
     for iteration in range(1, args.num_iterations + 1):
         # --- injection at the rollout boundary -------------------------------------------------
-        if iteration in inject_plan:
+        if iteration in inject_plan or adaptive_reason is not None:
             log = do_injection(agent, optimizer, args, next_obs)
-            log["injection/requested_step"] = float(inject_plan[iteration])
+            if iteration in inject_plan:
+                log["injection/requested_step"] = float(inject_plan[iteration])
+            if adaptive_reason is not None:
+                log["injection/adaptive"] = 1.0
+                print(f"global_step={global_step}, adaptive injection: {adaptive_reason}")
+                adaptive_reason = None
             for k, v in log.items():
                 writer.add_scalar(k, v, global_step)
             summary["injections"].append(dict(log, global_step=global_step))
             print(f"global_step={global_step}, injected into {args.inject_target}: " +
                   ", ".join(f"{k.split('/')[1]}={v:g}" for k, v in log.items()))
+        if iteration in setup["resets"]:
+            log = reset_modules(agent, injection_paths(agent, args.reset_target), optimizers=[optimizer],
+                                make_fresh=fresh_factories(agent, args.reset_target))
+            log_intervention(writer, summary, "reset", args.reset_target, log, global_step)
+        if iteration in setup["shrink_perturbs"]:
+            log = shrink_perturb(agent, injection_paths(agent, args.shrink_perturb_target), args.sp_shrink,
+                                 args.sp_perturb, make_fresh=fresh_factories(agent, args.shrink_perturb_target))
+            log_intervention(writer, summary, "shrink_perturb", args.shrink_perturb_target, log, global_step)
         cache_paths = cacheable_paths(agent, args.inject_target) if args.inject_cache_frozen else []
         buf.frozen = {}
 
@@ -1935,8 +2005,11 @@ def train(args: Args) -> dict:
             advantages, returns = compute_gae(buf.rewards, buf.values, buf.terminated, buf.valid, next_value,
                                               next_valid, args.gamma, args.gae_lambda)
         batch, frozen = flatten_rollout(buf, advantages, returns, use_cache=bool(cache_paths))
+        l2 = l2_coef_from_args(args, global_step, args.total_timesteps)
         update_start = time.time()
-        stats = ppo_update(agent, optimizer, batch, args, frozen=frozen, global_step=global_step)
+        stats = ppo_update(agent, optimizer, batch, args, frozen=frozen, global_step=global_step, l2=l2)
+        if args.l2_schedule != "none":
+            writer.add_scalar("losses/l2_coef", l2, global_step)
         update_time = time.time() - update_start
 
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
@@ -1961,6 +2034,8 @@ def train(args: Args) -> dict:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
             summary["metrics"] = metrics
+            if trigger is not None and iteration < args.num_iterations:
+                adaptive_reason = trigger.check(global_step, metrics)
             while next_metrics <= global_step:
                 next_metrics += args.metrics_every
 
@@ -1976,8 +2051,9 @@ def train(args: Args) -> dict:
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
         atomic_save({"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
-                     "global_step": global_step, "n_actions": agent.n_actions,
-                     "share_features_extractor": agent.share_features_extractor}, model_path)
+                     "global_step": global_step, "agent_config": agent.config(), "n_actions": agent.n_actions,
+                     "share_features_extractor": agent.share_features_extractor,
+                     "adaptive_trigger": trigger.state_dict() if trigger is not None else None}, model_path)
         print(f"model saved to {model_path}")
         summary["model_path"] = model_path
 

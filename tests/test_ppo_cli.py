@@ -50,3 +50,46 @@ def test_plasticity_metrics_are_logged_and_do_not_change_training(tmp_cwd):
     assert any(k.startswith("plasticity/trainable/policy.features_extractor.terms.1.") for k in m)
     assert any(k.startswith("plasticity/frozen/policy.features_extractor.terms.0.") for k in m)
     assert 0.0 <= m["plasticity/dormant_ratio_mean"] <= 1.0 and m["plasticity/grad_norm"] > 0
+
+
+def test_interventions_adaptive_trigger_and_reload(tmp_cwd):
+    """Reset, shrink-and-perturb, L2, LayerNorm + LeakyReLU and an adaptive injection in one tiny run;
+    the saved model (with its norms, activation and injection) reloads to the same function."""
+    out = P.train(P.Args(num_envs=2, num_steps=16, num_minibatches=2, update_epochs=1, total_timesteps=160,
+                         cuda=False, metrics_every=32, metrics_batch_size=16, reset_at=[64], reset_target="heads",
+                         shrink_perturb_at=[96], l2_schedule="constant", l2_coef=1e-3, layer_norm=True,
+                         activation="leaky_relu", adaptive_inject_metric="plasticity/dormant_ratio_mean",
+                         adaptive_inject_threshold=-1.0, adaptive_inject_direction="above", save_model=True))
+    assert [i["global_step"] for i in out["injections"]] == [32]  # fired once (max count 1), at the next boundary
+    assert out["injections"][0]["injection/adaptive"] == 1.0 and out["injections"][0]["injection/output_change"] == 0.0
+    assert [(i["kind"], i["global_step"]) for i in out["interventions"]] == [("reset", 64), ("shrink_perturb", 96)]
+    assert out["interventions"][0]["interventions/reset_params"] == 512 * 4 + 4 + 512 + 1
+    ckpt = torch.load(out["model_path"], weights_only=False)
+    assert ckpt["agent_config"]["layer_norm"] and ckpt["agent_config"]["activation"] == "leaky_relu"
+    assert ckpt["adaptive_trigger"]["fired"] == [32]
+    agent = P.Agent(**ckpt["agent_config"])
+    P.load_injected_state_dict(agent, ckpt["model"])
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in agent.modules())
+    obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(P.agent_output(agent, obs), P.agent_output(out["agent"], obs))
+
+
+def test_intervention_flags_are_checked_before_the_run(tmp_cwd):
+    bad = [
+        (dict(layer_norm=True, pretrained="x.zip"), "--layer-norm"),
+        (dict(adaptive_inject_metric="plasticity/nope", adaptive_inject_threshold=1.0, metrics_every=1024),
+         "--adaptive-inject-metric"),
+        (dict(adaptive_inject_metric="plasticity/erank_features_mean", adaptive_inject_threshold=1.0), "--metrics-every"),
+        (dict(reset_at=[10**9]), "--reset-at"),
+        (dict(shrink_perturb_at=[5], total_timesteps=1024), "--shrink-perturb-at"),
+        (dict(sp_perturb=-1.0), "--sp-perturb"),
+    ]
+    for kw, flag in bad:
+        try:
+            P.validate_args(P.Args(**kw))
+        except P.UserError as e:
+            assert flag in str(e), (kw, str(e))
+        else:
+            raise AssertionError(f"{kw} was accepted")
+    assert not (tmp_cwd / "runs").exists()

@@ -193,3 +193,26 @@ def test_invalid_steps_are_left_out_of_the_batch():
     batch, frozen = P.flatten_rollout(buf, adv, adv, use_cache=True)
     assert batch["actions"].tolist() == [0, 2, 3, 5]
     assert frozen["p"][0] is None and frozen["p"][1].shape == (4, 5)
+
+
+def test_reset_and_shrink_perturb_touch_only_trainable_terms():
+    agent, optimizer = _agent()
+    args = _args(inject_target="encoder")
+    P.ppo_update(agent, optimizer, _batch(agent), args)
+    P.do_injection(agent, optimizer, args, _batch(agent, 4)["obs"])
+    P.ppo_update(agent, optimizer, _batch(agent, seed=1), args)
+    frozen = {n: p.clone() for n, p in agent.named_parameters() if not p.requires_grad}
+    before = {n: p.clone() for n, p in agent.named_parameters()}
+    log = P.reset_modules(agent, P.injection_paths(agent, "heads"), optimizers=[optimizer],
+                          make_fresh=P.fresh_factories(agent, "heads"))
+    assert log["interventions/reset_params"] == 512 * N_ACTIONS + N_ACTIONS + 512 + 1
+    assert agent.policy.action_net.weight not in optimizer.state  # Adam state of reset parameters cleared
+    trained_copy = agent.policy.features_extractor.terms[1].linear[0].weight
+    assert trained_copy in optimizer.state  # the others keep theirs
+    assert torch.allclose(agent.policy.value_net.weight.norm(), torch.tensor(1.0), atol=1e-5)  # own init scheme
+    assert torch.equal(trained_copy, before["policy.features_extractor.terms.1.linear.0.weight"])
+    P.shrink_perturb(agent, P.injection_paths(agent, "all"), 0.5, 0.01, make_fresh=P.fresh_factories(agent, "all"))
+    assert not torch.equal(trained_copy, before["policy.features_extractor.terms.1.linear.0.weight"])
+    for n, p in agent.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
