@@ -4,7 +4,8 @@ Runs 4 setups x seeds at the script's default budget (offline only; offline->onl
 injection; with a single injection; with a double injection), at most --workers processes at a time,
 one CPU thread each. Every finished run is stored as JSON under benchmark/results/iql_pointmass/
 (gitignored) and skipped when the table is run again, so an interrupted benchmark resumes.
-Prints a Markdown table of the final evaluation return and success rate (mean +- std over seeds).
+Prints a Markdown table of the final evaluation return and success rate (mean +- std over seeds), plus the
+BFS shortest-path controller on the same evaluation episodes as a reference.
 
     python benchmark/iql_pointmass_table.py                  # 4 setups x 3 seeds, 2 workers
     python benchmark/iql_pointmass_table.py --seeds 1 2 3 4 5 --workers 1
@@ -68,7 +69,33 @@ def _run(name: str, extra: dict, seed: int, workdir: str) -> dict:
     return res
 
 
-def table(results, seeds) -> str:
+def reference_row(m, seeds) -> str:
+    """The BFS shortest-path controller on the very evaluation episodes (same noise) of each seed."""
+    import numpy as np
+
+    d = m.Args()
+    env = m.PointmassEnv(d.env_id)
+    ctl = m.ShortestPathController(env)
+    rets, succ = [], []
+    for seed in sorted(seeds):
+        r_seed, s_seed = [], []
+        for ep in range(d.eval_episodes):  # train() evaluates with seeds seed + 10_000 + ep
+            obs, _ = env.reset(seed=seed + 10_000 + ep)
+            ret, done = 0.0, False
+            while not done:
+                obs, r, term, trunc, info = env.step(ctl(obs))
+                ret += r
+                done = term or trunc
+            r_seed.append(ret)
+            s_seed.append(float(info["success"]))
+        rets.append(np.mean(r_seed))
+        succ.append(np.mean(s_seed))
+    rets, succ = np.array(rets), np.array(succ)
+    return (f"| reference: BFS shortest-path controller, same evaluation episodes | {rets.mean():.1f} ± {rets.std():.1f} | "
+            f"{succ.mean():.2f} ± {succ.std():.2f} | {len(seeds)} | – |")
+
+
+def table(results, seeds, m=None) -> str:
     import numpy as np
 
     lines = ["| setup | eval return (mean ± std) | success rate (mean ± std) | seeds | wall time per run |",
@@ -80,6 +107,8 @@ def table(results, seeds) -> str:
         wall = np.mean([r["wall_s"] for r in rs]) / 60
         lines.append(f"| {name} | {ret.mean():.1f} ± {ret.std():.1f} | {suc.mean():.2f} ± {suc.std():.2f} | "
                      f"{len(rs)} | {wall:.1f} min |")
+    if m is not None:
+        lines.append(reference_row(m, seeds))
     return "\n".join(lines)
 
 
@@ -122,7 +151,7 @@ def main():
                       f"({r['wall_s'] / 60:.1f} min)", flush=True)
     order = list(setups(m))
     results.sort(key=lambda r: (order.index(r["setup"]) if r["setup"] in order else 99, r["seed"]))
-    print(table(results, set(a.seeds)))
+    print(table(results, set(a.seeds), m))
     if todo and not a.table_only:
         print(f"\ncode sha1 {code_sha}; wall time of this invocation: {(time.time() - t0) / 60:.1f} min, {a.workers} workers")
 
