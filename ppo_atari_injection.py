@@ -19,6 +19,13 @@
   first rollout boundary at or after each step. Frozen terms get no gradients, and when nothing
   trainable feeds them (encoder / whole network) their outputs from the rollout are reused by all
   update epochs instead of being recomputed.
+* Diagnostics and baselines from the shared blocks: `--metrics-every` (plasticity/... on a fixed probe
+  batch), `--reset-at`, `--shrink-perturb-at`, `--l2-schedule`, `--layer-norm`, `--activation`, and an
+  adaptive injection trigger (`--adaptive-inject-metric/-threshold`).
+
+Saved models (`--save-model`) reload with
+    ckpt = torch.load(path, weights_only=False)
+    agent = Agent(**ckpt["agent_config"]); load_injected_state_dict(agent, ckpt["model"])
 """
 import io
 import json
