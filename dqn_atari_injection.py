@@ -135,7 +135,7 @@ class Args:
     """observations in the (seeded) probe batch sampled from the replay buffer to measure output changes"""
 
     # Plasticity diagnostics and other interventions (shared blocks `plasticity` / `interventions`)
-    metrics_every: int = 0
+    metrics_every: int = 10000
     """measure plasticity (`plasticity/...`: effective rank, dormant units, weight magnitude, updated
     units, gradient norms) every this many env steps from --learning-starts on; 0 = never"""
     metrics_batch_size: int = 256

@@ -137,7 +137,7 @@ class Args:
     (encoder/all targets); `--no-inject-cache-frozen` recomputes them (for comparison)"""
 
     # Plasticity diagnostics
-    metrics_every: int = 0
+    metrics_every: int = 10000
     """measure plasticity diagnostics (`plasticity/...`) every this many global steps (0: never)"""
     metrics_batch_size: int = 256
     """size of the fixed probe batch (drawn once from the first measured rollout)"""

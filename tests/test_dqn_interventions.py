@@ -55,7 +55,7 @@ def test_metrics_do_not_change_training(tmp_cwd):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(adaptive_inject_metric="plasticity/erank_features_mean", adaptive_inject_threshold=1.0), "--metrics-every"),
+    (dict(adaptive_inject_metric="plasticity/erank_features_mean", adaptive_inject_threshold=1.0, metrics_every=0), "--metrics-every"),
     (dict(adaptive_inject_metric="plasticity/nope", adaptive_inject_threshold=1.0, metrics_every=100), "--adaptive-inject-metric"),
     (dict(reset_at=[5000]), "--reset-at"),
     (dict(shrink_perturb_at=[-1]), "--shrink-perturb-at"),

@@ -80,7 +80,7 @@ def test_intervention_flags_are_checked_before_the_run(tmp_cwd):
         (dict(layer_norm=True, pretrained="x.zip"), "--layer-norm"),
         (dict(adaptive_inject_metric="plasticity/nope", adaptive_inject_threshold=1.0, metrics_every=1024),
          "--adaptive-inject-metric"),
-        (dict(adaptive_inject_metric="plasticity/erank_features_mean", adaptive_inject_threshold=1.0), "--metrics-every"),
+        (dict(adaptive_inject_metric="plasticity/erank_features_mean", adaptive_inject_threshold=1.0, metrics_every=0), "--metrics-every"),
         (dict(reset_at=[10**9]), "--reset-at"),
         (dict(shrink_perturb_at=[5], total_timesteps=1024), "--shrink-perturb-at"),
         (dict(sp_perturb=-1.0), "--sp-perturb"),
