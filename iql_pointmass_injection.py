@@ -110,8 +110,9 @@ class Args:
     """episodes per evaluation"""
     log_every: int = 1000
     """write losses and SPS every this many global steps"""
-    metrics_every: int = 0
-    """measure plasticity metrics of the critic q1 (plasticity/...) every this many global steps; 0 = never"""
+    metrics_every: int = 10000
+    """measure plasticity metrics of the critic q1 (plasticity/...) every this many global steps; 0 = never
+    (they never change training: fixed probe batch with its own RNG, no .grad or optimizer use)"""
     metrics_batch_size: int = 256
     """size of the fixed probe batch of the plasticity metrics (drawn once from the offline data)"""
     dormant_tau: float = 0.025
