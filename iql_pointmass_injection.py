@@ -10,7 +10,10 @@ Single-file, cleanRL-style. The script
      buffer that holds the offline data,
   4. injects plasticity (Nikishin et al., 2023) into the critics at any global steps (--inject-at;
      two steps = double injection), mirrored into the target critics,
-  5. evaluates every --eval-every steps and draws the map with an evaluation trajectory (PNG).
+  5. evaluates every --eval-every steps and draws the map with an evaluation trajectory (PNG),
+  6. offers the baselines of the shared `interventions` block: resets (--reset-at), shrink-and-perturb
+     (--shrink-perturb-at), an L2 penalty on the Q loss (--l2-schedule), --layer-norm / --activation,
+     and an adaptive injection trigger on a plasticity metric of critic q1 (--adaptive-inject-metric/-threshold).
 
 Global steps: the offline phase is steps 0..N-1, the online phase N..N+M-1 (one gradient update per
 step; one environment step per online step).
@@ -129,6 +132,49 @@ class Args:
     """ablation: no -h_theta'2 term, so the output jumps at injection"""
     inject_reset_optimizer: bool = False
     """reset the Adam state at injection (default keeps the encoder's moments)"""
+
+    # Other interventions to compare against (shared block `interventions`); steps are global steps.
+    # Targets: q-head = both Q heads (the injected part, see --critic-encoder-layers), q = both whole Q
+    # networks, qv-head / qv = the same plus V's head / all of V, actor, all = Q, V and actor.
+    # Whatever touches the Q networks is mirrored into the target critics (same new values).
+    reset_at: List[int] = field(default_factory=list)
+    """global step(s) at which to re-initialise --reset-target (the replay buffer is kept)"""
+    reset_target: Literal["q-head", "q", "qv-head", "qv", "actor", "all"] = "q-head"
+    """what --reset-at re-initialises (PyTorch default init, as at the start); the reset parameters also
+    lose their Adam state, every other parameter keeps it"""
+    shrink_perturb_at: List[int] = field(default_factory=list)
+    """global step(s) at which to shrink-and-perturb --shrink-perturb-target: theta <- S*theta + P*eps"""
+    shrink_perturb_target: Literal["q-head", "q", "qv-head", "qv", "actor", "all"] = "q"
+    """what --shrink-perturb-at changes (Adam state is kept)"""
+    sp_shrink: float = 1.0
+    """shrink factor S of shrink-and-perturb"""
+    sp_perturb: float = 0.01
+    """perturbation factor P of shrink-and-perturb (eps: a fresh default initialisation)"""
+    l2_schedule: Literal["none", "constant", "incremental", "periodic"] = "none"
+    """L2 penalty lambda * sum(w^2) over the twin Q networks' trainable weight matrices, added to the Q loss
+    (`losses/q_loss` includes it): constant --l2-coef, incremental --l2-start -> --l2-end over all
+    global steps, or periodic (--l2-coef on for --l2-period-on steps, off for --l2-period-off)"""
+    l2_coef: float = 1e-5
+    """L2 coefficient (constant schedule, and periodic while on)"""
+    l2_start: float = 0.0
+    """incremental L2: coefficient at global step 0"""
+    l2_end: float = 1e-4
+    """incremental L2: coefficient at the last global step"""
+    l2_period_on: int = 500000
+    """periodic L2: steps with the penalty on (starting at global step 0)"""
+    l2_period_off: int = 100000
+    """periodic L2: steps with the penalty off"""
+    adaptive_inject_metric: Optional[str] = None
+    """inject into the critics (as --inject-at does, --inject-target honoured) when this plasticity key of
+    critic q1 (e.g. plasticity/erank_features_mean) crosses --adaptive-inject-threshold"""
+    adaptive_inject_threshold: Optional[float] = None
+    """threshold of the adaptive injection trigger (setting it turns the trigger on; needs --metrics-every)"""
+    adaptive_inject_direction: Literal["below", "above"] = "below"
+    """fire when the metric is below / above the threshold"""
+    adaptive_inject_min_gap: int = 0
+    """at least this many global steps between two adaptive injections"""
+    adaptive_inject_max_count: int = 1
+    """at most this many adaptive injections"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,23 +345,12 @@ def draw_trajectory(env: PointmassEnv, traj: np.ndarray, path: str, title: str =
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-_ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh}
-
-
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: Optional[int], layer_norm: bool = False,
         activation: str = "relu") -> nn.Sequential:
-    """Linear (+ LayerNorm) + activation per hidden size, then a Linear to out_dim (None: no output layer)."""
-    layers: List[nn.Module] = []
-    d = in_dim
-    for h in hidden:
-        layers.append(nn.Linear(d, h))
-        if layer_norm:
-            layers.append(nn.LayerNorm(h))
-        layers.append(_ACTIVATIONS[activation]())
-        d = h
-    if out_dim is not None:
-        layers.append(nn.Linear(d, out_dim))
-    return nn.Sequential(*layers)
+    """Linear (+ LayerNorm) + activation per hidden size, then a Linear to out_dim (None: no output layer).
+    Built by the interventions block's `build_mlp` (default PyTorch init; `--layer-norm`: nn.LayerNorm;
+    `--activation leaky_relu`: nn.LeakyReLU(0.01))."""
+    return build_mlp(in_dim, hidden, out_dim, layer_norm=layer_norm, activation=activation)
 
 
 class SplitNet(nn.Module):
@@ -1567,8 +1602,20 @@ def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     return (weight * diff.pow(2)).mean()
 
 
+# --reset-target / --shrink-perturb-target -> (network attribute, sub-module paths) of IQLAgent
+INTERVENTION_PATHS = {
+    "q-head": (("qf", ("q1.head", "q2.head")),),
+    "q": (("qf", ("q1", "q2")),),
+    "qv-head": (("qf", ("q1.head", "q2.head")), ("vf", ("head",))),
+    "qv": (("qf", ("q1", "q2")), ("vf", ("",))),
+    "actor": (("actor", ("",)),),
+    "all": (("qf", ("q1", "q2")), ("vf", ("",)), ("actor", ("",))),
+}
+
+
 class IQLAgent:
-    """Twin Q (+ soft targets), V and a softmax actor, their optimizers, the IQL update and injection."""
+    """Twin Q (+ soft targets), V and a softmax actor, their optimizers, the IQL update, injection,
+    resets and shrink-and-perturb."""
 
     def __init__(self, args: Args, device: torch.device, obs_dim: int = 2, n_actions: int = 5):
         self.args, self.device, self.n_actions = args, device, n_actions
@@ -1586,8 +1633,9 @@ class IQLAgent:
         self.a_opt = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=fused)
         self.optimizers = [self.q_opt, self.v_opt, self.a_opt]
 
-    def update(self, batch) -> Dict[str, torch.Tensor]:
+    def update(self, batch, l2: float = 0.0) -> Dict[str, torch.Tensor]:
         """One IQL gradient step on (obs, actions, rewards, next_obs, terminals); returns detached stats.
+        l2 > 0 adds l2 * l2_penalty(twin Q) (`--l2-schedule`) to the Q loss (and to `losses/q_loss`).
 
         The three losses touch disjoint parameters (targets are computed without gradient), so one
         backward pass on their sum gives each network exactly its own gradient; each keeps its optimizer.
@@ -1608,6 +1656,8 @@ class IQLAgent:
         q1, q2 = self.qf(o)
         q1a, q2a = q1.gather(1, a[:, None]).squeeze(1), q2.gather(1, a[:, None]).squeeze(1)
         q_loss = F.mse_loss(q1a, q_target) + F.mse_loss(q2a, q_target)
+        if l2 > 0:
+            q_loss = q_loss + l2 * l2_penalty(self.qf)
         # actor: advantage-weighted regression, weights exp(beta A) clipped
         adv = q_t - v.detach()
         weights = torch.exp(args.beta * adv).clamp(max=args.max_weight)
@@ -1639,6 +1689,39 @@ class IQLAgent:
             vlog = apply_injection(self.vf, ["head"], probe, optimizers=[self.v_opt], **kw)
             log.update({k.replace("injection/", "injection/v_"): v for k, v in vlog.items()})
         return log
+
+    def _intervention_parts(self, target: str):
+        """(network, paths, optimizer, target networks) for each network that `target` names."""
+        parts = []
+        for attr, paths in INTERVENTION_PATHS[target]:
+            opt = {"qf": self.q_opt, "vf": self.v_opt, "actor": self.a_opt}[attr]
+            parts.append((getattr(self, attr), list(paths), opt, [self.qf_target] if attr == "qf" else []))
+        return parts
+
+    def reset(self, target: str) -> Dict[str, float]:
+        """Re-initialise `target` (a --reset-target choice) with PyTorch's default init; the target
+        critics get the same values; the reset parameters lose their Adam state. On injected heads only
+        the trainable terms are reset. Returns the values to log."""
+        count = 0.0
+        for net, paths, opt, targets in self._intervention_parts(target):
+            count += reset_modules(net, paths, optimizers=[opt], targets=targets)["interventions/reset_params"]
+        return {"interventions/reset_params": count}
+
+    def shrink_perturb(self, target: str, shrink: float, perturb: float) -> Dict[str, float]:
+        """theta <- shrink * theta + perturb * eps on `target` (a --shrink-perturb-target choice), the target
+        critics with the same eps; Adam state is kept. Returns the values to log (relative change over
+        all touched parameters)."""
+        count, sq_change, sq_norm = 0.0, 0.0, 0.0
+        for net, paths, _, targets in self._intervention_parts(target):
+            touched = {id(p): p for path in paths for p in net.get_submodule(path).parameters() if p.requires_grad}
+            before = {k: p.detach().clone() for k, p in touched.items()}
+            log = shrink_perturb(net, paths, shrink, perturb, targets=targets)
+            count += log["interventions/shrink_perturb_params"]
+            for k, p in touched.items():
+                sq_change += float((p.detach() - before[k]).double().pow(2).sum())
+                sq_norm += float(before[k].double().pow(2).sum())
+        return {"interventions/shrink_perturb_params": count,
+                "interventions/shrink_perturb_rel_change": (sq_change / sq_norm) ** 0.5 if sq_norm > 0 else 0.0}
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, rng: np.random.Generator, mode: str = "greedy", epsilon: float = 0.0) -> int:
@@ -1695,7 +1778,12 @@ def validate_args(args: Args) -> int:
     if not args.beta >= 0 or not args.max_weight > 0:
         raise UserError(f"--beta {args.beta} must be >= 0 and --max-weight {args.max_weight} > 0")
     args.inject_at = check_steps("--inject-at", args.inject_at, total)
-    check_intervention_args(args, total)
+    keys = None
+    if args.adaptive_inject_threshold is not None:  # the keys measure_plasticity gives for critic q1
+        with torch.random.fork_rng():
+            keys = plasticity_keys(SplitNet(2, 5, args.hidden_sizes, args.critic_encoder_layers, args.layer_norm,
+                                            args.activation))
+    check_intervention_args(args, total, keys)
     return total
 
 
@@ -1746,6 +1834,10 @@ def train(args: Args) -> Dict[str, float]:
     rb = ReplayBuffer(data, args.online_steps, device)
     probe = rb.sample(min(256, rb.size), np.random.default_rng(args.seed + 12345))[0]  # fixed probe batch
     inject_steps = set(args.inject_at)
+    reset_steps, sp_steps = set(args.reset_at), set(args.shrink_perturb_at)
+    trigger = AdaptiveTrigger.from_args(args)  # None unless --adaptive-inject-threshold
+    injections: List[dict] = []
+    interventions: List[dict] = []
     metrics_probe = None
     if args.metrics_every > 0:  # own RNG: the training streams are the same with or without metrics
         metrics_probe = rb.sample(args.metrics_batch_size, np.random.default_rng(args.seed + 54321))
@@ -1767,19 +1859,42 @@ def train(args: Args) -> Dict[str, float]:
         final.update({"eval/episodic_return": float(rets.mean()), "eval/success_rate": float(succ.mean()),
                       "eval/episodic_length": float(lens.mean()), "global_step": float(step)})
 
+    def do_inject(step: int, reason: Optional[str] = None) -> None:
+        log = agent.inject(probe)
+        log["injection/adaptive"] = float(reason is not None)
+        injections.append({"global_step": step, **log})
+        for k, v in log.items():
+            writer.add_scalar(k, v, step)
+        if reason is not None:
+            writer.add_text("injection/adaptive_reason", reason, step)
+        print(f"global_step={step}, injected plasticity into {args.inject_target}"
+              f"{' (adaptive: ' + reason + ')' if reason else ''}: "
+              f"output change {log['injection/output_change']:.3g}, trainable {int(log['injection/trainable_params'])}")
+
+    def log_intervention(step: int, kind: str, target: str, log: Dict[str, float]) -> None:
+        interventions.append({"global_step": step, "kind": kind, "target": target, **log})
+        for k, v in log.items():
+            writer.add_scalar(k, v, step)
+        print(f"global_step={step}, {kind} of {target}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
+
     start_time = time.time()
     for global_step in range(total):
         online = global_step >= args.offline_steps
         if global_step in inject_steps:
-            log = agent.inject(probe)
-            for k, v in log.items():
-                writer.add_scalar(k, v, global_step)
-            print(f"global_step={global_step}, injected plasticity into {args.inject_target}: "
-                  f"output change {log['injection/output_change']:.3g}, trainable {int(log['injection/trainable_params'])}")
+            do_inject(global_step)
+        if global_step in reset_steps:
+            log_intervention(global_step, "reset", args.reset_target, agent.reset(args.reset_target))
+        if global_step in sp_steps:
+            log_intervention(global_step, "shrink_perturb", args.shrink_perturb_target,
+                             agent.shrink_perturb(args.shrink_perturb_target, args.sp_shrink, args.sp_perturb))
 
         if metrics_probe is not None and global_step % args.metrics_every == 0:
-            for k, v in agent.plasticity_metrics(metrics_probe, args.dormant_tau).items():
+            metrics = agent.plasticity_metrics(metrics_probe, args.dormant_tau)
+            for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
+            reason = trigger.check(global_step, metrics) if trigger is not None else None
+            if reason:
+                do_inject(global_step, reason)
 
         if online:  # one environment step with the current policy
             action = agent.act(obs, rng, args.online_exploration, args.online_epsilon)
@@ -1796,7 +1911,8 @@ def train(args: Args) -> Dict[str, float]:
                 obs, _ = env.reset()
                 ep_ret, ep_len = 0.0, 0
 
-        stats = agent.update(rb.sample(args.batch_size, rng))
+        lam = l2_coef_from_args(args, global_step, total)
+        stats = agent.update(rb.sample(args.batch_size, rng), l2=lam)
         losses = torch.stack([stats["losses/q_loss"], stats["losses/v_loss"], stats["losses/actor_loss"]])
         if not bool(torch.isfinite(losses).all()):  # one check per step; names the loss at fault
             for name in ("losses/q_loss", "losses/v_loss", "losses/actor_loss"):
@@ -1805,6 +1921,8 @@ def train(args: Args) -> Dict[str, float]:
             for k, v in stats.items():
                 writer.add_scalar(k, v.item(), global_step)
             writer.add_scalar("charts/learning_rate", agent.q_opt.param_groups[0]["lr"], global_step)
+            if args.l2_schedule != "none":
+                writer.add_scalar("losses/l2_coef", lam, global_step)
             sps = int((global_step + 1) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/online", float(online), global_step)
@@ -1820,13 +1938,17 @@ def train(args: Args) -> Dict[str, float]:
     final["charts/SPS"] = float(total / (time.time() - start_time))
     final["train_time_s"] = float(time.time() - start_time)
     final["online_episodic_return_last20"] = float(np.mean(recent)) if recent else float("nan")
-    final["injection/count"] = float(len(args.inject_at))
+    final["injection/count"] = float(len(injections))
+    final["injection/adaptive_count"] = float(len(trigger.fired)) if trigger is not None else 0.0
+    final["injections"] = injections
+    final["interventions"] = interventions
     final.update({k: float(v) for k, v in stats.items()})
     final["dataset_goal_transitions"] = float(data["terminals"].sum())
     final["run_dir"] = run_dir
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        atomic_save({"model": agent.state_dict(), "args": vars(args), "global_step": total}, model_path)
+        atomic_save({"model": agent.state_dict(), "args": vars(args), "global_step": total,
+                     "adaptive_trigger": trigger.state_dict() if trigger is not None else None}, model_path)
         print(f"model saved to {model_path}")
         final["model_path"] = model_path
     writer.close()

@@ -113,8 +113,8 @@ def test_bad_settings_are_rejected_before_anything_is_written(tmp_cwd, kw, words
 def test_non_finite_loss_stops_with_a_clear_message(tmp_cwd, monkeypatch):
     real = m.IQLAgent.update
 
-    def poisoned(self, batch):
-        stats = real(self, batch)
+    def poisoned(self, batch, **kw):
+        stats = real(self, batch, **kw)
         stats["losses/v_loss"] = torch.tensor(float("nan"))
         return stats
 
