@@ -1821,137 +1821,139 @@ def train(args: Args) -> Dict[str, float]:
                    config=vars(args), name=run_name, save_code=True)
     run_dir = os.path.join("runs", run_name)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    writer.add_text("dataset", f"{data_path}: {len(data['actions'])} transitions, "
-                               f"{int(data['terminals'].sum())} goal-reaching")
+    try:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text("dataset", f"{data_path}: {len(data['actions'])} transitions, "
+                                   f"{int(data['terminals'].sum())} goal-reaching")
 
-    seed_everything(args.seed, args.torch_deterministic)
-    device = pick_device(args.cuda)
-    rng = np.random.default_rng(args.seed)
+        seed_everything(args.seed, args.torch_deterministic)
+        device = pick_device(args.cuda)
+        rng = np.random.default_rng(args.seed)
 
-    agent = IQLAgent(args, device)
+        agent = IQLAgent(args, device)
 
-    rb = ReplayBuffer(data, args.online_steps, device)
-    probe = rb.sample(min(256, rb.size), np.random.default_rng(args.seed + 12345))[0]  # fixed probe batch
-    inject_steps = set(args.inject_at)
-    reset_steps, sp_steps = set(args.reset_at), set(args.shrink_perturb_at)
-    trigger = AdaptiveTrigger.from_args(args)  # None unless --adaptive-inject-threshold
-    injections: List[dict] = []
-    interventions: List[dict] = []
-    metrics_probe = None
-    if args.metrics_every > 0:  # own RNG: the training streams are the same with or without metrics
-        metrics_probe = rb.sample(args.metrics_batch_size, np.random.default_rng(args.seed + 54321))
-    env = PointmassEnv(args.env_id)
-    obs, _ = env.reset(seed=args.seed)
-    ep_ret, ep_len = 0.0, 0
-    recent: deque = deque(maxlen=20)
-    final: Dict[str, float] = {}
-    last_eval_step = -1
+        rb = ReplayBuffer(data, args.online_steps, device)
+        probe = rb.sample(min(256, rb.size), np.random.default_rng(args.seed + 12345))[0]  # fixed probe batch
+        inject_steps = set(args.inject_at)
+        reset_steps, sp_steps = set(args.reset_at), set(args.shrink_perturb_at)
+        trigger = AdaptiveTrigger.from_args(args)  # None unless --adaptive-inject-threshold
+        injections: List[dict] = []
+        interventions: List[dict] = []
+        metrics_probe = None
+        if args.metrics_every > 0:  # own RNG: the training streams are the same with or without metrics
+            metrics_probe = rb.sample(args.metrics_batch_size, np.random.default_rng(args.seed + 54321))
+        env = PointmassEnv(args.env_id)
+        obs, _ = env.reset(seed=args.seed)
+        ep_ret, ep_len = 0.0, 0
+        recent: deque = deque(maxlen=20)
+        final: Dict[str, float] = {}
+        last_eval_step = -1
 
-    def run_eval(step: int) -> None:
-        rets, lens, succ, traj = evaluate(agent.actor, args.env_id, args.eval_episodes, args.seed + 10_000, device)
-        writer.add_scalar("eval/episodic_return", rets.mean(), step)
-        writer.add_scalar("eval/episodic_length", lens.mean(), step)
-        writer.add_scalar("eval/success_rate", succ.mean(), step)
-        draw_trajectory(env, traj, os.path.join(run_dir, f"eval_{step:07d}.png"),
-                        f"{args.env_id} step {step}: return {rets.mean():.1f}, success {succ.mean():.2f}")
-        print(f"global_step={step}, eval/episodic_return={rets.mean():.1f}, eval/success_rate={succ.mean():.2f}")
-        final.update({"eval/episodic_return": float(rets.mean()), "eval/success_rate": float(succ.mean()),
-                      "eval/episodic_length": float(lens.mean()), "global_step": float(step)})
+        def run_eval(step: int) -> None:
+            rets, lens, succ, traj = evaluate(agent.actor, args.env_id, args.eval_episodes, args.seed + 10_000, device)
+            writer.add_scalar("eval/episodic_return", rets.mean(), step)
+            writer.add_scalar("eval/episodic_length", lens.mean(), step)
+            writer.add_scalar("eval/success_rate", succ.mean(), step)
+            draw_trajectory(env, traj, os.path.join(run_dir, f"eval_{step:07d}.png"),
+                            f"{args.env_id} step {step}: return {rets.mean():.1f}, success {succ.mean():.2f}")
+            print(f"global_step={step}, eval/episodic_return={rets.mean():.1f}, eval/success_rate={succ.mean():.2f}")
+            final.update({"eval/episodic_return": float(rets.mean()), "eval/success_rate": float(succ.mean()),
+                          "eval/episodic_length": float(lens.mean()), "global_step": float(step)})
 
-    def do_inject(step: int, reason: Optional[str] = None) -> None:
-        log = agent.inject(probe)
-        log["injection/adaptive"] = float(reason is not None)
-        injections.append({"global_step": step, **log})
-        for k, v in log.items():
-            writer.add_scalar(k, v, step)
-        if reason is not None:
-            writer.add_text("injection/adaptive_reason", reason, step)
-        print(f"global_step={step}, injected plasticity into {args.inject_target}"
-              f"{' (adaptive: ' + reason + ')' if reason else ''}: "
-              f"output change {log['injection/output_change']:.3g}, trainable {int(log['injection/trainable_params'])}")
+        def do_inject(step: int, reason: Optional[str] = None) -> None:
+            log = agent.inject(probe)
+            log["injection/adaptive"] = float(reason is not None)
+            injections.append({"global_step": step, **log})
+            for k, v in log.items():
+                writer.add_scalar(k, v, step)
+            if reason is not None:
+                writer.add_text("injection/adaptive_reason", reason, step)
+            print(f"global_step={step}, injected plasticity into {args.inject_target}"
+                  f"{' (adaptive: ' + reason + ')' if reason else ''}: "
+                  f"output change {log['injection/output_change']:.3g}, trainable {int(log['injection/trainable_params'])}")
 
-    def log_intervention(step: int, kind: str, target: str, log: Dict[str, float]) -> None:
-        interventions.append({"global_step": step, "kind": kind, "target": target, **log})
-        for k, v in log.items():
-            writer.add_scalar(k, v, step)
-        print(f"global_step={step}, {kind} of {target}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
+        def log_intervention(step: int, kind: str, target: str, log: Dict[str, float]) -> None:
+            interventions.append({"global_step": step, "kind": kind, "target": target, **log})
+            for k, v in log.items():
+                writer.add_scalar(k, v, step)
+            print(f"global_step={step}, {kind} of {target}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
 
-    start_time = time.time()
-    for global_step in range(total):
-        online = global_step >= args.offline_steps
-        if global_step in inject_steps:
-            do_inject(global_step)
-        if global_step in reset_steps:
-            log_intervention(global_step, "reset", args.reset_target, agent.reset(args.reset_target))
-        if global_step in sp_steps:
-            log_intervention(global_step, "shrink_perturb", args.shrink_perturb_target,
-                             agent.shrink_perturb(args.shrink_perturb_target, args.sp_shrink, args.sp_perturb))
+        start_time = time.time()
+        for global_step in range(total):
+            online = global_step >= args.offline_steps
+            if global_step in inject_steps:
+                do_inject(global_step)
+            if global_step in reset_steps:
+                log_intervention(global_step, "reset", args.reset_target, agent.reset(args.reset_target))
+            if global_step in sp_steps:
+                log_intervention(global_step, "shrink_perturb", args.shrink_perturb_target,
+                                 agent.shrink_perturb(args.shrink_perturb_target, args.sp_shrink, args.sp_perturb))
 
-        if metrics_probe is not None and global_step % args.metrics_every == 0:
-            metrics = agent.plasticity_metrics(metrics_probe, args.dormant_tau)
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, global_step)
-            reason = trigger.check(global_step, metrics) if trigger is not None else None
-            if reason:
-                do_inject(global_step, reason)
+            if metrics_probe is not None and global_step % args.metrics_every == 0:
+                metrics = agent.plasticity_metrics(metrics_probe, args.dormant_tau)
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, global_step)
+                reason = trigger.check(global_step, metrics) if trigger is not None else None
+                if reason:
+                    do_inject(global_step, reason)
 
-        if online:  # one environment step with the current policy
-            action = agent.act(obs, rng, args.online_exploration, args.online_epsilon)
-            next_obs, reward, term, trunc, info = env.step(action)
-            rb.add(obs, action, reward, next_obs, term)
-            ep_ret += reward
-            ep_len += 1
-            obs = next_obs
-            if term or trunc:
-                writer.add_scalar("charts/episodic_return", ep_ret, global_step)
-                writer.add_scalar("charts/episodic_length", ep_len, global_step)
-                writer.add_scalar("charts/success", float(info["success"]), global_step)
-                recent.append(ep_ret)
-                obs, _ = env.reset()
-                ep_ret, ep_len = 0.0, 0
+            if online:  # one environment step with the current policy
+                action = agent.act(obs, rng, args.online_exploration, args.online_epsilon)
+                next_obs, reward, term, trunc, info = env.step(action)
+                rb.add(obs, action, reward, next_obs, term)
+                ep_ret += reward
+                ep_len += 1
+                obs = next_obs
+                if term or trunc:
+                    writer.add_scalar("charts/episodic_return", ep_ret, global_step)
+                    writer.add_scalar("charts/episodic_length", ep_len, global_step)
+                    writer.add_scalar("charts/success", float(info["success"]), global_step)
+                    recent.append(ep_ret)
+                    obs, _ = env.reset()
+                    ep_ret, ep_len = 0.0, 0
 
-        lam = l2_coef_from_args(args, global_step, total)
-        stats = agent.update(rb.sample(args.batch_size, rng), l2=lam)
-        losses = torch.stack([stats["losses/q_loss"], stats["losses/v_loss"], stats["losses/actor_loss"]])
-        if not bool(torch.isfinite(losses).all()):  # one check per step; names the loss at fault
-            for name in ("losses/q_loss", "losses/v_loss", "losses/actor_loss"):
-                check_finite(stats[name], name, global_step)
-        if global_step % args.log_every == 0 or global_step == total - 1:
-            for k, v in stats.items():
-                writer.add_scalar(k, v.item(), global_step)
-            writer.add_scalar("charts/learning_rate", agent.q_opt.param_groups[0]["lr"], global_step)
-            if args.l2_schedule != "none":
-                writer.add_scalar("losses/l2_coef", lam, global_step)
-            sps = int((global_step + 1) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("charts/online", float(online), global_step)
-            if recent and global_step % (10 * args.log_every) == 0:
-                print(f"global_step={global_step}, SPS={sps}, charts/episodic_return(last {len(recent)})={np.mean(recent):.1f}")
+            lam = l2_coef_from_args(args, global_step, total)
+            stats = agent.update(rb.sample(args.batch_size, rng), l2=lam)
+            losses = torch.stack([stats["losses/q_loss"], stats["losses/v_loss"], stats["losses/actor_loss"]])
+            if not bool(torch.isfinite(losses).all()):  # one check per step; names the loss at fault
+                for name in ("losses/q_loss", "losses/v_loss", "losses/actor_loss"):
+                    check_finite(stats[name], name, global_step)
+            if global_step % args.log_every == 0 or global_step == total - 1:
+                for k, v in stats.items():
+                    writer.add_scalar(k, v.item(), global_step)
+                writer.add_scalar("charts/learning_rate", agent.q_opt.param_groups[0]["lr"], global_step)
+                if args.l2_schedule != "none":
+                    writer.add_scalar("losses/l2_coef", lam, global_step)
+                sps = int((global_step + 1) / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("charts/online", float(online), global_step)
+                if recent and global_step % (10 * args.log_every) == 0:
+                    print(f"global_step={global_step}, SPS={sps}, charts/episodic_return(last {len(recent)})={np.mean(recent):.1f}")
 
-        if (global_step + 1) % args.eval_every == 0:
-            run_eval(global_step + 1)
-            last_eval_step = global_step + 1
-    if last_eval_step != total:
-        run_eval(total)
+            if (global_step + 1) % args.eval_every == 0:
+                run_eval(global_step + 1)
+                last_eval_step = global_step + 1
+        if last_eval_step != total:
+            run_eval(total)
 
-    final["charts/SPS"] = float(total / (time.time() - start_time))
-    final["train_time_s"] = float(time.time() - start_time)
-    final["online_episodic_return_last20"] = float(np.mean(recent)) if recent else float("nan")
-    final["injection/count"] = float(len(injections))
-    final["injection/adaptive_count"] = float(len(trigger.fired)) if trigger is not None else 0.0
-    final["injections"] = injections
-    final["interventions"] = interventions
-    final.update({k: float(v) for k, v in stats.items()})
-    final["dataset_goal_transitions"] = float(data["terminals"].sum())
-    final["run_dir"] = run_dir
-    if args.save_model:
-        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        atomic_save({"model": agent.state_dict(), "args": vars(args), "global_step": total,
-                     "adaptive_trigger": trigger.state_dict() if trigger is not None else None}, model_path)
-        print(f"model saved to {model_path}")
-        final["model_path"] = model_path
-    writer.close()
+        final["charts/SPS"] = float(total / (time.time() - start_time))
+        final["train_time_s"] = float(time.time() - start_time)
+        final["online_episodic_return_last20"] = float(np.mean(recent)) if recent else float("nan")
+        final["injection/count"] = float(len(injections))
+        final["injection/adaptive_count"] = float(len(trigger.fired)) if trigger is not None else 0.0
+        final["injections"] = injections
+        final["interventions"] = interventions
+        final.update({k: float(v) for k, v in stats.items()})
+        final["dataset_goal_transitions"] = float(data["terminals"].sum())
+        final["run_dir"] = run_dir
+        if args.save_model:
+            model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+            atomic_save({"model": agent.state_dict(), "args": vars(args), "global_step": total,
+                         "adaptive_trigger": trigger.state_dict() if trigger is not None else None}, model_path)
+            print(f"model saved to {model_path}")
+            final["model_path"] = model_path
+    finally:
+        writer.close()  # flush the logs even when the run stops early (e.g. a non-finite loss)
     if args.track:
         import wandb
 

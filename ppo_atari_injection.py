@@ -1922,150 +1922,152 @@ def train(args: Args) -> dict:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    try:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
-    seed_everything(args.seed, args.torch_deterministic)
-    device = pick_device(args.cuda)
-    envs = AtariEnvs(args.env_id, args.num_envs, args.seed, args.noop_max, args.max_episode_frames, args.env_threads)
-    agent, optimizer = exit_on_user_error(build_agent, args, envs.n_actions, device, setup["zip_info"])
-    inject_plan = setup["inject_plan"]
-    trigger = AdaptiveTrigger.from_args(args)
-    adaptive_reason = None  # set when the trigger fires: inject at the next rollout boundary
+        seed_everything(args.seed, args.torch_deterministic)
+        device = pick_device(args.cuda)
+        envs = AtariEnvs(args.env_id, args.num_envs, args.seed, args.noop_max, args.max_episode_frames, args.env_threads)
+        agent, optimizer = exit_on_user_error(build_agent, args, envs.n_actions, device, setup["zip_info"])
+        inject_plan = setup["inject_plan"]
+        trigger = AdaptiveTrigger.from_args(args)
+        adaptive_reason = None  # set when the trigger fires: inject at the next rollout boundary
 
-    buf = RolloutBuffer(args.num_steps, args.num_envs, envs.observation_shape, device)
-    global_step = 0
-    start_time = time.time()
-    next_obs_np, next_valid_np = envs.reset()
-    next_obs = torch.as_tensor(next_obs_np, device=device)
-    next_valid = torch.as_tensor(next_valid_np, device=device)
-    summary = {"games": [], "injections": [], "interventions": [], "evals": [], "losses": {}, "timing": []}
-    next_eval = args.eval_every if args.eval_every > 0 else None
-    next_metrics = args.metrics_every if args.metrics_every > 0 else None
-    probe = None
-    video_frames, games_env0, recording = [], 0, args.capture_video
+        buf = RolloutBuffer(args.num_steps, args.num_envs, envs.observation_shape, device)
+        global_step = 0
+        start_time = time.time()
+        next_obs_np, next_valid_np = envs.reset()
+        next_obs = torch.as_tensor(next_obs_np, device=device)
+        next_valid = torch.as_tensor(next_valid_np, device=device)
+        summary = {"games": [], "injections": [], "interventions": [], "evals": [], "losses": {}, "timing": []}
+        next_eval = args.eval_every if args.eval_every > 0 else None
+        next_metrics = args.metrics_every if args.metrics_every > 0 else None
+        probe = None
+        video_frames, games_env0, recording = [], 0, args.capture_video
 
-    for iteration in range(1, args.num_iterations + 1):
-        # --- injection at the rollout boundary -------------------------------------------------
-        if iteration in inject_plan or adaptive_reason is not None:
-            log = do_injection(agent, optimizer, args, next_obs)
-            if iteration in inject_plan:
-                log["injection/requested_step"] = float(inject_plan[iteration])
-            if adaptive_reason is not None:
-                log["injection/adaptive"] = 1.0
-                print(f"global_step={global_step}, adaptive injection: {adaptive_reason}")
-                adaptive_reason = None
-            for k, v in log.items():
-                writer.add_scalar(k, v, global_step)
-            summary["injections"].append(dict(log, global_step=global_step))
-            print(f"global_step={global_step}, injected into {args.inject_target}: " +
-                  ", ".join(f"{k.split('/')[1]}={v:g}" for k, v in log.items()))
-        if iteration in setup["resets"]:
-            log = reset_modules(agent, injection_paths(agent, args.reset_target), optimizers=[optimizer],
-                                make_fresh=fresh_factories(agent, args.reset_target))
-            log_intervention(writer, summary, "reset", args.reset_target, log, global_step)
-        if iteration in setup["shrink_perturbs"]:
-            log = shrink_perturb(agent, injection_paths(agent, args.shrink_perturb_target), args.sp_shrink,
-                                 args.sp_perturb, make_fresh=fresh_factories(agent, args.shrink_perturb_target))
-            log_intervention(writer, summary, "shrink_perturb", args.shrink_perturb_target, log, global_step)
-        cache_paths = cacheable_paths(agent, args.inject_target) if args.inject_cache_frozen else []
-        buf.frozen = {}
+        for iteration in range(1, args.num_iterations + 1):
+            # --- injection at the rollout boundary -------------------------------------------------
+            if iteration in inject_plan or adaptive_reason is not None:
+                log = do_injection(agent, optimizer, args, next_obs)
+                if iteration in inject_plan:
+                    log["injection/requested_step"] = float(inject_plan[iteration])
+                if adaptive_reason is not None:
+                    log["injection/adaptive"] = 1.0
+                    print(f"global_step={global_step}, adaptive injection: {adaptive_reason}")
+                    adaptive_reason = None
+                for k, v in log.items():
+                    writer.add_scalar(k, v, global_step)
+                summary["injections"].append(dict(log, global_step=global_step))
+                print(f"global_step={global_step}, injected into {args.inject_target}: " +
+                      ", ".join(f"{k.split('/')[1]}={v:g}" for k, v in log.items()))
+            if iteration in setup["resets"]:
+                log = reset_modules(agent, injection_paths(agent, args.reset_target), optimizers=[optimizer],
+                                    make_fresh=fresh_factories(agent, args.reset_target))
+                log_intervention(writer, summary, "reset", args.reset_target, log, global_step)
+            if iteration in setup["shrink_perturbs"]:
+                log = shrink_perturb(agent, injection_paths(agent, args.shrink_perturb_target), args.sp_shrink,
+                                     args.sp_perturb, make_fresh=fresh_factories(agent, args.shrink_perturb_target))
+                log_intervention(writer, summary, "shrink_perturb", args.shrink_perturb_target, log, global_step)
+            cache_paths = cacheable_paths(agent, args.inject_target) if args.inject_cache_frozen else []
+            buf.frozen = {}
 
-        if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            if args.anneal_lr:
+                frac = 1.0 - (iteration - 1.0) / args.num_iterations
+                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-        # --- rollout ---------------------------------------------------------------------------
-        rollout_start = time.time()
-        for step in range(args.num_steps):
-            global_step += args.num_envs
-            buf.obs[step] = next_obs
-            buf.valid[step] = next_valid
+            # --- rollout ---------------------------------------------------------------------------
+            rollout_start = time.time()
+            for step in range(args.num_steps):
+                global_step += args.num_envs
+                buf.obs[step] = next_obs
+                buf.valid[step] = next_valid
+                with torch.no_grad():
+                    frozen = agent.frozen_outputs(next_obs, cache_paths)
+                    action, logprob, _, value = agent.get_action_and_value(next_obs, frozen=frozen)
+                    buf.values[step] = value.flatten()
+                    buf.store_frozen(step, frozen)
+                buf.actions[step] = action
+                buf.logprobs[step] = logprob
+                next_obs_np, reward, terminated, truncated, next_valid_np, info = envs.step(action.cpu().numpy())
+                buf.rewards[step] = torch.as_tensor(reward, device=device)
+                buf.terminated[step] = torch.as_tensor(terminated, device=device, dtype=torch.float32)
+                next_obs = torch.as_tensor(next_obs_np, device=device)
+                next_valid = torch.as_tensor(next_valid_np, device=device)
+                if recording:
+                    video_frames.append(next_obs_np[0, -1].copy())
+                for env_i, score, length in info["games"]:
+                    print(f"global_step={global_step}, episodic_return={score}")
+                    writer.add_scalar("charts/episodic_return", score, global_step)
+                    writer.add_scalar("charts/episodic_length", length, global_step)
+                    summary["games"].append((global_step, score))
+                    if env_i == 0 and args.capture_video:
+                        if recording and video_frames:
+                            save_video(video_frames, f"videos/{run_name}/game-{games_env0}.mp4")
+                        games_env0 += 1
+                        video_frames, recording = [], video_trigger(games_env0)
+            rollout_time = time.time() - rollout_start
+
+            # --- advantages and update -------------------------------------------------------------
             with torch.no_grad():
-                frozen = agent.frozen_outputs(next_obs, cache_paths)
-                action, logprob, _, value = agent.get_action_and_value(next_obs, frozen=frozen)
-                buf.values[step] = value.flatten()
-                buf.store_frozen(step, frozen)
-            buf.actions[step] = action
-            buf.logprobs[step] = logprob
-            next_obs_np, reward, terminated, truncated, next_valid_np, info = envs.step(action.cpu().numpy())
-            buf.rewards[step] = torch.as_tensor(reward, device=device)
-            buf.terminated[step] = torch.as_tensor(terminated, device=device, dtype=torch.float32)
-            next_obs = torch.as_tensor(next_obs_np, device=device)
-            next_valid = torch.as_tensor(next_valid_np, device=device)
-            if recording:
-                video_frames.append(next_obs_np[0, -1].copy())
-            for env_i, score, length in info["games"]:
-                print(f"global_step={global_step}, episodic_return={score}")
-                writer.add_scalar("charts/episodic_return", score, global_step)
-                writer.add_scalar("charts/episodic_length", length, global_step)
-                summary["games"].append((global_step, score))
-                if env_i == 0 and args.capture_video:
-                    if recording and video_frames:
-                        save_video(video_frames, f"videos/{run_name}/game-{games_env0}.mp4")
-                    games_env0 += 1
-                    video_frames, recording = [], video_trigger(games_env0)
-        rollout_time = time.time() - rollout_start
+                next_value = agent.get_value(next_obs).reshape(-1)
+                advantages, returns = compute_gae(buf.rewards, buf.values, buf.terminated, buf.valid, next_value,
+                                                  next_valid, args.gamma, args.gae_lambda)
+            batch, frozen = flatten_rollout(buf, advantages, returns, use_cache=bool(cache_paths))
+            l2 = l2_coef_from_args(args, global_step, args.total_timesteps)
+            update_start = time.time()
+            stats = ppo_update(agent, optimizer, batch, args, frozen=frozen, global_step=global_step, l2=l2)
+            if args.l2_schedule != "none":
+                writer.add_scalar("losses/l2_coef", l2, global_step)
+            update_time = time.time() - update_start
 
-        # --- advantages and update -------------------------------------------------------------
-        with torch.no_grad():
-            next_value = agent.get_value(next_obs).reshape(-1)
-            advantages, returns = compute_gae(buf.rewards, buf.values, buf.terminated, buf.valid, next_value,
-                                              next_valid, args.gamma, args.gae_lambda)
-        batch, frozen = flatten_rollout(buf, advantages, returns, use_cache=bool(cache_paths))
-        l2 = l2_coef_from_args(args, global_step, args.total_timesteps)
-        update_start = time.time()
-        stats = ppo_update(agent, optimizer, batch, args, frozen=frozen, global_step=global_step, l2=l2)
-        if args.l2_schedule != "none":
-            writer.add_scalar("losses/l2_coef", l2, global_step)
-        update_time = time.time() - update_start
-
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        for k, v in stats.items():
-            writer.add_scalar(k, v, global_step)
-        sps = int(global_step / (time.time() - start_time))
-        print("SPS:", sps)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/rollout_time", rollout_time, global_step)
-        writer.add_scalar("charts/update_time", update_time, global_step)
-        writer.add_scalar("charts/valid_fraction", float(buf.valid.float().mean()), global_step)
-        summary["losses"] = stats
-        summary["timing"].append({"rollout": rollout_time, "update": update_time,
-                                  "iteration": time.time() - rollout_start, "samples": int(batch["obs"].shape[0])})
-
-        # --- plasticity diagnostics on a fixed probe batch -------------------------------------
-        if next_metrics is not None and global_step >= next_metrics and batch["obs"].shape[0] > 0:
-            if probe is None:
-                probe = draw_probe(batch, args.metrics_batch_size, args.seed)
-            metrics = measure_plasticity(agent, probe["obs"], loss_fn=lambda m: ppo_loss(m, probe, args)[0],
-                                         tau=args.dormant_tau, forward=agent_output)
-            for k, v in metrics.items():
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            for k, v in stats.items():
                 writer.add_scalar(k, v, global_step)
-            summary["metrics"] = metrics
-            if trigger is not None and iteration < args.num_iterations:
-                adaptive_reason = trigger.check(global_step, metrics)
-            while next_metrics <= global_step:
-                next_metrics += args.metrics_every
+            sps = int(global_step / (time.time() - start_time))
+            print("SPS:", sps)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/rollout_time", rollout_time, global_step)
+            writer.add_scalar("charts/update_time", update_time, global_step)
+            writer.add_scalar("charts/valid_fraction", float(buf.valid.float().mean()), global_step)
+            summary["losses"] = stats
+            summary["timing"].append({"rollout": rollout_time, "update": update_time,
+                                      "iteration": time.time() - rollout_start, "samples": int(batch["obs"].shape[0])})
 
-        # --- evaluation ------------------------------------------------------------------------
-        if next_eval is not None and global_step >= next_eval:
-            scores = evaluate(agent, args, device, args.eval_episodes, args.eval_deterministic, args.seed + 10_000 + iteration)
-            writer.add_scalar("eval/episodic_return", float(np.mean(scores)), global_step)
-            summary["evals"].append((global_step, scores))
-            print(f"global_step={global_step}, eval/episodic_return={np.mean(scores):.1f} over {len(scores)} games")
-            while next_eval <= global_step:
-                next_eval += args.eval_every
+            # --- plasticity diagnostics on a fixed probe batch -------------------------------------
+            if next_metrics is not None and global_step >= next_metrics and batch["obs"].shape[0] > 0:
+                if probe is None:
+                    probe = draw_probe(batch, args.metrics_batch_size, args.seed)
+                metrics = measure_plasticity(agent, probe["obs"], loss_fn=lambda m: ppo_loss(m, probe, args)[0],
+                                             tau=args.dormant_tau, forward=agent_output)
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, global_step)
+                summary["metrics"] = metrics
+                if trigger is not None and iteration < args.num_iterations:
+                    adaptive_reason = trigger.check(global_step, metrics)
+                while next_metrics <= global_step:
+                    next_metrics += args.metrics_every
 
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        atomic_save({"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
-                     "global_step": global_step, "agent_config": agent.config(), "n_actions": agent.n_actions,
-                     "share_features_extractor": agent.share_features_extractor,
-                     "adaptive_trigger": trigger.state_dict() if trigger is not None else None}, model_path)
-        print(f"model saved to {model_path}")
-        summary["model_path"] = model_path
+            # --- evaluation ------------------------------------------------------------------------
+            if next_eval is not None and global_step >= next_eval:
+                scores = evaluate(agent, args, device, args.eval_episodes, args.eval_deterministic, args.seed + 10_000 + iteration)
+                writer.add_scalar("eval/episodic_return", float(np.mean(scores)), global_step)
+                summary["evals"].append((global_step, scores))
+                print(f"global_step={global_step}, eval/episodic_return={np.mean(scores):.1f} over {len(scores)} games")
+                while next_eval <= global_step:
+                    next_eval += args.eval_every
 
-    envs.close()
-    writer.close()
+        if args.save_model:
+            model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+            atomic_save({"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
+                         "global_step": global_step, "agent_config": agent.config(), "n_actions": agent.n_actions,
+                         "share_features_extractor": agent.share_features_extractor,
+                         "adaptive_trigger": trigger.state_dict() if trigger is not None else None}, model_path)
+            print(f"model saved to {model_path}")
+            summary["model_path"] = model_path
+
+        envs.close()
+    finally:
+        writer.close()  # flush the logs even when the run stops early (e.g. a non-finite loss)
     summary.update(global_step=global_step, run_name=run_name, agent=agent, optimizer=optimizer)
     return summary
 

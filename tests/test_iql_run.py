@@ -113,12 +113,23 @@ def test_bad_settings_are_rejected_before_anything_is_written(tmp_cwd, kw, words
 def test_non_finite_loss_stops_with_a_clear_message(tmp_cwd, monkeypatch):
     real = m.IQLAgent.update
 
+    calls = []
+
     def poisoned(self, batch, **kw):
         stats = real(self, batch, **kw)
-        stats["losses/v_loss"] = torch.tensor(float("nan"))
+        calls.append(1)
+        if len(calls) > 3:
+            stats["losses/v_loss"] = torch.tensor(float("nan"))
         return stats
 
     monkeypatch.setattr(m.IQLAgent, "update", poisoned)
-    with pytest.raises(m.UserError, match="losses/v_loss became non-finite .* at global step 0"):
+    with pytest.raises(m.UserError, match="losses/v_loss became non-finite .* at global step 3"):
         m.train(m.Args(hidden_sizes=[8], batch_size=16, dataset_kind="random", dataset_steps=100,
-                       offline_steps=5, online_steps=0, cuda=False))
+                       offline_steps=5, online_steps=0, cuda=False, log_every=1, metrics_every=0))
+    # what was logged before the failure is flushed to disk, not lost with the run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = (tmp_cwd / "runs").iterdir()
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("losses/q_loss")] == [0, 1, 2]
