@@ -1,0 +1,240 @@
+"""benchmark/sweep.py and benchmark/report.py: recipes, dry run, a real tiny sweep, failures, the report table
+(checked against values read independently from the event files), the plot and the error messages."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tyro
+
+from conftest import ROOT, load_script
+
+SWEEP = ROOT / "benchmark" / "sweep.py"
+REPORT = ROOT / "benchmark" / "report.py"
+RECIPES = ROOT / "benchmark" / "recipes"
+TINY = ("--env-id CartPole-v1 --total-timesteps 600 --learning-starts 200 --buffer-size 1000 --eval-every 300 "
+        "--eval-episodes 1 --no-cuda --metrics-every 0")
+
+
+def run(tool, *args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, str(tool), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def dry_commands(stdout):
+    lines = [ln for ln in stdout.splitlines() if ln and not ln.startswith("#")]
+    return [shlex.split(ln) for ln in lines]
+
+
+def table_rows(stdout):
+    """Markdown table -> list of {column: cell}."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, [c.strip() for c in ln.strip("|").split("|")])) for ln in lines[2:]]
+
+
+def mean_pm_std(cell):
+    m, s = cell.split(" ± ")
+    return float(m), float(s.split()[0])
+
+
+# ---------------------------------------------------------------- sweep: recipes and dry run
+
+def test_dry_run_prints_the_commands_of_a_recipe(tmp_cwd):
+    r = run(SWEEP, "--recipe", RECIPES / "dqn_cartpole_quick.toml", "--dry-run", "--jobs", 2,
+            "--common", "--total-timesteps 2000", cwd=tmp_cwd)
+    assert r.returncode == 0, r.stderr
+    cmds = dry_commands(r.stdout)
+    # seed-major order: (plain, 1), (inject_5k, 1), (plain, 2), (inject_5k, 2)
+    assert [(c[c.index("--exp-name") + 1], c[c.index("--seed") + 1]) for c in cmds] == \
+        [("plain", "1"), ("inject_5k", "1"), ("plain", "2"), ("inject_5k", "2")]
+    for c in cmds:
+        assert c[:2] == ["OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1"]
+        assert c[2] == sys.executable and c[3] == str(ROOT / "dqn_atari_injection.py")
+        assert c[4:6] == ["--env-id", "CartPole-v1"] and "--no-cuda" in c
+        # --common comes after the recipe's and the setup's flags, so tyro lets it win
+        assert c[-6:-4] == ["--total-timesteps", "2000"] and c.index("--total-timesteps") < len(c) - 6
+        assert c[-4:-2] == ["--exp-name", c[c.index("--exp-name") + 1]]
+    assert "--inject-at" not in cmds[0] and cmds[1][cmds[1].index("--inject-at") + 1] == "5000"
+    assert list(tmp_cwd.iterdir()) == []  # a dry run writes nothing
+
+
+def test_every_recipe_gives_commands_its_script_accepts(tmp_cwd):
+    for recipe in sorted(RECIPES.glob("*.toml")):
+        rec = tomllib.loads(recipe.read_text())
+        extra = ["--var", "pretrained=/data/ppo-SpaceInvaders.zip"] if "vars" in rec else []
+        r = run(SWEEP, "--recipe", recipe, "--dry-run", *extra, cwd=tmp_cwd)
+        assert r.returncode == 0, (recipe.name, r.stderr)
+        cmds = dry_commands(r.stdout)
+        assert len(cmds) == len(rec["setups"]) * len(rec["seeds"])
+        m = load_script(Path(rec["script"]).stem)
+        for c in cmds:
+            args = tyro.cli(m.Args, args=c[4:])  # every flag of the recipe exists in the script
+            assert args.exp_name in rec["setups"] and args.seed in rec["seeds"]
+            if "vars" in rec:
+                assert args.pretrained == "/data/ppo-SpaceInvaders.zip"
+    phoenix = dry_commands(run(SWEEP, "--recipe", RECIPES / "dqn_phoenix.toml", "--dry-run", cwd=tmp_cwd).stdout)
+    inj = {c[c.index("--exp-name") + 1]: tyro.cli(load_script("dqn_atari_injection").Args, args=c[4:]) for c in phoenix}
+    assert {k: a.inject_at for k, a in inj.items()} == {
+        "no_injection": [], "inject_5M": [5_000_000], "double_inject_5M_7500k": [5_000_000, 7_500_000]}
+    assert all(a.cuda and a.total_timesteps == 10_000_000 and a.env_id == "PhoenixNoFrameskip-v4" for a in inj.values())
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--recipe", "nope.toml"], "--recipe nope.toml: no such file"),
+    (["--recipe", RECIPES / "ppo_spaceinvaders_pretrained.toml"], "give it with --var pretrained=VALUE"),
+    (["--script", "dqn_atari_injection.py", "--setup", "a__b=--inject-at 5"], "setup name 'a__b'"),
+    (["--script", "dqn_atari_injection.py", "--setup", "a=--seed 3"], "--setup a: must not contain --seed"),
+    (["--script", "dqn_atari_injection.py", "--setup", "noequals"], "expected NAME=\"FLAGS\""),
+    (["--script", "nope.py", "--setup", "a="], "--script nope.py: no such file"),
+    (["--script", "dqn_atari_injection.py"], "no setups given"),
+    (["--script", "dqn_atari_injection.py", "--setup", "a=", "--jobs", "0"], "--jobs 0: must be >= 1"),
+    (["--script", "dqn_atari_injection.py", "--setup", "a=", "--cwd", "nodir"], "--cwd nodir: no such directory"),
+    (["--recipe", RECIPES / "dqn_cartpole_quick.toml", "--only", "zzz"], "--only zzz: no such setup"),
+])
+def test_sweep_bad_input_is_one_line_error(tmp_cwd, args, msg):
+    r = run(SWEEP, *args, cwd=tmp_cwd)
+    assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert list(tmp_cwd.iterdir()) == []  # validated before anything is written
+
+
+def test_sweep_runs_jobs_in_parallel_with_logs_and_reports_failures(tmp_cwd):
+    """A fake script (no torch: fast) records what each job saw; the 'bad' setup fails with a stderr line."""
+    fake = tmp_cwd / "fake.py"
+    fake.write_text(
+        "import json, os, sys, time\n"
+        "t0 = time.time(); time.sleep(0.6)\n"
+        "a = sys.argv[1:]\n"
+        "rec = dict(argv=a, cwd=os.getcwd(), omp=os.environ.get('OMP_NUM_THREADS'), t0=t0, t1=time.time())\n"
+        "open(f'job_{a[a.index(\"--exp-name\") + 1]}_{a[a.index(\"--seed\") + 1]}.json', 'w').write(json.dumps(rec))\n"
+        "print('hello from', a)\n"
+        "if '--explode' in a:\n"
+        "    print('warming up', file=sys.stderr); print('error: --explode: kaboom', file=sys.stderr); sys.exit(3)\n")
+    work = tmp_cwd / "work"
+    work.mkdir()
+    r = run(SWEEP, "--script", fake, "--setup", "good=--x 1", "--setup", "bad=--explode", "--seeds", 1, 2,
+            "--jobs", 2, "--cwd", work, "--out", tmp_cwd / "logs", cwd=tmp_cwd)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2/4 jobs succeeded" in r.stdout
+    for seed in (1, 2):
+        assert f"FAILED bad seed {seed} (exit 3): error: --explode: kaboom" in r.stdout
+    assert "FAILED good" not in r.stdout
+    recs = [json.loads(f.read_text()) for f in sorted(work.glob("job_*.json"))]
+    assert len(recs) == 4 and all(x["cwd"] == str(work) and x["omp"] == "1" for x in recs)
+    good1 = json.loads((work / "job_good_1.json").read_text())["argv"]
+    assert good1 == ["--x", "1", "--exp-name", "good", "--seed", "1"]
+    # never more than 2 at a time, and 2 did overlap
+    events = sorted([(x["t0"], 1) for x in recs] + [(x["t1"], -1) for x in recs])
+    conc = np.cumsum([e[1] for e in events])
+    assert conc.max() == 2
+    logs = tmp_cwd / "logs"
+    assert "hello from" in (logs / "good__1.out").read_text()
+    assert (logs / "bad__2.err").read_text().splitlines()[-1] == "error: --explode: kaboom"
+    summ = json.loads((logs / "summary.json").read_text())
+    assert sorted((j["setup"], j["seed"], j["returncode"]) for j in summ["jobs"]) == \
+        [("bad", 1, 3), ("bad", 2, 3), ("good", 1, 0), ("good", 2, 0)]
+
+
+# ---------------------------------------------------------------- a real tiny sweep + report
+
+def read_independently(run_dir, key):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {e.step: e.value for e in ea.Scalars(key)} if key in ea.Tags()["scalars"] else {}
+
+
+def test_real_sweep_then_report_matches_event_files(tmp_cwd):
+    r = run(SWEEP, "--script", "dqn_atari_injection.py", "--setup", "plain=", "--setup", "inj=--inject-at 400",
+            "--setup", "broken=--inject-at 100", "--seeds", 1, 2, "--jobs", 2, "--common", TINY, "--quiet",
+            cwd=tmp_cwd)
+    # the broken setup injects before --learning-starts: both of its jobs fail with the script's error line
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "4/6 jobs succeeded" in r.stdout
+    for seed in (1, 2):
+        assert f"FAILED broken seed {seed} (exit 1): error: --inject-at [100] is before --learning-starts 200" in r.stdout
+    runs = sorted(p for p in (tmp_cwd / "runs").iterdir() if not p.name.startswith("_"))
+    assert [p.name.split("__")[1:3] for p in runs] == [["inj", "1"], ["inj", "2"], ["plain", "1"], ["plain", "2"]]
+    assert len(list((tmp_cwd / "runs" / "_sweeps").glob("dqn_atari_injection_*/summary.json"))) == 1
+
+    rep = run(REPORT, "runs", "--at-step", 300, 450, "--precision", 6, "--plot", "curves.png", cwd=tmp_cwd)
+    assert rep.returncode == 0, rep.stderr
+    rows = {row["setup"]: row for row in table_rows(rep.stdout)}
+    assert set(rows) == {"plain", "inj"}
+    for name, row in rows.items():
+        dirs = [p for p in runs if p.name.split("__")[1] == name]
+        series = [read_independently(d, "eval/episodic_return") for d in dirs]
+        assert all(sorted(s) == [300, 600] for s in series)
+        finals = np.array([s[600] for s in series])
+        at300 = np.array([s[300] for s in series])
+        for col, vals in (("eval/episodic_return final", finals), ("eval/episodic_return @300", at300),
+                          ("eval/episodic_return @450", at300)):  # @450: last value at or before 450
+            m, sd = mean_pm_std(row[col])
+            assert m == pytest.approx(vals.mean(), abs=1e-6) and sd == pytest.approx(vals.std(), abs=1e-6), col
+        assert row["n"] == "2" and row["seeds"] == "1 2" and row["last step"] == "600"
+        inj_steps = sorted({s for d in dirs for s in read_independently(d, "injection/count")})
+        assert inj_steps == ([400] if name == "inj" else [])
+    assert rows["inj"]["injections"] == "400" and rows["plain"]["injections"] == "–"
+    assert (tmp_cwd / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a key the DQN runs do not have: the error names the runs and lists the keys they have
+    bad = run(REPORT, "runs", "--key", "eval/success_rate", cwd=tmp_cwd)
+    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: --key eval/success_rate: missing in 4 of 4 runs: ")
+    assert "eval/episodic_return" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- report on synthetic runs
+
+def write_run(root, name, scalars):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(root / name))
+    for key, pts in scalars.items():
+        for step, v in pts:
+            w.add_scalar(key, v, step)
+    w.close()
+
+
+def test_report_partial_key_duplicates_and_env_ids_with_slash(tmp_cwd):
+    runs = tmp_cwd / "runs"
+    write_run(runs, "PointmassHard-v0__a__1__100", {"eval/success_rate": [(10, 0.5), (20, 1.0)]})
+    write_run(runs, "PointmassHard-v0__a__2__100", {"eval/success_rate": [(10, 0.0), (20, 0.5)],
+                                                    "injection/count": [(15, 1)]})
+    write_run(runs, "PointmassHard-v0__a__2__50", {"eval/success_rate": [(10, 9.0), (20, 9.0)]})  # older duplicate
+    write_run(runs, "ALE/Phoenix-v5__a__1__100", {"eval/success_rate": [(5, 2.0), (30, 3.0)]})
+    r = run(REPORT, "runs", "--key", "eval/success_rate", "--at-step", 12, 1, cwd=tmp_cwd)
+    assert r.returncode == 0, r.stderr
+    assert "using runs/PointmassHard-v0__a__2__100" in r.stderr  # the latest duplicate wins, said on stderr
+    rows = {(row["env"], row["setup"]): row for row in table_rows(r.stdout)}
+    pm = rows[("PointmassHard-v0", "a")]
+    assert pm["eval/success_rate final"] == "0.75 ± 0.25" and pm["eval/success_rate @12"] == "0.25 ± 0.25"
+    assert pm["eval/success_rate @1"] == "n/a" and pm["n"] == "2"
+    assert pm["injections"] == "15 (1/2 runs)"
+    ph = rows[("ALE/Phoenix-v5", "a")]
+    assert ph["eval/success_rate final"] == "3.00 ± 0.00" and ph["eval/success_rate @12"] == "2.00 ± 0.00"
+
+    write_run(runs, "PointmassHard-v0__b__1__100", {"eval/episodic_return": [(10, -50.0)]})
+    r = run(REPORT, "runs", "--key", "eval/success_rate", cwd=tmp_cwd)
+    assert r.returncode == 2 and "missing in 1 of 4 runs: runs/PointmassHard-v0__b__1__100 " in r.stderr
+    r = run(REPORT, "runs", "--key", "eval/success_rate", "--only", "a", cwd=tmp_cwd)
+    assert r.returncode == 0 and len(table_rows(r.stdout)) == 2
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["runs"], "error: runs: no such file or directory"),
+    (["empty"], "error: no runs found under empty"),
+    (["empty", "--plot", "out.jpg"], "error: --plot out.jpg: use a .png, .pdf or .svg file name"),
+    (["empty", "--plot", "nodir/out.png"], "error: --plot nodir/out.png: folder"),
+])
+def test_report_errors_are_clear(tmp_cwd, args, msg):
+    (tmp_cwd / "empty" / "not_a_run").mkdir(parents=True)
+    r = run(REPORT, *args, cwd=tmp_cwd)
+    assert r.returncode == 2 and r.stderr.startswith(msg) and r.stderr.count("\n") == 1 and r.stdout == ""
