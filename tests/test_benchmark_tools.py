@@ -109,7 +109,7 @@ def test_sweep_runs_jobs_in_parallel_with_logs_and_reports_failures(tmp_cwd):
     fake = tmp_cwd / "fake.py"
     fake.write_text(
         "import json, os, sys, time\n"
-        "t0 = time.time(); time.sleep(0.6)\n"
+        "t0 = time.time(); time.sleep(1.0)\n"
         "a = sys.argv[1:]\n"
         "rec = dict(argv=a, cwd=os.getcwd(), omp=os.environ.get('OMP_NUM_THREADS'), t0=t0, t1=time.time())\n"
         "open(f'job_{a[a.index(\"--exp-name\") + 1]}_{a[a.index(\"--seed\") + 1]}.json', 'w').write(json.dumps(rec))\n"
