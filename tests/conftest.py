@@ -3,6 +3,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,15 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
+    return mod
+
+
+def load_blocks(*names):
+    """common + injection + the given shared blocks executed into one namespace, as in a script."""
+    mod = types.ModuleType("blocks_" + "_".join(names))
+    for name in ("common", "injection", *names):
+        path = ROOT / "shared_blocks" / f"{name}.py"
+        exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)
     return mod
 
 

@@ -3,22 +3,11 @@ LayerNorm/LeakyReLU builders, the adaptive trigger and the validation of their f
 import copy
 import math
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_blocks
 from torch import nn
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_blocks(*names):
-    """common + injection + the given blocks executed into one namespace, as in a script."""
-    mod = types.ModuleType("blocks_" + "_".join(names))
-    for name in ("common", "injection", *names):
-        path = ROOT / "shared_blocks" / f"{name}.py"
-        exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)
-    return mod
 
 
 B = load_blocks("plasticity", "interventions")

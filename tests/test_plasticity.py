@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import load_blocks
 import torch
 from torch import nn
 
@@ -16,14 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Names a block may take from the blocks before it in a script (common, injection).
 ALLOWED_FROM_EARLIER_BLOCKS = {"UserError", "check_steps", "InjectedModule"}
 
-
-def load_blocks(*names):
-    """common + injection + the given blocks executed into one namespace, as in a script."""
-    mod = types.ModuleType("blocks_" + "_".join(names))
-    for name in ("common", "injection", *names):
-        path = ROOT / "shared_blocks" / f"{name}.py"
-        exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)
-    return mod
 
 
 def free_globals(path: Path) -> set:
