@@ -1,267 +1,179 @@
-# Plasticity injection (Nikishin et al., NeurIPS 2023), generic over any nn.Module head.
-#
-#   f(x) = h_θ(x) + h_θ'1(x) − h_θ'2(x)
-#
-# h_θ is the head as trained so far (frozen); θ'1 and θ'2 are two copies of ONE fresh
-# initialisation, θ'1 trainable and θ'2 frozen. At the injection step the output is unchanged
-# (θ'1 = θ'2) and the number of trainable parameters is unchanged. Injecting again freezes
-# everything trainable in the head and adds a new pair (double / multiple injection).
-# The whole injection state (terms, signs, which terms are frozen) lives in buffers, so a
-# state_dict describes the injected network completely; `load_injected_state_dict` rebuilds it.
-import copy as _copy
-from typing import Callable, Dict, Iterable, List, Optional
+# Plasticity injection (Nikishin et al., NeurIPS 2023). SELF-CONTAINED: copy this block as it is into your
+# own script; it needs only torch. At step t, the sub-module h at `path` becomes
+#     h_θ(x) + h_θ'1(x) − h_θ'2(x)      θ frozen, θ'1 = θ'2 one fresh draw, θ'1 trainable, θ'2 frozen,
+# so the output is bit-for-bit unchanged and the number of trainable parameters is the same. Calling it
+# again freezes the head as it is and adds a new pair. Gradients of every term still reach a shared encoder.
+#     log = inject_plasticity(q_network, ["head"], probe_obs, targets=[target_network], sync_targets=True,
+#                             optimizers=[optimizer])   # then log each value; train on as before
+# Reload a saved injected model into a freshly built one with load_injected_state_dict(model, state_dict).
+import copy
 
 import torch
 from torch import nn
 
 
 class InjectedModule(nn.Module):
-    """y(x) = term_0(x) + Σ_k (term_2k+1(x) − term_2k+2(x)): the head, then one pair per injection.
-
-    When the input carries no gradient (e.g. raw observations, or an encoder that is itself
-    frozen), the frozen terms run under `torch.no_grad()`; their outputs can also be computed once
-    with `frozen_outputs` and passed back as `forward(x, frozen_out=...)` to avoid recomputation.
-    When the input does carry a gradient (a shared trainable encoder), all terms are part of the
-    graph, so gradients from every term still reach the encoder, but frozen parameters get none.
-    """
+    """Σ_k sign_k · term_k(x): term 0 is the original head, then a (+θ'1, −θ'2) pair per injection. Signs and
+    trainable flags are buffers, so a state_dict describes the injected network completely."""
 
     def __init__(self, original: nn.Module):
         super().__init__()
+        device = next(original.parameters()).device
         self.terms = nn.ModuleList([original])
-        self.register_buffer("signs", torch.ones(1))
-        self.register_buffer("term_trainable", torch.ones(1, dtype=torch.bool))
-        self.register_buffer("injection_count", torch.zeros((), dtype=torch.long))
-        self._sync_python_flags()
+        self.register_buffer("signs", torch.ones(1, device=device))
+        self.register_buffer("term_trainable", torch.ones(1, dtype=torch.bool, device=device))
+        self.register_buffer("injection_count", torch.zeros((), dtype=torch.long, device=device))
+        self._read_flags()
 
-    def _sync_python_flags(self) -> None:
-        # Python mirrors of the buffers, so forward() never syncs with an accelerator.
-        self._signs = [float(s) for s in self.signs]
-        self._trainable = [bool(t) for t in self.term_trainable]
+    def _read_flags(self):  # Python copies of the buffers: forward() never waits on an accelerator
+        self._signs, self._trainable = self.signs.tolist(), self.term_trainable.tolist()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._sync_python_flags()
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._read_flags()
 
-    # -- structure -----------------------------------------------------------------------
     def add_term(self, module: nn.Module, sign: float, trainable: bool) -> None:
-        for p in module.parameters():
-            p.requires_grad_(trainable)
-        self.terms.append(module)
-        dev = self.signs.device
-        self.signs = torch.cat([self.signs, torch.tensor([float(sign)], device=dev)])
-        self.term_trainable = torch.cat([self.term_trainable, torch.tensor([trainable], device=dev)])
-        self._sync_python_flags()
+        self.terms.append(module.requires_grad_(trainable))
+        self.signs = torch.cat([self.signs, self.signs.new_tensor([sign])])
+        self.term_trainable = torch.cat([self.term_trainable, self.term_trainable.new_tensor([trainable])])
+        self._read_flags()
 
-    def set_term_trainable(self, i: int, trainable: bool) -> None:
-        for p in self.terms[i].parameters():
-            p.requires_grad_(trainable)
-        self.term_trainable[i] = trainable
-        self._sync_python_flags()
+    def frozen_outputs(self, x: torch.Tensor) -> list:
+        """Outputs of the frozen terms (None for trainable ones): pass them back as forward(x, frozen_out)
+        to skip recomputing them while x repeats (e.g. PPO epochs over one rollout)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+            return [None if trainable else t(x) for t, trainable in zip(self.terms, self._trainable)]
 
-    def apply_trainable_mask(self) -> None:
-        """Set requires_grad of every term from the saved `term_trainable` buffer."""
-        self._sync_python_flags()
-        for term, trainable in zip(self.terms, self._trainable):
-            for p in term.parameters():
-                p.requires_grad_(trainable)
-
-    def frozen_terms(self) -> List[nn.Module]:
-        return [t for t, tr in zip(self.terms, self._trainable) if not tr]
-
-    def trainable_terms(self) -> List[nn.Module]:
-        return [t for t, tr in zip(self.terms, self._trainable) if tr]
-
-    # -- forward ---------------------------------------------------------------------------
-    def frozen_outputs(self, x: torch.Tensor) -> List[Optional[torch.Tensor]]:
-        """Output of every frozen term (None for trainable ones); reusable via forward(frozen_out=)."""
-        need_graph = torch.is_grad_enabled() and x.requires_grad
-        with torch.set_grad_enabled(need_graph):
-            return [None if tr else term(x) for term, tr in zip(self.terms, self._trainable)]
-
-    def forward(self, x: torch.Tensor, frozen_out: Optional[List[Optional[torch.Tensor]]] = None) -> torch.Tensor:
-        outs = self.frozen_outputs(x) if frozen_out is None else frozen_out
-        ys = [y if y is not None else term(x) for y, term in zip(outs, self.terms)]
-        # Evaluate as h + (h'1 − h'2) + (h''1 − h''2) + ...: each pair is exactly 0 when injected,
-        # so the output is bit-for-bit unchanged at the injection step.
-        out, i, n = ys[0], 1, len(ys)
-        while i < n:
-            if i + 1 < n and self._signs[i] == 1.0 and self._signs[i + 1] == -1.0:
-                out = out + (ys[i] - ys[i + 1])
-                i += 2
+    def forward(self, x: torch.Tensor, frozen_out: list = None) -> torch.Tensor:
+        ys = [t(x) if y is None else y for t, y in zip(self.terms, frozen_out or self.frozen_outputs(x))]
+        out, i = ys[0], 1
+        while i < len(ys):  # h + (h'1 − h'2) + ...: each pair is exactly 0 when injected
+            if i + 1 < len(ys) and self._signs[i] == 1.0 and self._signs[i + 1] == -1.0:
+                out, i = out + (ys[i] - ys[i + 1]), i + 2
             else:
-                out = out.add(ys[i], alpha=self._signs[i])
-                i += 1
+                out, i = out.add(ys[i], alpha=self._signs[i]), i + 1
         return out
 
 
-def fresh_like(module: nn.Module) -> nn.Module:
-    """A fresh copy of `module` drawn with its own init scheme (`reset_parameters` of every layer)."""
-    if isinstance(module, InjectedModule):
-        module = module.terms[0]
-    fresh = _copy.deepcopy(module)
+def _as_injected(model: nn.Module, path: str) -> InjectedModule:
+    head = model.get_submodule(path)
+    if not isinstance(head, InjectedModule):
+        if not path:
+            raise ValueError("cannot inject into the root module: give the path of a sub-module")
+        parent, _, name = path.rpartition(".")
+        head = InjectedModule(head)
+        setattr(model.get_submodule(parent), name, head)
+    return head
+
+
+def _inject_into(model: nn.Module, path: str, fresh: nn.Module, keep_trainable: bool, third_term: bool) -> None:
+    head = _as_injected(model, path)
+    if not keep_trainable:  # freeze the head as it is now, and drop the gradients it will never use again
+        head.term_trainable.fill_(False)
+        for p in head.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+    head.add_term(copy.deepcopy(fresh), +1.0, trainable=True)
+    if third_term:  # ablation third_term=False: no −h_θ'2, so the output jumps at injection
+        head.add_term(copy.deepcopy(fresh), -1.0, trainable=keep_trainable)
+    head.injection_count += 1
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """One fresh draw of the (original) head with each layer's own init, `reset_parameters`."""
+    fresh = copy.deepcopy(module.terms[0] if isinstance(module, InjectedModule) else module)
     for m in fresh.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
-    for p in fresh.parameters():
-        p.requires_grad_(True)
     return fresh
 
 
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    if not path:
-        raise ValueError("cannot inject into the root module itself: wrap it and give a sub-module path")
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, new)
-
-
-def inject(
-    model: nn.Module,
-    path: str,
-    *,
-    fresh: Optional[nn.Module] = None,
-    make_fresh: Optional[Callable[[], nn.Module]] = None,
-    keep_trainable: bool = False,
-    third_term: bool = True,
-) -> nn.Module:
-    """Inject plasticity into the sub-module `model.<path>` in place; return the fresh module used.
-
-    fresh:          use these exact values for the new pair (to mirror a target network).
-    make_fresh:     factory for the fresh head (default: deepcopy + reset_parameters).
-    keep_trainable: ablation, every term stays trainable (old head, θ'1 and θ'2).
-    third_term:     False is the ablation without −h_θ'2: the output jumps at injection.
-    """
-    head = model.get_submodule(path)
-    device = next(head.parameters()).device
-    if not isinstance(head, InjectedModule):
-        head = InjectedModule(head).to(device)
-        _set_submodule(model, path, head)
-    if not keep_trainable:
-        for i in range(len(head.terms)):
-            head.set_term_trainable(i, False)
-    if fresh is None:
-        fresh = make_fresh() if make_fresh is not None else fresh_like(head)
-    fresh = fresh.to(device)
-    head.add_term(_copy.deepcopy(fresh), +1.0, trainable=True)
-    if third_term:
-        head.add_term(_copy.deepcopy(fresh), -1.0, trainable=keep_trainable)
-    head.injection_count += 1
-    return fresh
-
-
-def injection_counts(model: nn.Module) -> Dict[str, int]:
-    return {n: int(m.injection_count) for n, m in model.named_modules() if isinstance(m, InjectedModule)}
-
-
-def load_injected_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True):
-    """Load a state_dict saved from an injected model into a freshly built (un-injected) model.
-
-    The injected structure (number of terms, signs, frozen flags) is read from the state_dict's
-    buffers, rebuilt with placeholder terms, then every value is loaded, so the reloaded model
-    computes the same function and trains the same parameters.
-    """
-    for key, signs in state_dict.items():
-        if not key.endswith(".signs") or key[: -len("signs")] + "injection_count" not in state_dict:
-            continue
-        path = key[: -len(".signs")]
-        head = model.get_submodule(path)
-        if not isinstance(head, InjectedModule):
-            head = InjectedModule(head).to(signs.device)
-            _set_submodule(model, path, head)
-        while len(head.terms) < len(signs):
-            head.add_term(_copy.deepcopy(head.terms[0]), 1.0, trainable=True)
-    result = model.load_state_dict(state_dict, strict=strict)
-    for m in model.modules():
-        if isinstance(m, InjectedModule):
-            m.apply_trainable_mask()
-    return result
-
-
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+def _n_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def refresh_optimizer(
-    optimizer: torch.optim.Optimizer,
-    replaced: List[tuple] = (),
-    reset_state: bool = False,
-) -> None:
-    """Re-point `optimizer` after an injection.
-
-    replaced: (ids of the head's trainable parameters before injection, new trainable parameters)
-    pairs: the new parameters join the param group that held the old ones, with fresh state.
-    Parameters that are now frozen leave the optimizer with their state. Surviving parameters
-    (e.g. the shared encoder) keep their Adam moments unless `reset_state`, which clears the state
-    of every parameter (moments and step counts back to zero).
-    """
-    for group in optimizer.param_groups:
-        ids = {id(p) for p in group["params"]}
-        for old_ids, new_params in replaced:
-            if ids & set(old_ids):
-                group["params"].extend(p for p in new_params if id(p) not in ids)
-        for p in group["params"]:
-            if not p.requires_grad:
-                optimizer.state.pop(p, None)
-        group["params"] = [p for p in group["params"] if p.requires_grad]
-    if reset_state:
-        optimizer.state.clear()
-
-
-def _flat_output(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out.detach().flatten()
-    return torch.cat([_flat_output(o) for o in out])
+def _flat(out) -> torch.Tensor:
+    return torch.cat([_flat(o) for o in out]) if isinstance(out, (tuple, list)) else out.detach().flatten()
 
 
 @torch.no_grad()
-def _probe_output(model: nn.Module, probe, forward: Optional[Callable]) -> torch.Tensor:
-    return _flat_output(forward(model, probe) if forward is not None else model(probe))
-
-
-def apply_injection(
-    model: nn.Module,
-    paths: Iterable[str],
+def inject_plasticity(
+    model,
+    paths,
     probe,
     *,
-    targets: Iterable[nn.Module] = (),
-    optimizers: Iterable[torch.optim.Optimizer] = (),
-    reset_optimizer: bool = False,
-    make_fresh: Optional[Dict[str, Callable[[], nn.Module]]] = None,
-    keep_trainable: bool = False,
-    third_term: bool = True,
-    forward: Optional[Callable] = None,
-) -> Dict[str, float]:
-    """Inject into each `paths` entry of `model`, mirror the SAME fresh values into every target
-    network (same paths), re-point the optimizers, and return the values to log.
+    targets=(),
+    sync_targets=False,
+    optimizers=(),
+    reset_optimizer=False,
+    keep_trainable=False,
+    third_term=True,
+    make_fresh=None,
+    forward=None,
+) -> dict:
+    """Inject into each sub-module `model.<path>` in place and return the values to log (injection/...).
 
-    injection/output_change is max |f_after(probe) − f_before(probe)|: 0 with the third term.
+    probe:          a batch of real inputs (e.g. observations from the replay buffer) to check the output on.
+    targets:        networks that mirror `model` (DQN/IQL target nets) get the SAME fresh values.
+    sync_targets:   first copy `model` into `targets` (a hard target update), so both agree after injection.
+    optimizers:     the new θ'1 join the param group of the head they replace; frozen parameters leave
+                    with their state; the encoder keeps its Adam moments unless `reset_optimizer`.
+    keep_trainable: ablation, all terms stay trainable. third_term=False: ablation without −h_θ'2.
+    make_fresh:     {path: () -> fresh module} for heads whose init is not `reset_parameters` (orthogonal).
+    forward:        forward(model, probe) -> output(s) to compare when `model(probe)` is not the output.
     """
-    paths = list(paths)
-    targets = list(targets)
-    trainable_before = count_params(model, trainable_only=True)
-    before = _probe_output(model, probe, forward)
-    targets_before = [_probe_output(t, probe, forward) for t in targets]
-    replaced = []
+    fwd = forward or (lambda m, x: m(x))
+    before, trainable_before = _flat(fwd(model, probe)), _n_params(model, trainable_only=True)
+    for target in targets if sync_targets else ():
+        target.load_state_dict(model.state_dict())
+    targets_before = [_flat(fwd(t, probe)) for t in targets]
     for path in paths:
-        old_ids = {id(p) for p in model.get_submodule(path).parameters() if p.requires_grad}
+        old = {id(p) for p in model.get_submodule(path).parameters() if p.requires_grad}
         factory = (make_fresh or {}).get(path)
-        fresh = inject(model, path, make_fresh=factory, keep_trainable=keep_trainable, third_term=third_term)
-        new = [p for p in model.get_submodule(path).parameters() if p.requires_grad and id(p) not in old_ids]
-        replaced.append((old_ids, new))
-        for t in targets:
-            inject(t, path, fresh=fresh, keep_trainable=keep_trainable, third_term=third_term)
+        fresh = factory() if factory else fresh_copy(model.get_submodule(path))
+        fresh = fresh.to(next(model.get_submodule(path).parameters()).device)
+        _inject_into(model, path, fresh, keep_trainable, third_term)
+        for target in targets:  # same θ' values; a target that trains nothing stays untrainable
+            frozen = not any(p.requires_grad for p in target.parameters())
+            _inject_into(target, path, fresh, keep_trainable, third_term)
+            if frozen:
+                target.requires_grad_(False)
+        new = [p for p in model.get_submodule(path).parameters() if p.requires_grad and id(p) not in old]
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            if old & {id(p) for p in group["params"]}:
+                group["params"].extend(new)
     for opt in optimizers:
-        refresh_optimizer(opt, replaced, reset_state=reset_optimizer)
-    after = _probe_output(model, probe, forward)
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    opt.state.pop(p, None)
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        if reset_optimizer:
+            opt.state.clear()
     log = {
-        "injection/count": float(max(injection_counts(model).values())),
-        "injection/output_change": float((after - before).abs().max()),
-        "injection/trainable_params": float(count_params(model, trainable_only=True)),
+        "injection/count": float(max(int(m.injection_count) for m in model.modules() if isinstance(m, InjectedModule))),
+        "injection/output_change": float((_flat(fwd(model, probe)) - before).abs().max()),
+        "injection/trainable_params": float(_n_params(model, trainable_only=True)),
         "injection/trainable_params_before": float(trainable_before),
-        "injection/total_params": float(count_params(model)),
+        "injection/total_params": float(_n_params(model)),
     }
-    for k, (t, tb) in enumerate(zip(targets, targets_before)):
+    for k, (t, t_before) in enumerate(zip(targets, targets_before)):
         log["injection/target_output_change" + (f"_{k}" if k else "")] = float(
-            (_probe_output(t, probe, forward) - tb).abs().max()
+            (_flat(fwd(t, probe)) - t_before).abs().max()
         )
     return log
+
+
+def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = True):
+    """Load a state_dict saved from an injected model into a freshly built one: the injected structure (terms,
+    signs, frozen flags) is rebuilt from its buffers first, so the reloaded model computes the same function."""
+    for key, signs in state_dict.items():
+        if key.endswith(".signs") and key[: -len("signs")] + "injection_count" in state_dict:
+            head = _as_injected(model, key[: -len(".signs")])
+            while len(head.terms) < len(signs):
+                head.add_term(copy.deepcopy(head.terms[0]), 1.0, trainable=True)
+    result = model.load_state_dict(state_dict, strict=strict)
+    for head in (m for m in model.modules() if isinstance(m, InjectedModule)):
+        for term, trainable in zip(head.terms, head._trainable):
+            term.requires_grad_(trainable)
+    return result

@@ -54,12 +54,31 @@ import torch
 from torch import nn
 
 _PL_ACTIVATIONS = (
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ReLU6,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Hardswish,
 )
 _PL_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PL_PASS_THROUGH = (
-    nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Identity,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.Dropout,
+    nn.Identity,
 )
 
 
@@ -103,7 +122,9 @@ def dormant_ratio(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
     return (s <= tau).float().mean()
 
 
-def updated_units_fraction(grad_weight: Optional[torch.Tensor], grad_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def updated_units_fraction(
+    grad_weight: Optional[torch.Tensor], grad_bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Share of units (rows of the weight = output units / channels) whose incoming weights or
     bias got a non-zero gradient. A missing gradient (None) counts as zero."""
     if grad_weight is None:
@@ -129,7 +150,7 @@ def hidden_layers(model: nn.Module) -> Dict[str, Tuple[nn.Module, nn.Module]]:
         if not isinstance(m, _PL_WEIGHT_LAYERS) or id(m) in seen:
             continue
         seen.add(id(m))
-        for _, nxt in leaves[i + 1:]:
+        for _, nxt in leaves[i + 1 :]:
             if isinstance(nxt, _PL_ACTIVATIONS):
                 if owner.setdefault(id(nxt), name) != name:
                     raise ValueError(
@@ -150,6 +171,7 @@ def _pl_capture_features(model: nn.Module, probe_inputs, forward: Optional[Calla
     def hook_for(name):
         def hook(_module, _inputs, output):
             feats.setdefault(name, output.detach())  # first call wins if a forward reuses a layer
+
         return hook
 
     handles = [act.register_forward_hook(hook_for(n)) for n, (_, act) in hidden_layers(model).items()]

@@ -1,4 +1,5 @@
 """Test helpers: import the single-file scripts as modules, run them as subprocesses."""
+
 import importlib.util
 import os
 import subprocess
@@ -28,9 +29,9 @@ def load_script(name: str):
 
 
 def load_blocks(*names):
-    """common + injection + the given shared blocks executed into one namespace, as in a script."""
+    """flags + common + injection + the given shared blocks executed into one namespace, as in a script."""
     mod = types.ModuleType("blocks_" + "_".join(names))
-    for name in ("common", "injection", *names):
+    for name in ("flags", "common", "injection", *names):
         path = ROOT / "shared_blocks" / f"{name}.py"
         exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)
     return mod
@@ -41,7 +42,11 @@ def run_script(name: str, *args, cwd=None, timeout=600) -> subprocess.CompletedP
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline")
     return subprocess.run(
         [sys.executable, str(ROOT / f"{name}.py"), *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -1,16 +1,26 @@
-"""The interventions block (shared_blocks/interventions.py): resets, shrink-and-perturb, L2 schedules,
-LayerNorm/LeakyReLU builders, the adaptive trigger and the validation of their flags."""
+"""The interventions block (shared_blocks/interventions.py): resets, shrink-and-perturb, L2 schedules, the adaptive
+trigger, and the checks of the shared flags (flags block)."""
+
 import copy
+import dataclasses
 import math
 import types
 
 import pytest
 import torch
+import tyro
 from conftest import load_blocks
 from torch import nn
 
-
 B = load_blocks("plasticity", "interventions")
+
+
+def frozen_terms(head):
+    return [t for t, trainable in zip(head.terms, head._trainable) if not trainable]
+
+
+def trainable_terms(head):
+    return [t for t, trainable in zip(head.terms, head._trainable) if trainable]
 
 
 class Net(nn.Module):
@@ -79,7 +89,10 @@ def test_reset_values_come_from_the_layers_init_or_a_factory():
     assert torch.equal(net.head[2].weight, expected.weight) and torch.equal(net.head[2].bias, expected.bias)
 
     def factory():
-        return B.init_orthogonal(nn.Linear(8, 2), std=0.01)
+        layer = nn.Linear(8, 2)
+        nn.init.orthogonal_(layer.weight, 0.01)
+        nn.init.zeros_(layer.bias)
+        return layer
 
     B.reset_modules(net, ["head.2"], make_fresh={"head.2": factory})
     assert float(net.head[2].bias.detach().abs().max()) == 0.0
@@ -88,13 +101,13 @@ def test_reset_values_come_from_the_layers_init_or_a_factory():
 
 def test_reset_of_an_injected_head_resets_only_trainable_terms():
     net, opt, x, _ = _trained()
-    B.apply_injection(net, ["head"], x, optimizers=[opt])
-    frozen = [copy.deepcopy(t.state_dict()) for t in net.head.frozen_terms()]
-    trainable = copy.deepcopy(net.head.trainable_terms()[0].state_dict())
+    B.inject_plasticity(net, ["head"], x, optimizers=[opt])
+    frozen = [copy.deepcopy(t.state_dict()) for t in frozen_terms(net.head)]
+    trainable = copy.deepcopy(trainable_terms(net.head)[0].state_dict())
     B.reset_modules(net, ["head"], optimizers=[opt])
-    for t, sd in zip(net.head.frozen_terms(), frozen):
+    for t, sd in zip(frozen_terms(net.head), frozen):
         assert all(torch.equal(v, t.state_dict()[k]) for k, v in sd.items())
-    new = net.head.trainable_terms()[0].state_dict()
+    new = trainable_terms(net.head)[0].state_dict()
     assert not any(torch.equal(v, new[k]) for k, v in trainable.items())
 
 
@@ -135,35 +148,33 @@ def test_shrink_perturb_is_s_theta_plus_p_eps():
 
 def test_shrink_perturb_on_a_path_leaves_the_rest_and_frozen_terms():
     net, opt, x, _ = _trained()
-    B.apply_injection(net, ["head"], x, optimizers=[opt])
-    frozen = [copy.deepcopy(t.state_dict()) for t in net.head.frozen_terms()]
+    B.inject_plasticity(net, ["head"], x, optimizers=[opt])
+    frozen = [copy.deepcopy(t.state_dict()) for t in frozen_terms(net.head)]
     encoder = copy.deepcopy(net.encoder.state_dict())
-    trainable = copy.deepcopy(net.head.trainable_terms()[0].state_dict())
+    trainable = copy.deepcopy(trainable_terms(net.head)[0].state_dict())
     B.shrink_perturb(net, ["head"], shrink=0.5, perturb=0.01)
     assert all(torch.equal(v, net.encoder.state_dict()[k]) for k, v in encoder.items())
-    for t, sd in zip(net.head.frozen_terms(), frozen):
+    for t, sd in zip(frozen_terms(net.head), frozen):
         assert all(torch.equal(v, t.state_dict()[k]) for k, v in sd.items())
-    new = net.head.trainable_terms()[0].state_dict()
+    new = trainable_terms(net.head)[0].state_dict()
     assert all(not torch.equal(v, new[k]) for k, v in trainable.items())
 
 
 # -- L2 --------------------------------------------------------------------------------------------
 def test_l2_schedules():
-    c = dict(coef=1e-3, start=1e-4, end=5e-4, period_on=500, period_off=100)
-    assert B.l2_coef("none", 123, 1000, **c) == 0.0
-    assert B.l2_coef("constant", 0, 1000, **c) == B.l2_coef("constant", 999, 1000, **c) == 1e-3
-    assert B.l2_coef("incremental", 0, 1000, **c) == pytest.approx(1e-4)
-    assert B.l2_coef("incremental", 500, 1000, **c) == pytest.approx(3e-4)
-    assert B.l2_coef("incremental", 1000, 1000, **c) == pytest.approx(5e-4)
-    on = [0, 499, 600, 1099, 1200]
-    off = [500, 599, 1100, 1199]
-    assert all(B.l2_coef("periodic", s, 10_000, **c) == 1e-3 for s in on)
-    assert all(B.l2_coef("periodic", s, 10_000, **c) == 0.0 for s in off)
-    with pytest.raises(B.UserError, match="--l2-schedule"):
-        B.l2_coef("cosine", 0, 10)
-    args = types.SimpleNamespace(l2_schedule="periodic", l2_coef=2.0, l2_start=0.0, l2_end=0.0,
-                                 l2_period_on=10, l2_period_off=5)
-    assert [B.l2_coef_from_args(args, s, 100) for s in (9, 10, 15)] == [2.0, 0.0, 2.0]
+    def coef(schedule, step, total):
+        args = types.SimpleNamespace(
+            l2_schedule=schedule, l2_coef=1e-3, l2_start=1e-4, l2_end=5e-4, l2_period_on=500, l2_period_off=100
+        )
+        return B.l2_coef(args, step, total)
+
+    assert coef("none", 123, 1000) == 0.0
+    assert coef("constant", 0, 1000) == coef("constant", 999, 1000) == 1e-3
+    assert coef("incremental", 0, 1000) == pytest.approx(1e-4)
+    assert coef("incremental", 500, 1000) == pytest.approx(3e-4)
+    assert coef("incremental", 1000, 1000) == pytest.approx(5e-4)
+    assert all(coef("periodic", s, 10_000) == 1e-3 for s in [0, 499, 600, 1099, 1200])
+    assert all(coef("periodic", s, 10_000) == 0.0 for s in [500, 599, 1100, 1199])
 
 
 def test_l2_penalty_is_the_hand_sum_of_trainable_weights():
@@ -186,35 +197,20 @@ def test_l2_penalty_is_the_hand_sum_of_trainable_weights():
     torch.testing.assert_close(g_total, g_base + 2 * lam * lin.weight.detach())
 
 
-# -- builders --------------------------------------------------------------------------------------
-def test_builders_layer_norm_and_leaky_relu():
-    cnn = B.NatureCNNEncoder(4, layer_norm=True, activation="leaky_relu")
-    types_ = [type(m) for m in cnn.cnn] + [type(m) for m in cnn.linear]
-    assert types_ == [nn.Conv2d, nn.GroupNorm, nn.LeakyReLU] * 3 + [nn.Flatten, nn.Linear, nn.LayerNorm, nn.LeakyReLU]
-    assert all(m.num_groups == 1 for m in cnn.modules() if isinstance(m, nn.GroupNorm))
-    assert cnn.cnn[2].negative_slope == 0.01
-    plain = B.NatureCNNEncoder(4)
-    assert set(plain.state_dict()) == {f"{p}.{t}" for p in ("cnn.0", "cnn.2", "cnn.4", "linear.0") for t in ("weight", "bias")}
-    assert plain(torch.rand(2, 4, 84, 84)).shape == (2, 512)
-    net = B.build_mlp(2, [16, 16], 5, layer_norm=True, activation="leaky_relu", orthogonal=True, out_gain=0.01)
-    assert [type(m) for m in net] == [nn.Linear, nn.LayerNorm, nn.LeakyReLU] * 2 + [nn.Linear]
-    w = net[3].weight.detach()
-    torch.testing.assert_close(w @ w.T, 2.0 * torch.eye(16), rtol=0, atol=1e-5)  # orthogonal, gain sqrt(2)
-    assert float(net[6].weight.detach().norm(dim=1).max()) == pytest.approx(0.01)  # output gain
-    assert list(B.hidden_layers(net)) == ["0", "3"]
-    with pytest.raises(B.UserError, match="--activation"):
-        B.build_activation("gelu")
-
-
+# -- normalised / leaky networks ----------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["1", "0.linear", "0"])
 def test_layer_norm_leaky_relu_networks_support_injection(path):
     torch.manual_seed(0)
-    model = nn.Sequential(B.NatureCNNEncoder(4, 64, layer_norm=True, activation="leaky_relu", input_hw=(36, 36)),
-                          B.build_mlp(64, [32], 3, layer_norm=True, activation="leaky_relu"))
+    encoder = nn.Module()
+    encoder.cnn = nn.Sequential(nn.Conv2d(4, 8, 8, 4), nn.GroupNorm(1, 8), nn.LeakyReLU(0.01), nn.Flatten())
+    encoder.linear = nn.Sequential(nn.Linear(8 * 8 * 8, 64), nn.LayerNorm(64), nn.LeakyReLU(0.01))
+    encoder.forward = lambda x: encoder.linear(encoder.cnn(x))
+    head = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.LeakyReLU(0.01), nn.Linear(32, 3))
+    model = nn.Sequential(encoder, head)
     x = torch.rand(6, 4, 36, 36)
     with torch.no_grad():
         before = model(x)
-    log = B.apply_injection(model, [path], x)
+    log = B.inject_plasticity(model, [path], x)
     with torch.no_grad():
         assert torch.equal(model(x), before)
     assert log["injection/output_change"] == 0.0
@@ -224,73 +220,92 @@ def test_layer_norm_leaky_relu_networks_support_injection(path):
 # -- adaptive trigger -------------------------------------------------------------------------------
 def test_adaptive_trigger_fires_on_crossing_and_respects_gap_and_count():
     key = "plasticity/erank_features_mean"
-    trig = B.AdaptiveTrigger(key, 15.0, "below", min_gap=100, max_count=2, start_step=10)
+    args = Flags(
+        adaptive_inject_metric=key,
+        adaptive_inject_threshold=15.0,
+        adaptive_inject_min_gap=100,
+        adaptive_inject_max_count=2,
+    )
+    fired = []
     series = {0: 5.0, 20: 20.0, 40: 12.3, 60: 10.0, 139: 9.0, 140: 16.0, 160: 14.0, 300: 1.0}
-    fired = {s: trig.check(s, {key: v}) for s, v in series.items()}
-    assert fired[0] is None  # before start_step
-    assert fired[20] is None  # not crossed
-    assert fired[40] == f"{key}=12.3 < 15 at step 40"
-    assert fired[60] is None and fired[139] is None  # within the gap
-    assert fired[140] is None  # gap passed, but not crossed
-    assert fired[160] is not None and fired[300] is None  # second fire, then max_count reached
-    assert trig.fired == [40, 160]
-    resumed = B.AdaptiveTrigger(key, 15.0, "below", min_gap=100, max_count=2)
-    resumed.load_state_dict(trig.state_dict())
-    assert resumed.fired == [40, 160] and resumed.check(400, {key: 0.0}) is None
-    up = B.AdaptiveTrigger("plasticity/dormant_ratio_mean", 0.5, "above")
-    assert up.check(1, {"plasticity/dormant_ratio_mean": 0.5}) is None
-    assert "> 0.5" in up.check(2, {"plasticity/dormant_ratio_mean": 0.6})
-    with pytest.raises(B.UserError, match="did you mean plasticity/dormant_ratio_mean"):
-        B.AdaptiveTrigger("plasticity/dormant_ratio", 0.5).check(0, {"plasticity/dormant_ratio_mean": 0.1})
-    args = types.SimpleNamespace(adaptive_inject_threshold=None)
-    assert B.AdaptiveTrigger.from_args(args) is None
+    reasons = {s: B.adaptive_injection_due(args, s, {key: v}, fired, start_step=10) for s, v in series.items()}
+    assert reasons[0] is None  # before start_step
+    assert reasons[20] is None  # not crossed
+    assert reasons[40] == f"{key}=12.3 < 15 at step 40"
+    assert reasons[60] is None and reasons[139] is None  # within the gap
+    assert reasons[140] is None  # gap passed, but not crossed
+    assert reasons[160] is not None and reasons[300] is None  # second fire, then max_count reached
+    assert fired == [40, 160]
+    resumed = list(fired)  # a resumed run continues from the saved list
+    assert B.adaptive_injection_due(args, 400, {key: 0.0}, resumed) is None and resumed == [40, 160]
+    up = Flags(
+        adaptive_inject_metric="plasticity/dormant_ratio_mean",
+        adaptive_inject_threshold=0.5,
+        adaptive_inject_direction="above",
+    )
+    assert B.adaptive_injection_due(up, 1, {"plasticity/dormant_ratio_mean": 0.5}, []) is None
+    assert "> 0.5" in B.adaptive_injection_due(up, 2, {"plasticity/dormant_ratio_mean": 0.6}, [])
+    typo = Flags(adaptive_inject_metric="plasticity/dormant_ratio", adaptive_inject_threshold=0.5)
+    with pytest.raises(B.UserError, match="did you mean .*plasticity/dormant_ratio_mean"):
+        B.adaptive_injection_due(typo, 0, {"plasticity/dormant_ratio_mean": 0.1}, [])
+    assert B.adaptive_injection_due(Flags(), 0, {key: 0.0}, []) is None  # no threshold: no trigger
 
 
 # -- flag validation ---------------------------------------------------------------------------------
-def _args(**kw):
-    base = dict(metrics_every=1000, metrics_batch_size=256, dormant_tau=0.025, reset_at=[], reset_target="head",
-                shrink_perturb_at=[], shrink_perturb_target="all", sp_shrink=1.0, sp_perturb=0.01,
-                l2_schedule="none", l2_coef=1e-5, l2_start=0.0, l2_end=1e-4, l2_period_on=500_000,
-                l2_period_off=100_000, layer_norm=False, activation="relu", adaptive_inject_metric=None,
-                adaptive_inject_threshold=None, adaptive_inject_direction="below", adaptive_inject_min_gap=0,
-                adaptive_inject_max_count=1)
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+@dataclasses.dataclass
+class Flags(B.PlasticityArgs):
+    learning_rate: float = B.bounded(1e-3, above=0)  # a script's own bounded flag is checked the same way
 
 
-@pytest.mark.parametrize("bad, flag", [
-    (dict(metrics_every=-1), "--metrics-every"),
-    (dict(metrics_batch_size=1), "--metrics-batch-size"),
-    (dict(dormant_tau=-0.1), "--dormant-tau"),
-    (dict(reset_at=[10_000]), "--reset-at"),
-    (dict(shrink_perturb_at=[5, 5]), "--shrink-perturb-at"),
-    (dict(sp_perturb=-0.01), "--sp-perturb"),
-    (dict(sp_shrink=float("nan")), "--sp-shrink"),
-    (dict(l2_schedule="cosine"), "--l2-schedule"),
-    (dict(l2_coef=-1.0), "--l2-coef"),
-    (dict(l2_period_on=0), "--l2-period-on"),
-    (dict(l2_period_off=-5), "--l2-period-off"),
-    (dict(activation="gelu"), "--activation"),
-    (dict(adaptive_inject_threshold=3.0), "--adaptive-inject-metric"),
-    (dict(adaptive_inject_metric="plasticity/erank_features_mean"), "--adaptive-inject-threshold"),
-    (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, adaptive_inject_direction="sideways"),
-     "--adaptive-inject-direction"),
-    (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, adaptive_inject_max_count=0),
-     "--adaptive-inject-max-count"),
-    (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, adaptive_inject_min_gap=-1),
-     "--adaptive-inject-min-gap"),
-    (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, metrics_every=0), "--metrics-every"),
-])
+@pytest.mark.parametrize(
+    "bad, flag",
+    [
+        (dict(metrics_every=-1), "--metrics-every"),
+        (dict(metrics_batch_size=1), "--metrics-batch-size"),
+        (dict(dormant_tau=-0.1), "--dormant-tau"),
+        (dict(dormant_tau=1.5), "--dormant-tau"),
+        (dict(reset_at=[10_000]), "--reset-at"),
+        (dict(shrink_perturb_at=[5, 5]), "--shrink-perturb-at"),
+        (dict(sp_perturb=-0.01), "--sp-perturb"),
+        (dict(sp_shrink=float("nan")), "--sp-shrink"),
+        (dict(l2_coef=-1.0), "--l2-coef"),
+        (dict(l2_period_on=0), "--l2-period-on"),
+        (dict(l2_period_off=-5), "--l2-period-off"),
+        (dict(learning_rate=0.0), "--learning-rate"),
+        (dict(learning_rate=float("inf")), "--learning-rate"),
+        (dict(adaptive_inject_threshold=3.0), "--adaptive-inject-metric"),
+        (dict(adaptive_inject_metric="plasticity/erank_features_mean"), "--adaptive-inject-threshold"),
+        (dict(adaptive_inject_metric="m", adaptive_inject_threshold=float("nan")), "--adaptive-inject-threshold"),
+        (
+            dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, adaptive_inject_max_count=0),
+            "--adaptive-inject-max-count",
+        ),
+        (
+            dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, adaptive_inject_min_gap=-1),
+            "--adaptive-inject-min-gap",
+        ),
+        (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, metrics_every=0), "--metrics-every"),
+    ],
+)
 def test_check_intervention_args_names_the_flag(bad, flag):
-    B.check_intervention_args(_args(), 1000)  # the defaults are valid
+    B.check_intervention_args(Flags(), 1000)  # the defaults are valid
     with pytest.raises(B.UserError, match=flag):
-        B.check_intervention_args(_args(**bad), 1000)
+        B.check_intervention_args(Flags(**bad), 1000)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--l2-schedule", "cosine"], ["--activation", "gelu"], ["--adaptive-inject-direction", "sideways"]]
+)
+def test_choices_are_checked_by_their_types(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        tyro.cli(Flags, args=argv)
+    assert e.value.code != 0 and argv[0] in capsys.readouterr().err
 
 
 def test_check_intervention_args_validates_the_metric_name():
     keys = B.plasticity_keys(Net())
-    ok = _args(adaptive_inject_metric="plasticity/erank_features_mean", adaptive_inject_threshold=3.0)
+    ok = Flags(adaptive_inject_metric="plasticity/erank_features_mean", adaptive_inject_threshold=3.0)
     B.check_intervention_args(ok, 1000, metric_keys=keys)
-    bad = _args(adaptive_inject_metric="plasticity/erank_mean", adaptive_inject_threshold=3.0)
+    bad = Flags(adaptive_inject_metric="plasticity/erank_mean", adaptive_inject_threshold=3.0)
     with pytest.raises(B.UserError, match="--adaptive-inject-metric 'plasticity/erank_mean'"):
         B.check_intervention_args(bad, 1000, metric_keys=keys)

@@ -13,7 +13,10 @@ Usage:
                                                 # you edited a block inside that script: make its
                                                 # version canonical, then copy it everywhere
     python tools/sync_blocks.py --check         # exit 1 and list every copy that differs
+    python tools/sync_blocks.py --only dqn_atari_injection.py
+                                                # copy the canonical blocks into that script only
 """
+
 import argparse
 import re
 import sys
@@ -80,6 +83,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="only report differences (exit 1 if any)")
     ap.add_argument("--from", dest="source", help="script whose blocks become canonical before syncing")
+    ap.add_argument("--only", help="write the blocks into this script only")
     args = ap.parse_args(argv)
     if args.check:
         found = problems([s for s in SCRIPTS if (ROOT / s).exists()])
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
             (BLOCK_DIR / f"{name}.py").write_text(body)
             print(f"shared_blocks/{name}.py <- {src.name}")
     bodies = {n: canonical(n) for n in block_names()}
-    for script in SCRIPTS:
+    for script in [Path(args.only).name] if args.only else SCRIPTS:
         path = ROOT / script
         if not path.exists():
             continue

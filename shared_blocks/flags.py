@@ -1,0 +1,92 @@
+# Flags every script shares. Each script's `Args` extends this dataclass, adding its own flags and the
+# choices of `--inject-target`, `--reset-target` and `--shrink-perturb-target` (what the network calls a head).
+# A flag declares its valid range once, `bounded(default, min=, max=, above=)`; `check_ranges(args)` checks them all.
+# Cross-flag checks: `check_intervention_args` (interventions block, end of file).
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+
+def bounded(default, *, min=None, max=None, above=None):
+    """A flag whose value must be finite and lie in [min, max], and be > above (None: no bound)."""
+    return field(default=default, metadata={"min": min, "max": max, "above": above})
+
+
+def check_ranges(args) -> None:
+    """One-line error naming the first flag whose value lies outside the range its `bounded` field declares."""
+    for f in dataclasses.fields(args):
+        value, low, high, above = (
+            getattr(args, f.name),
+            f.metadata.get("min"),
+            f.metadata.get("max"),
+            f.metadata.get("above"),
+        )
+        if "min" not in f.metadata or value is None:
+            continue
+        if (
+            not math.isfinite(value)
+            or (low is not None and value < low)
+            or (high is not None and value > high)
+            or (above is not None and value <= above)
+        ):
+            bounds = (
+                [f">= {low}"] * (low is not None)
+                + [f"<= {high}"] * (high is not None)
+                + [f"> {above}"] * (above is not None)
+            )
+            raise UserError(f"--{f.name.replace('_', '-')} {value} is invalid: it must be {' and '.join(bounds)}")
+
+
+@dataclass
+class PlasticityArgs:
+    inject_at: List[int] = field(default_factory=list)
+    """global step(s) at which to inject plasticity: one step = single injection, more = multiple injections"""
+    inject_keep_trainable: bool = False
+    """ablation: keep every term trainable (old head, θ'1 and θ'2): the head's trainable parameters triple"""
+    inject_no_third_term: bool = False
+    """ablation: drop the frozen −h_θ'2 term, so the output jumps at injection"""
+    inject_reset_optimizer: bool = False
+    """clear the Adam state (moments, step counts) at injection; default keeps the encoder's moments"""
+    metrics_every: int = bounded(10000, min=0)
+    """measure plasticity (`plasticity/...`: effective rank, dormant units, weight magnitude, updated units,
+    gradient norms) on a fixed probe batch every this many env steps; 0 = never"""
+    metrics_batch_size: int = bounded(256, min=2)
+    """size of the fixed probe batch for the plasticity metrics (drawn once, seeded)"""
+    dormant_tau: float = bounded(0.025, min=0, max=1)
+    """ReDo threshold: a unit is dormant when its normalised mean activation is <= tau"""
+    reset_at: List[int] = field(default_factory=list)
+    """global step(s) at which to re-initialise --reset-target (a baseline; the replay buffer is kept, the
+    target network gets the same values, the Adam state of the reset parameters is cleared)"""
+    shrink_perturb_at: List[int] = field(default_factory=list)
+    """global step(s) at which to shrink-and-perturb --shrink-perturb-target: θ <- S·θ + P·ε"""
+    sp_shrink: float = bounded(1.0, min=0)
+    """shrink factor S of shrink-and-perturb"""
+    sp_perturb: float = bounded(0.01, min=0)
+    """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
+    l2_schedule: Literal["none", "constant", "incremental", "periodic"] = "none"
+    """L2 penalty on the critic loss: constant --l2-coef, incremental --l2-start -> --l2-end, or periodic"""
+    l2_coef: float = bounded(1e-5, min=0)
+    """L2 coefficient (constant schedule, and periodic while on)"""
+    l2_start: float = bounded(0.0, min=0)
+    """incremental L2: coefficient at step 0"""
+    l2_end: float = bounded(1e-4, min=0)
+    """incremental L2: coefficient at the last step"""
+    l2_period_on: int = bounded(500000, min=1)
+    """periodic L2: steps with the penalty on"""
+    l2_period_off: int = bounded(100000, min=1)
+    """periodic L2: steps with the penalty off"""
+    layer_norm: bool = False
+    """LayerNorm after every hidden linear layer, GroupNorm(1, C) (LayerNorm over C, H, W) after every conv"""
+    activation: Literal["relu", "leaky_relu", "tanh"] = "relu"
+    """hidden activation of the networks (leaky_relu: slope 0.01)"""
+    adaptive_inject_metric: Optional[str] = None
+    """inject when this plasticity key (e.g. plasticity/erank_features_mean) crosses --adaptive-inject-threshold"""
+    adaptive_inject_threshold: Optional[float] = bounded(None, min=-math.inf)
+    """threshold of the adaptive injection trigger (setting it turns the trigger on; needs --metrics-every)"""
+    adaptive_inject_direction: Literal["below", "above"] = "below"
+    """fire when the metric is below / above the threshold"""
+    adaptive_inject_min_gap: int = bounded(0, min=0)
+    """at least this many env steps between two adaptive injections"""
+    adaptive_inject_max_count: int = bounded(1, min=1)
+    """at most this many adaptive injections"""
