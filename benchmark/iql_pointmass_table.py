@@ -11,6 +11,7 @@ BFS shortest-path controller on the same evaluation episodes as a reference.
     python benchmark/iql_pointmass_table.py --seeds 1 2 3 4 5 --workers 1
     python benchmark/iql_pointmass_table.py --table-only     # print the table from stored results
 """
+
 import argparse
 import hashlib
 import json
@@ -64,8 +65,13 @@ def _run(name: str, extra: dict, seed: int, workdir: str) -> dict:
     # one exp_name per setup: two runs of one seed that start in the same second get separate folders
     exp = "iql_table_" + "".join(c if c.isalnum() else "_" for c in name.split(" (")[0])
     res = m.train(m.Args(seed=seed, cuda=False, exp_name=exp, dataset_dir=str(ROOT / "datasets"), **extra))
-    res.update(setup=name, seed=seed, wall_s=time.time() - t0, extra=extra,
-               code_sha1=hashlib.sha1(SNAPSHOT.read_bytes()).hexdigest()[:12])
+    res.update(
+        setup=name,
+        seed=seed,
+        wall_s=time.time() - t0,
+        extra=extra,
+        code_sha1=hashlib.sha1(SNAPSHOT.read_bytes()).hexdigest()[:12],
+    )
     return res
 
 
@@ -91,22 +97,28 @@ def reference_row(m, seeds) -> str:
         rets.append(np.mean(r_seed))
         succ.append(np.mean(s_seed))
     rets, succ = np.array(rets), np.array(succ)
-    return (f"| reference: BFS shortest-path controller, same evaluation episodes | {rets.mean():.1f} ± {rets.std():.1f} | "
-            f"{succ.mean():.2f} ± {succ.std():.2f} | {len(seeds)} | – |")
+    return (
+        f"| reference: BFS shortest-path controller, same evaluation episodes | {rets.mean():.1f} ± {rets.std():.1f} | "
+        f"{succ.mean():.2f} ± {succ.std():.2f} | {len(seeds)} | – |"
+    )
 
 
 def table(results, seeds, m=None) -> str:
     import numpy as np
 
-    lines = ["| setup | eval return (mean ± std) | success rate (mean ± std) | seeds | wall time per run |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| setup | eval return (mean ± std) | success rate (mean ± std) | seeds | wall time per run |",
+        "|---|---|---|---|---|",
+    ]
     for name in dict.fromkeys(r["setup"] for r in results):
         rs = [r for r in results if r["setup"] == name and r["seed"] in seeds]
         ret = np.array([r["eval/episodic_return"] for r in rs])
         suc = np.array([r["eval/success_rate"] for r in rs])
         wall = np.mean([r["wall_s"] for r in rs]) / 60
-        lines.append(f"| {name} | {ret.mean():.1f} ± {ret.std():.1f} | {suc.mean():.2f} ± {suc.std():.2f} | "
-                     f"{len(rs)} | {wall:.1f} min |")
+        lines.append(
+            f"| {name} | {ret.mean():.1f} ± {ret.std():.1f} | {suc.mean():.2f} ± {suc.std():.2f} | "
+            f"{len(rs)} | {wall:.1f} min |"
+        )
     if m is not None:
         lines.append(reference_row(m, seeds))
     return "\n".join(lines)
@@ -146,14 +158,19 @@ def main():
                 r = {k: v for k, v in r.items() if isinstance(v, (int, float, str, list, dict))}
                 f.write_text(json.dumps(r, indent=1))
                 results.append(r)
-                print(f"[{(time.time() - t0) / 60:.1f} min] {r['setup']} seed {r['seed']}: "
-                      f"return {r['eval/episodic_return']:.1f}, success {r['eval/success_rate']:.2f} "
-                      f"({r['wall_s'] / 60:.1f} min)", flush=True)
+                print(
+                    f"[{(time.time() - t0) / 60:.1f} min] {r['setup']} seed {r['seed']}: "
+                    f"return {r['eval/episodic_return']:.1f}, success {r['eval/success_rate']:.2f} "
+                    f"({r['wall_s'] / 60:.1f} min)",
+                    flush=True,
+                )
     order = list(setups(m))
     results.sort(key=lambda r: (order.index(r["setup"]) if r["setup"] in order else 99, r["seed"]))
     print(table(results, set(a.seeds), m))
     if todo and not a.table_only:
-        print(f"\ncode sha1 {code_sha}; wall time of this invocation: {(time.time() - t0) / 60:.1f} min, {a.workers} workers")
+        print(
+            f"\ncode sha1 {code_sha}; wall time of this invocation: {(time.time() - t0) / 60:.1f} min, {a.workers} workers"
+        )
 
 
 if __name__ == "__main__":

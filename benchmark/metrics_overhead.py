@@ -12,6 +12,7 @@ an MLP step (batch 256, same recipe) for the MLP. Overhead at a frequency F = me
     OMP_NUM_THREADS=1 python benchmark/metrics_overhead.py            # CPU, 1 thread
     python benchmark/metrics_overhead.py --cuda --threads 0            # accelerator if any
 """
+
 import argparse
 import time
 import types
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def load_blocks():
     ns = types.ModuleType("blocks")
-    for name in ("common", "injection", "plasticity", "interventions"):
+    for name in ("flags", "common", "injection", "plasticity", "interventions"):
         path = ROOT / "shared_blocks" / f"{name}.py"
         exec(compile(path.read_text(), str(path), "exec"), ns.__dict__)
     return ns
@@ -67,18 +68,49 @@ def main():
     torch.manual_seed(0)
     print(f"device={device} threads={torch.get_num_threads()} probe_batch={args.probe_batch} torch={torch.__version__}")
 
-    cnn = lambda: nn.Sequential(B.NatureCNNEncoder(4), nn.Linear(512, 6))  # noqa: E731
-    mlp = lambda: B.build_mlp(2, [256, 256], 5)  # noqa: E731
+    def cnn():  # the Nature DQN encoder and a linear head
+        return nn.Sequential(
+            nn.Conv2d(4, 32, 8, 4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, 2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, 1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3136, 512),
+            nn.ReLU(),
+            nn.Linear(512, 6),
+        )
+
+    def mlp():
+        return nn.Sequential(nn.Linear(2, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 5))
+
     # (label, network factory, input shape, outputs, [(schedule, train batch, env steps per update, freqs)])
     cases = [
-        ("atari NatureCNN+head", cnn, (4, 84, 84), 6, [
-            ("DQN: 1 update of 32 per 4 env steps", 32, 4, [10_000, 50_000, 100_000]),
-            ("PPO: 8 envs x 128 steps, 4 epochs x 4 minibatches of 256 = 1 update per 64 env steps",
-             256, 64, [10_000, 50_000, 100_000]),
-        ]),
-        ("pointmass MLP 2-256-256-5", mlp, (2,), 5, [
-            ("IQL: 1 update of 256 per env step", 256, 1, [1_000, 5_000, 10_000]),
-        ]),
+        (
+            "atari NatureCNN+head",
+            cnn,
+            (4, 84, 84),
+            6,
+            [
+                ("DQN: 1 update of 32 per 4 env steps", 32, 4, [10_000, 50_000, 100_000]),
+                (
+                    "PPO: 8 envs x 128 steps, 4 epochs x 4 minibatches of 256 = 1 update per 64 env steps",
+                    256,
+                    64,
+                    [10_000, 50_000, 100_000],
+                ),
+            ],
+        ),
+        (
+            "pointmass MLP 2-256-256-5",
+            mlp,
+            (2,),
+            5,
+            [
+                ("IQL: 1 update of 256 per env step", 256, 1, [1_000, 5_000, 10_000]),
+            ],
+        ),
     ]
     for name, factory, shape, n_out, schedules in cases:
         model, target = factory().to(device), factory().to(device)

@@ -12,6 +12,7 @@ the machine may be shared; the order is shuffled per round, since position alone
 
     OMP_NUM_THREADS=1 python benchmark/ppo_injection_overhead.py [--rounds 3] [--iterations 5]
 """
+
 import argparse
 import json
 import os
@@ -41,9 +42,17 @@ CONFIGS = {
 
 
 def run(config: dict, args_ns) -> dict:
-    args = P.Args(num_envs=args_ns.num_envs, num_steps=args_ns.num_steps, num_minibatches=4, update_epochs=4,
-                  total_timesteps=args_ns.num_envs * args_ns.num_steps * (args_ns.iterations + 1),
-                  cuda=args_ns.cuda, env_threads=1, seed=1, **config)
+    args = P.Args(
+        num_envs=args_ns.num_envs,
+        num_steps=args_ns.num_steps,
+        num_minibatches=4,
+        update_epochs=4,
+        total_timesteps=args_ns.num_envs * args_ns.num_steps * (args_ns.iterations + 1),
+        cuda=args_ns.cuda,
+        env_threads=1,
+        seed=1,
+        **config,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)
@@ -57,8 +66,11 @@ def run(config: dict, args_ns) -> dict:
     update = sum(t["update"] for t in timing)
     iteration = sum(t["iteration"] for t in timing)
     samples = sum(t["samples"] for t in timing) * args.update_epochs
-    return {"rollout_sps": steps * len(timing) / rollout, "update_sps": samples / update,
-            "iteration_sps": steps * len(timing) / iteration}
+    return {
+        "rollout_sps": steps * len(timing) / rollout,
+        "update_sps": samples / update,
+        "iteration_sps": steps * len(timing) / iteration,
+    }
 
 
 def update_setup(config: dict, n: int, seed: int = 0):
@@ -75,8 +87,14 @@ def update_setup(config: dict, n: int, seed: int = 0):
     with torch.no_grad():
         frozen = agent.frozen_outputs(obs, paths) or None
         actions, logprobs, _, values = agent.get_action_and_value(obs)
-    batch = dict(obs=obs, actions=actions, logprobs=logprobs, advantages=torch.randn(n, generator=g),
-                 returns=values, values=values)
+    batch = dict(
+        obs=obs,
+        actions=actions,
+        logprobs=logprobs,
+        advantages=torch.randn(n, generator=g),
+        returns=values,
+        values=values,
+    )
     return agent, optimizer, batch, args, frozen
 
 
@@ -123,27 +141,46 @@ def main():
         random.Random(100 + r).shuffle(order)
         for name in order:
             results[name].append(run(CONFIGS[name], a))
-            print(f"round {r + 1}/{a.rounds} {name}: " + ", ".join(f"{k}={v:.0f}" for k, v in results[name][-1].items()),
-                  flush=True)
+            print(
+                f"round {r + 1}/{a.rounds} {name}: " + ", ".join(f"{k}={v:.0f}" for k, v in results[name][-1].items()),
+                flush=True,
+            )
     med = {name: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for name, runs in results.items()}
     base = med.get("no injection")
     ubase = upd.get("no injection")
-    lines = ["| configuration | update-only SPS (best) | extra update time | rollout SPS | update SPS | iteration SPS "
-             "| extra iteration time |", "|-|-|-|-|-|-|-|"]
+    lines = [
+        "| configuration | update-only SPS (best) | extra update time | rollout SPS | update SPS | iteration SPS "
+        "| extra iteration time |",
+        "|-|-|-|-|-|-|-|",
+    ]
     for name, m in med.items():
         extra = f"{(base['iteration_sps'] / m['iteration_sps'] - 1) * 100:+.1f}%" if base else "n/a"
         uextra = f"{(ubase / upd[name] - 1) * 100:+.1f}%" if ubase else "n/a"
-        lines.append(f"| {name} | {upd[name]:.0f} | {uextra} | {m['rollout_sps']:.0f} | {m['update_sps']:.0f} "
-                     f"| {m['iteration_sps']:.0f} | {extra} |")
+        lines.append(
+            f"| {name} | {upd[name]:.0f} | {uextra} | {m['rollout_sps']:.0f} | {m['update_sps']:.0f} "
+            f"| {m['iteration_sps']:.0f} | {extra} |"
+        )
     table = "\n".join(lines)
     print(table)
     out_dir = ROOT / "benchmark" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": a.cuda and torch.cuda.is_available(), "num_envs": a.num_envs, "num_steps": a.num_steps,
-            "update_epochs": 4, "num_minibatches": 4, "rounds": a.rounds, "iterations": a.iterations}
-    (out_dir / "ppo_injection_overhead.json").write_text(json.dumps({"meta": meta, "update_only": upd, "median": med, "runs": results}, indent=1))
+    meta = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": a.cuda and torch.cuda.is_available(),
+        "num_envs": a.num_envs,
+        "num_steps": a.num_steps,
+        "update_epochs": 4,
+        "num_minibatches": 4,
+        "rounds": a.rounds,
+        "iterations": a.iterations,
+    }
+    (out_dir / "ppo_injection_overhead.json").write_text(
+        json.dumps({"meta": meta, "update_only": upd, "median": med, "runs": results}, indent=1)
+    )
     (out_dir / "ppo_injection_overhead.md").write_text(table + "\n")
     print(f"wrote {out_dir / 'ppo_injection_overhead.json'}")
 

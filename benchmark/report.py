@@ -23,6 +23,7 @@ union of the group's steps, inside its own step range) with dashed vertical line
     python benchmark/report.py runs --key eval/episodic_return --key eval/success_rate --at-step 40000
     python benchmark/report.py /scratch/exp1/runs --only no_injection inject_5M --plot phoenix.png
 """
+
 import argparse
 import math
 import os
@@ -64,8 +65,10 @@ def find_runs(paths) -> list:
     for d in skipped:
         print(f"note: skipping {d}: its name is not {{env_id}}__{{exp_name}}__{{seed}}__{{time}}", file=sys.stderr)
     if not runs:
-        raise ReportError(f"no runs found under {', '.join(map(str, paths))} (looked for run folders named "
-                          "{env_id}__{exp_name}__{seed}__{time} holding events.out.tfevents.* files)")
+        raise ReportError(
+            f"no runs found under {', '.join(map(str, paths))} (looked for run folders named "
+            "{env_id}__{exp_name}__{seed}__{time} holding events.out.tfevents.* files)"
+        )
     return runs
 
 
@@ -132,8 +135,10 @@ def collect(paths, keys, only=None) -> list:
         if k in latest:
             old = latest[k]
             keep, drop = (r, old) if (r["time"], str(r["path"])) > (old["time"], str(old["path"])) else (old, r)
-            print(f"note: {k[1]} seed {k[2]} was run more than once; using {keep['path']}, not {drop['path']}",
-                  file=sys.stderr)
+            print(
+                f"note: {k[1]} seed {k[2]} was run more than once; using {keep['path']}, not {drop['path']}",
+                file=sys.stderr,
+            )
             latest[k] = keep
         else:
             latest[k] = r
@@ -147,8 +152,10 @@ def collect(paths, keys, only=None) -> list:
     for k, rs in missing.items():
         have = sorted(t for t in rs[0]["tags"] if not t.startswith("plasticity/"))
         names = ", ".join(str(r["path"]) for r in rs[:5]) + (f" and {len(rs) - 5} more" if len(rs) > 5 else "")
-        raise ReportError(f"--key {k}: missing in {len(rs)} of {len(runs)} runs: {names} "
-                          f"(keys in {rs[0]['path'].name}: {', '.join(have) or 'none'})")
+        raise ReportError(
+            f"--key {k}: missing in {len(rs)} of {len(runs)} runs: {names} "
+            f"(keys in {rs[0]['path'].name}: {', '.join(have) or 'none'})"
+        )
     groups = defaultdict(list)
     for r in runs:
         groups[(r["env_id"], r["exp_name"])].append(r)
@@ -183,8 +190,12 @@ def table(groups, keys, at_steps=(), prec=2) -> str:
             for s in at_steps:
                 row.append(fmt([v for v in (value_at(r["scalars"][k], s) for r in rs) if v is not None], prec, len(rs)))
         last = [max(max(r["scalars"][k]) for k in keys) for r in rs]
-        row += [str(len(rs)), " ".join(str(r["seed"]) for r in rs),
-                str(min(last)) if min(last) == max(last) else f"{min(last)}–{max(last)}", injection_cell(rs)]
+        row += [
+            str(len(rs)),
+            " ".join(str(r["seed"]) for r in rs),
+            str(min(last)) if min(last) == max(last) else f"{min(last)}–{max(last)}",
+            injection_cell(rs),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -232,8 +243,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", default=["runs"], help="run folders or folders of runs (default: runs)")
     ap.add_argument("--key", action="append", help="scalar key to summarise (repeatable; default eval/episodic_return)")
-    ap.add_argument("--at-step", type=int, nargs="+", default=[], metavar="STEP",
-                    help="also report the last value logged at or before each STEP")
+    ap.add_argument(
+        "--at-step",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="STEP",
+        help="also report the last value logged at or before each STEP",
+    )
     ap.add_argument("--only", nargs="+", metavar="EXP_NAME", help="only these exp_names (setups)")
     ap.add_argument("--precision", type=int, default=2, help="decimals in the table (default 2)")
     ap.add_argument("--plot", metavar="OUT.png", help="also draw mean ± std curves per group to this image (Agg)")

@@ -30,6 +30,7 @@ Setup names must be letters, digits, '.', '-', '_' (no '__': it separates the fi
     python benchmark/sweep.py --recipe benchmark/recipes/ppo_spaceinvaders_pretrained.toml \\
         --var pretrained=/data/ppo-SpaceInvadersNoFrameskip-v4.zip
 """
+
 import argparse
 import json
 import os
@@ -61,9 +62,13 @@ def load_recipe(path: Path) -> dict:
         raise SweepError(f"--recipe {path}: not valid TOML ({e})")
     unknown = set(rec) - {"script", "seeds", "common", "setups", "vars", "description"}
     if unknown:
-        raise SweepError(f"--recipe {path}: unknown keys {sorted(unknown)} (allowed: description, script, seeds, "
-                         "common, vars, setups)")
-    if not isinstance(rec.get("setups", {}), dict) or not all(isinstance(v, str) for v in rec.get("setups", {}).values()):
+        raise SweepError(
+            f"--recipe {path}: unknown keys {sorted(unknown)} (allowed: description, script, seeds, "
+            "common, vars, setups)"
+        )
+    if not isinstance(rec.get("setups", {}), dict) or not all(
+        isinstance(v, str) for v in rec.get("setups", {}).values()
+    ):
         raise SweepError(f"--recipe {path}: [setups] must map names to flag strings")
     if not isinstance(rec.get("common", ""), str):
         raise SweepError(f"--recipe {path}: common must be a string of flags")
@@ -96,6 +101,7 @@ def substitute(where: str, text: str, values: dict, described: dict) -> str:
             hint = f" ({described[k]})" if k in described else ""
             raise SweepError(f"{where} uses ${{{k}}}: give it with --var {k}=VALUE{hint}")
         return values[k]
+
     return VAR_RE.sub(rep, text)
 
 
@@ -112,8 +118,9 @@ def build_jobs(a) -> tuple:
     described = rec.get("vars", {})
     unused = set(values) - set(described) if a.recipe else set(values)
     if unused:
-        raise SweepError(f"--var {sorted(unused)[0]}: the recipe declares no such variable "
-                         f"(declared: {sorted(described) or 'none'})")
+        raise SweepError(
+            f"--var {sorted(unused)[0]}: the recipe declares no such variable (declared: {sorted(described) or 'none'})"
+        )
 
     script = a.script or rec.get("script")
     if not script:
@@ -133,7 +140,10 @@ def build_jobs(a) -> tuple:
     if not cwd.is_dir():
         raise SweepError(f"--cwd {a.cwd}: no such directory")
 
-    setups = {k: (substitute(f"{where_rec} setup {k}", v, values, described), where_rec) for k, v in rec.get("setups", {}).items()}
+    setups = {
+        k: (substitute(f"{where_rec} setup {k}", v, values, described), where_rec)
+        for k, v in rec.get("setups", {}).items()
+    }
     for opt in a.setup:
         name, flags = parse_setup(opt)
         setups[name] = (flags, f"--setup {name}")
@@ -143,9 +153,11 @@ def build_jobs(a) -> tuple:
             raise SweepError(f"--only {missing[0]}: no such setup (have: {', '.join(setups)})")
         setups = {n: setups[n] for n in a.only}
     if not setups:
-        raise SweepError("--setup: no setups given (use --setup NAME=\"FLAGS\" or a recipe with [setups])")
+        raise SweepError('--setup: no setups given (use --setup NAME="FLAGS" or a recipe with [setups])')
 
-    common = split_flags(f"{where_rec} common", substitute(f"{where_rec} common", rec.get("common", ""), values, described))
+    common = split_flags(
+        f"{where_rec} common", substitute(f"{where_rec} common", rec.get("common", ""), values, described)
+    )
     extra = split_flags("--common", a.common)
     for flag in RESERVED:
         if any(t == flag or t.startswith(flag + "=") for t in common + extra):
@@ -153,8 +165,10 @@ def build_jobs(a) -> tuple:
     parsed = {}
     for name, (flags, where) in setups.items():
         if not NAME_RE.match(name) or "__" in name:
-            raise SweepError(f"{where}: setup name {name!r} must be letters, digits, '.', '-', '_' without '__' "
-                             "(it becomes --exp-name and part of the run folder name)")
+            raise SweepError(
+                f"{where}: setup name {name!r} must be letters, digits, '.', '-', '_' without '__' "
+                "(it becomes --exp-name and part of the run folder name)"
+            )
         toks = split_flags(where, flags)
         for flag in RESERVED:
             if any(t == flag or t.startswith(flag + "=") for t in toks):
@@ -202,8 +216,9 @@ def run_jobs(jobs: list, cwd: Path, out: Path, n_parallel: int, quiet: bool = Fa
                 stem = f"{job['setup']}__{job['seed']}"
                 job["stdout"], job["stderr"] = str(out / f"{stem}.out"), str(out / f"{stem}.err")
                 fo, fe = open(job["stdout"], "w"), open(job["stderr"], "w")
-                p = subprocess.Popen(job["cmd"], cwd=cwd, env=env, stdout=fo, stderr=fe,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                p = subprocess.Popen(
+                    job["cmd"], cwd=cwd, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True
+                )
                 running.append((job, p, (fo, fe), time.time()))
                 log(f"start {job['setup']} seed {job['seed']} (pid {p.pid})")
             time.sleep(0.1)
@@ -219,10 +234,12 @@ def run_jobs(jobs: list, cwd: Path, out: Path, n_parallel: int, quiet: bool = Fa
                 if rc != 0:
                     job["last_stderr"] = last_line(Path(job["stderr"]))
                 done.append(job)
-                log(f"{'done' if rc == 0 else 'FAILED'} {job['setup']} seed {job['seed']} "
-                    f"(exit {rc}, {job['wall_s']:.1f}s)")
+                log(
+                    f"{'done' if rc == 0 else 'FAILED'} {job['setup']} seed {job['seed']} "
+                    f"(exit {rc}, {job['wall_s']:.1f}s)"
+                )
     except KeyboardInterrupt:
-        for job, p, files, _ in running:
+        for _job, p, _files, _ in running:
             try:
                 os.killpg(p.pid, signal.SIGTERM)  # the job's own process group (start_new_session)
             except ProcessLookupError:
@@ -252,8 +269,10 @@ def summary(jobs: list) -> str:
         lines.append(f"{len(failed)} failed:")
         for j in failed:
             rc = j.get("returncode")
-            lines.append(f"  FAILED {j['setup']} seed {j['seed']} (exit {rc}): {j.get('last_stderr') or '(no stderr)'}"
-                         f"  [log: {j.get('stderr', '-')}]")
+            lines.append(
+                f"  FAILED {j['setup']} seed {j['seed']} (exit {rc}): {j.get('last_stderr') or '(no stderr)'}"
+                f"  [log: {j.get('stderr', '-')}]"
+            )
     return "\n".join(lines)
 
 
@@ -261,17 +280,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", help="TOML recipe (script, seeds, common, vars, setups); see benchmark/recipes/")
     ap.add_argument("--script", help="script to run (overrides the recipe's), e.g. dqn_atari_injection.py")
-    ap.add_argument("--setup", action="append", default=[], metavar='NAME="FLAGS"',
-                    help="a setup (repeatable); NAME becomes --exp-name; replaces a recipe setup of that name")
+    ap.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar='NAME="FLAGS"',
+        help="a setup (repeatable); NAME becomes --exp-name; replaces a recipe setup of that name",
+    )
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these setups (of the recipe / --setup)")
     ap.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the recipe's, else 1)")
     ap.add_argument("--common", default="", help="flags appended to every job, after the setup's (they win)")
-    ap.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
-                    help="value of a ${NAME} placeholder of the recipe (repeatable)")
+    ap.add_argument(
+        "--var",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="value of a ${NAME} placeholder of the recipe (repeatable)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="jobs run at the same time (default 1), one thread each")
     ap.add_argument("--cwd", default=".", help="working directory of the jobs; runs go to <cwd>/runs/ (default .)")
-    ap.add_argument("--out", help="folder for the logs and summary.json "
-                    "(default <cwd>/runs/_sweeps/<recipe or script name>_<YYYYmmdd-HHMMSS>)")
+    ap.add_argument(
+        "--out",
+        help="folder for the logs and summary.json "
+        "(default <cwd>/runs/_sweeps/<recipe or script name>_<YYYYmmdd-HHMMSS>)",
+    )
     ap.add_argument("--python", default=sys.executable, help="Python interpreter of the jobs (default: this one)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit; nothing is run or written")
     ap.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
@@ -294,13 +326,23 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"error: --out {out}: cannot create ({e.strerror})", file=sys.stderr)
         return 2
-    print(f"{len(jobs)} jobs ({len(set(j['setup'] for j in jobs))} setups x {len(set(j['seed'] for j in jobs))} seeds), "
-          f"at most {a.jobs} at a time, in {cwd}; logs in {out}", flush=True)
+    print(
+        f"{len(jobs)} jobs ({len(set(j['setup'] for j in jobs))} setups x {len(set(j['seed'] for j in jobs))} seeds), "
+        f"at most {a.jobs} at a time, in {cwd}; logs in {out}",
+        flush=True,
+    )
     t0 = time.time()
     done = run_jobs(jobs, cwd, out, a.jobs, quiet=a.quiet)
-    info = {"script": str(spath), "cwd": str(cwd), "recipe": a.recipe, "wall_s": round(time.time() - t0, 2),
-            "jobs": [{k: j.get(k) for k in ("setup", "seed", "cmd", "returncode", "wall_s", "stdout", "stderr", "last_stderr")}
-                     for j in done]}
+    info = {
+        "script": str(spath),
+        "cwd": str(cwd),
+        "recipe": a.recipe,
+        "wall_s": round(time.time() - t0, 2),
+        "jobs": [
+            {k: j.get(k) for k in ("setup", "seed", "cmd", "returncode", "wall_s", "stdout", "stderr", "last_stderr")}
+            for j in done
+        ],
+    }
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, out / "summary.json")

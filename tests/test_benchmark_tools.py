@@ -1,5 +1,6 @@
 """benchmark/sweep.py and benchmark/report.py: recipes, dry run, a real tiny sweep, failures, the report table
 (checked against values read independently from the event files), the plot and the error messages."""
+
 import json
 import os
 import shlex
@@ -11,20 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tyro
-
 from conftest import ROOT, load_script
 
 SWEEP = ROOT / "benchmark" / "sweep.py"
 REPORT = ROOT / "benchmark" / "report.py"
 RECIPES = ROOT / "benchmark" / "recipes"
-TINY = ("--env-id CartPole-v1 --total-timesteps 600 --learning-starts 200 --buffer-size 1000 --eval-every 300 "
-        "--eval-episodes 1 --no-cuda --metrics-every 0")
+TINY = (
+    "--env-id CartPole-v1 --total-timesteps 600 --learning-starts 200 --buffer-size 1000 --eval-every 300 "
+    "--eval-episodes 1 --no-cuda --metrics-every 0"
+)
 
 
 def run(tool, *args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, str(tool), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(tool), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def dry_commands(stdout):
@@ -46,14 +49,28 @@ def mean_pm_std(cell):
 
 # ---------------------------------------------------------------- sweep: recipes and dry run
 
+
 def test_dry_run_prints_the_commands_of_a_recipe(tmp_cwd):
-    r = run(SWEEP, "--recipe", RECIPES / "dqn_cartpole_quick.toml", "--dry-run", "--jobs", 2,
-            "--common", "--total-timesteps 2000", cwd=tmp_cwd)
+    r = run(
+        SWEEP,
+        "--recipe",
+        RECIPES / "dqn_cartpole_quick.toml",
+        "--dry-run",
+        "--jobs",
+        2,
+        "--common",
+        "--total-timesteps 2000",
+        cwd=tmp_cwd,
+    )
     assert r.returncode == 0, r.stderr
     cmds = dry_commands(r.stdout)
     # seed-major order: (plain, 1), (inject_5k, 1), (plain, 2), (inject_5k, 2)
-    assert [(c[c.index("--exp-name") + 1], c[c.index("--seed") + 1]) for c in cmds] == \
-        [("plain", "1"), ("inject_5k", "1"), ("plain", "2"), ("inject_5k", "2")]
+    assert [(c[c.index("--exp-name") + 1], c[c.index("--seed") + 1]) for c in cmds] == [
+        ("plain", "1"),
+        ("inject_5k", "1"),
+        ("plain", "2"),
+        ("inject_5k", "2"),
+    ]
     for c in cmds:
         assert c[:2] == ["OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1"]
         assert c[2] == sys.executable and c[3] == str(ROOT / "dqn_atari_injection.py")
@@ -82,22 +99,28 @@ def test_every_recipe_gives_commands_its_script_accepts(tmp_cwd):
     phoenix = dry_commands(run(SWEEP, "--recipe", RECIPES / "dqn_phoenix.toml", "--dry-run", cwd=tmp_cwd).stdout)
     inj = {c[c.index("--exp-name") + 1]: tyro.cli(load_script("dqn_atari_injection").Args, args=c[4:]) for c in phoenix}
     assert {k: a.inject_at for k, a in inj.items()} == {
-        "no_injection": [], "inject_5M": [5_000_000], "double_inject_5M_7500k": [5_000_000, 7_500_000]}
+        "no_injection": [],
+        "inject_5M": [5_000_000],
+        "double_inject_5M_7500k": [5_000_000, 7_500_000],
+    }
     assert all(a.cuda and a.total_timesteps == 10_000_000 and a.env_id == "PhoenixNoFrameskip-v4" for a in inj.values())
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--recipe", "nope.toml"], "--recipe nope.toml: no such file"),
-    (["--recipe", RECIPES / "ppo_spaceinvaders_pretrained.toml"], "give it with --var pretrained=VALUE"),
-    (["--script", "dqn_atari_injection.py", "--setup", "a__b=--inject-at 5"], "setup name 'a__b'"),
-    (["--script", "dqn_atari_injection.py", "--setup", "a=--seed 3"], "--setup a: must not contain --seed"),
-    (["--script", "dqn_atari_injection.py", "--setup", "noequals"], "expected NAME=\"FLAGS\""),
-    (["--script", "nope.py", "--setup", "a="], "--script nope.py: no such file"),
-    (["--script", "dqn_atari_injection.py"], "no setups given"),
-    (["--script", "dqn_atari_injection.py", "--setup", "a=", "--jobs", "0"], "--jobs 0: must be >= 1"),
-    (["--script", "dqn_atari_injection.py", "--setup", "a=", "--cwd", "nodir"], "--cwd nodir: no such directory"),
-    (["--recipe", RECIPES / "dqn_cartpole_quick.toml", "--only", "zzz"], "--only zzz: no such setup"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--recipe", "nope.toml"], "--recipe nope.toml: no such file"),
+        (["--recipe", RECIPES / "ppo_spaceinvaders_pretrained.toml"], "give it with --var pretrained=VALUE"),
+        (["--script", "dqn_atari_injection.py", "--setup", "a__b=--inject-at 5"], "setup name 'a__b'"),
+        (["--script", "dqn_atari_injection.py", "--setup", "a=--seed 3"], "--setup a: must not contain --seed"),
+        (["--script", "dqn_atari_injection.py", "--setup", "noequals"], 'expected NAME="FLAGS"'),
+        (["--script", "nope.py", "--setup", "a="], "--script nope.py: no such file"),
+        (["--script", "dqn_atari_injection.py"], "no setups given"),
+        (["--script", "dqn_atari_injection.py", "--setup", "a=", "--jobs", "0"], "--jobs 0: must be >= 1"),
+        (["--script", "dqn_atari_injection.py", "--setup", "a=", "--cwd", "nodir"], "--cwd nodir: no such directory"),
+        (["--recipe", RECIPES / "dqn_cartpole_quick.toml", "--only", "zzz"], "--only zzz: no such setup"),
+    ],
+)
 def test_sweep_bad_input_is_one_line_error(tmp_cwd, args, msg):
     r = run(SWEEP, *args, cwd=tmp_cwd)
     assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
@@ -115,11 +138,29 @@ def test_sweep_runs_jobs_in_parallel_with_logs_and_reports_failures(tmp_cwd):
         "open(f'job_{a[a.index(\"--exp-name\") + 1]}_{a[a.index(\"--seed\") + 1]}.json', 'w').write(json.dumps(rec))\n"
         "print('hello from', a)\n"
         "if '--explode' in a:\n"
-        "    print('warming up', file=sys.stderr); print('error: --explode: kaboom', file=sys.stderr); sys.exit(3)\n")
+        "    print('warming up', file=sys.stderr); print('error: --explode: kaboom', file=sys.stderr); sys.exit(3)\n"
+    )
     work = tmp_cwd / "work"
     work.mkdir()
-    r = run(SWEEP, "--script", fake, "--setup", "good=--x 1", "--setup", "bad=--explode", "--seeds", 1, 2,
-            "--jobs", 2, "--cwd", work, "--out", tmp_cwd / "logs", cwd=tmp_cwd)
+    r = run(
+        SWEEP,
+        "--script",
+        fake,
+        "--setup",
+        "good=--x 1",
+        "--setup",
+        "bad=--explode",
+        "--seeds",
+        1,
+        2,
+        "--jobs",
+        2,
+        "--cwd",
+        work,
+        "--out",
+        tmp_cwd / "logs",
+        cwd=tmp_cwd,
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "2/4 jobs succeeded" in r.stdout
     for seed in (1, 2):
@@ -137,11 +178,16 @@ def test_sweep_runs_jobs_in_parallel_with_logs_and_reports_failures(tmp_cwd):
     assert "hello from" in (logs / "good__1.out").read_text()
     assert (logs / "bad__2.err").read_text().splitlines()[-1] == "error: --explode: kaboom"
     summ = json.loads((logs / "summary.json").read_text())
-    assert sorted((j["setup"], j["seed"], j["returncode"]) for j in summ["jobs"]) == \
-        [("bad", 1, 3), ("bad", 2, 3), ("good", 1, 0), ("good", 2, 0)]
+    assert sorted((j["setup"], j["seed"], j["returncode"]) for j in summ["jobs"]) == [
+        ("bad", 1, 3),
+        ("bad", 2, 3),
+        ("good", 1, 0),
+        ("good", 2, 0),
+    ]
 
 
 # ---------------------------------------------------------------- a real tiny sweep + report
+
 
 def read_independently(run_dir, key):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -152,14 +198,33 @@ def read_independently(run_dir, key):
 
 
 def test_real_sweep_then_report_matches_event_files(tmp_cwd):
-    r = run(SWEEP, "--script", "dqn_atari_injection.py", "--setup", "plain=", "--setup", "inj=--inject-at 400",
-            "--setup", "broken=--inject-at 100", "--seeds", 1, 2, "--jobs", 2, "--common", TINY, "--quiet",
-            cwd=tmp_cwd)
+    r = run(
+        SWEEP,
+        "--script",
+        "dqn_atari_injection.py",
+        "--setup",
+        "plain=",
+        "--setup",
+        "inj=--inject-at 400",
+        "--setup",
+        "broken=--inject-at 100",
+        "--seeds",
+        1,
+        2,
+        "--jobs",
+        2,
+        "--common",
+        TINY,
+        "--quiet",
+        cwd=tmp_cwd,
+    )
     # the broken setup injects before --learning-starts: both of its jobs fail with the script's error line
     assert r.returncode == 1, r.stdout + r.stderr
     assert "4/6 jobs succeeded" in r.stdout
     for seed in (1, 2):
-        assert f"FAILED broken seed {seed} (exit 1): error: --inject-at [100] is before --learning-starts 200" in r.stdout
+        assert (
+            f"FAILED broken seed {seed} (exit 1): error: --inject-at [100] is before --learning-starts 200" in r.stdout
+        )
     runs = sorted(p for p in (tmp_cwd / "runs").iterdir() if not p.name.startswith("_"))
     assert [p.name.split("__")[1:3] for p in runs] == [["inj", "1"], ["inj", "2"], ["plain", "1"], ["plain", "2"]]
     assert len(list((tmp_cwd / "runs" / "_sweeps").glob("dqn_atari_injection_*/summary.json"))) == 1
@@ -174,8 +239,11 @@ def test_real_sweep_then_report_matches_event_files(tmp_cwd):
         assert all(sorted(s) == [300, 600] for s in series)
         finals = np.array([s[600] for s in series])
         at300 = np.array([s[300] for s in series])
-        for col, vals in (("eval/episodic_return final", finals), ("eval/episodic_return @300", at300),
-                          ("eval/episodic_return @450", at300)):  # @450: last value at or before 450
+        for col, vals in (
+            ("eval/episodic_return final", finals),
+            ("eval/episodic_return @300", at300),
+            ("eval/episodic_return @450", at300),
+        ):  # @450: last value at or before 450
             m, sd = mean_pm_std(row[col])
             assert m == pytest.approx(vals.mean(), abs=1e-6) and sd == pytest.approx(vals.std(), abs=1e-6), col
         assert row["n"] == "2" and row["seeds"] == "1 2" and row["last step"] == "600"
@@ -193,6 +261,7 @@ def test_real_sweep_then_report_matches_event_files(tmp_cwd):
 
 # ---------------------------------------------------------------- report on synthetic runs
 
+
 def write_run(root, name, scalars):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -206,8 +275,9 @@ def write_run(root, name, scalars):
 def test_report_partial_key_duplicates_and_env_ids_with_slash(tmp_cwd):
     runs = tmp_cwd / "runs"
     write_run(runs, "PointmassHard-v0__a__1__100", {"eval/success_rate": [(10, 0.5), (20, 1.0)]})
-    write_run(runs, "PointmassHard-v0__a__2__100", {"eval/success_rate": [(10, 0.0), (20, 0.5)],
-                                                    "injection/count": [(15, 1)]})
+    write_run(
+        runs, "PointmassHard-v0__a__2__100", {"eval/success_rate": [(10, 0.0), (20, 0.5)], "injection/count": [(15, 1)]}
+    )
     write_run(runs, "PointmassHard-v0__a__2__50", {"eval/success_rate": [(10, 9.0), (20, 9.0)]})  # older duplicate
     write_run(runs, "ALE/Phoenix-v5__a__1__100", {"eval/success_rate": [(5, 2.0), (30, 3.0)]})
     r = run(REPORT, "runs", "--key", "eval/success_rate", "--at-step", 12, 1, cwd=tmp_cwd)
@@ -228,12 +298,15 @@ def test_report_partial_key_duplicates_and_env_ids_with_slash(tmp_cwd):
     assert r.returncode == 0 and len(table_rows(r.stdout)) == 2
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["runs"], "error: runs: no such file or directory"),
-    (["empty"], "error: no runs found under empty"),
-    (["empty", "--plot", "out.jpg"], "error: --plot out.jpg: use a .png, .pdf or .svg file name"),
-    (["empty", "--plot", "nodir/out.png"], "error: --plot nodir/out.png: folder"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["runs"], "error: runs: no such file or directory"),
+        (["empty"], "error: no runs found under empty"),
+        (["empty", "--plot", "out.jpg"], "error: --plot out.jpg: use a .png, .pdf or .svg file name"),
+        (["empty", "--plot", "nodir/out.png"], "error: --plot nodir/out.png: folder"),
+    ],
+)
 def test_report_errors_are_clear(tmp_cwd, args, msg):
     (tmp_cwd / "empty" / "not_a_run").mkdir(parents=True)
     r = run(REPORT, *args, cwd=tmp_cwd)

@@ -1,4 +1,5 @@
 """The shared blocks are textually identical in every script, and the sync tool keeps them so."""
+
 import importlib.util
 from pathlib import Path
 
