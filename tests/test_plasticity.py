@@ -1,28 +1,34 @@
 """The plasticity block (shared_blocks/plasticity.py): each metric against hand-computed values,
 frozen vs trainable parts after an injection, and no side effects on training."""
+
 import ast
 import builtins
 import math
 import re
 import symtable
-import types
 from pathlib import Path
 
 import pytest
-from conftest import load_blocks
 import torch
+from conftest import load_blocks
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-# Names a block may take from the blocks before it in a script (common, injection).
-ALLOWED_FROM_EARLIER_BLOCKS = {"UserError", "check_steps", "InjectedModule"}
+# The blocks whose names (definitions and imports) a block may use: those run before it in a script, in the order
+# of conftest.load_blocks. The plasticity block needs only torch.
+EARLIER_BLOCKS = {"plasticity": (), "interventions": ("flags", "common", "injection", "plasticity")}
 
+
+def defined_names(path: Path) -> set:
+    """Global names a file defines or imports."""
+    table = symtable.symtable(path.read_text(), str(path), "exec")
+    return {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
 
 
 def free_globals(path: Path) -> set:
     """Global names a file reads but neither defines, imports nor gets from builtins."""
     table = symtable.symtable(path.read_text(), str(path), "exec")
-    defined = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+    defined = defined_names(path)
     used, stack = set(), [table]
     while stack:
         t = stack.pop()
@@ -36,7 +42,8 @@ B = load_blocks("plasticity")
 
 @pytest.mark.parametrize("name", ["plasticity", "interventions"])
 def test_block_imports_what_it_uses(name):
-    assert free_globals(ROOT / "shared_blocks" / f"{name}.py") <= ALLOWED_FROM_EARLIER_BLOCKS
+    provided = set().union(*(defined_names(ROOT / "shared_blocks" / f"{b}.py") for b in EARLIER_BLOCKS[name]))
+    assert free_globals(ROOT / "shared_blocks" / f"{name}.py") <= provided
 
 
 def _top_level_names(tree):
@@ -80,7 +87,7 @@ def test_effective_rank_known_matrices():
 def test_effective_rank_by_hand():
     # singular values 3 and 1: p = (3/4, 1/4), erank = exp(-(3/4 ln 3/4 + 1/4 ln 1/4)) = 1.754765
     by_hand = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
-    assert by_hand == pytest.approx(0.75 ** -0.75 * 4 ** 0.25) == pytest.approx(1.754765, abs=1e-6)
+    assert by_hand == pytest.approx(0.75**-0.75 * 4**0.25) == pytest.approx(1.754765, abs=1e-6)
     rot = torch.tensor([[0.6, -0.8], [0.8, 0.6]])
     a = rot @ torch.diag(torch.tensor([3.0, 1.0])) @ rot.T  # same singular values, not diagonal
     assert float(B.effective_rank(a)) == pytest.approx(by_hand, abs=1e-6)
@@ -180,7 +187,8 @@ def test_aliased_modules_are_measured_once():
 
 
 def test_conv_net_keys_and_norms():
-    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(1, 4), nn.LeakyReLU(0.01), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    conv = (nn.Conv2d(2, 4, 3), nn.GroupNorm(1, 4), nn.LeakyReLU(0.01))
+    net = nn.Sequential(*conv, nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     assert list(B.hidden_layers(net)) == ["0"]  # conv -> norm -> activation
     m = B.measure_plasticity(net, torch.rand(5, 2, 6, 6))
     assert 1.0 <= m["plasticity/trainable/0/erank_features"] <= 4.0
@@ -190,6 +198,7 @@ def test_conv_net_keys_and_norms():
 
 def test_measuring_has_no_side_effects_on_training():
     """Same seed: training with measurements in between gives bit-identical weights, .grad and Adam state."""
+
     def run(measure):
         torch.manual_seed(1)
         net = Net()
@@ -239,7 +248,7 @@ def test_injected_head_reports_frozen_and_trainable_parts():
     _train(net, x, y)
     before = B.measure_plasticity(net, x)
     assert not any("/frozen/" in k for k in before)
-    B.apply_injection(net, ["head"], x)
+    B.inject_plasticity(net, ["head"], x)
     loss = lambda mdl: (mdl(x) - y).pow(2).mean()  # noqa: E731
     m1 = B.measure_plasticity(net, x, loss_fn=loss)
     for k in ("head.terms.0.0", "head.terms.0.2", "head.terms.2.0", "head.terms.2.2"):
@@ -251,7 +260,8 @@ def test_injected_head_reports_frozen_and_trainable_parts():
     # the frozen original head carries on the pre-injection values of the head
     assert m1["plasticity/frozen/head.terms.0.0/erank_weights"] == before["plasticity/trainable/head.0/erank_weights"]
     # _mean keys average the trainable parts only; frozen parts have their own means
-    train_wm = [m1[f"plasticity/trainable/{k}/weight_magnitude"] for k in ("encoder.0", "head.terms.1.0", "head.terms.1.2")]
+    trainable = ("encoder.0", "head.terms.1.0", "head.terms.1.2")
+    train_wm = [m1[f"plasticity/trainable/{k}/weight_magnitude"] for k in trainable]
     assert m1["plasticity/weight_magnitude_mean"] == pytest.approx(sum(train_wm) / 3)
     assert "plasticity/frozen/weight_magnitude_mean" in m1
     _train(net, x, y)
@@ -271,7 +281,7 @@ def test_whole_network_injection_frozen_metrics_constant():
     model = Wrapper()
     x, y = torch.rand(64, 3), torch.rand(64, 2)
     _train(model, x, y)
-    B.apply_injection(model, ["net"], x)
+    B.inject_plasticity(model, ["net"], x)
     m1 = B.measure_plasticity(model, x)
     _train(model, x, y)
     m2 = B.measure_plasticity(model, x)
