@@ -8,7 +8,8 @@ first rollout boundary), and reports steps per second of the rollout phase, of t
 (samples x epochs / update time) and of whole iterations, for: no injection, encoder injection with
 and without the frozen-output cache, head injection, and whole-network injection with the cache.
 Configurations are interleaved over rounds and the median per configuration is reported, because
-the machine may be shared; the order is shuffled per round, since position alone biases a timing. Results go to benchmark/results/ppo_injection_overhead.json.
+the machine may be shared; the order is shuffled per round, since position alone biases a timing.
+Results go to benchmark/results/ppo_injection_overhead.json.
 
     OMP_NUM_THREADS=1 python benchmark/ppo_injection_overhead.py [--rounds 3] [--iterations 5]
 """
@@ -74,18 +75,27 @@ def run(config: dict, args_ns) -> dict:
 
 
 def update_setup(config: dict, n: int, seed: int = 0):
-    """Agent, optimizer, batch and cached frozen outputs (as the rollout stores them) for one configuration."""
+    """Agent, optimizer, args and a batch for one configuration; the batch carries the frozen terms' outputs
+    ("frozen/..." entries) as the rollout stores them."""
     args = P.Args(num_minibatches=4, update_epochs=4, **{k: v for k, v in config.items() if k != "inject_at"})
     torch.manual_seed(seed)
     agent = P.Agent(4)
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-5, eps=1e-5)
     g = torch.Generator().manual_seed(seed)
     obs = torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g)
-    if config.get("inject_at"):
-        P.do_injection(agent, optimizer, args, obs[:4])
-    paths = P.cacheable_paths(agent, args.inject_target) if config.get("inject_at") and args.inject_cache_frozen else []
+    if config.get("inject_at"):  # the injection as train() calls it
+        fresh = P.targets(agent, args.inject_target)
+        P.inject_plasticity(
+            agent,
+            list(fresh),
+            obs[:4],
+            optimizers=[optimizer],
+            reset_optimizer=args.inject_reset_optimizer,
+            make_fresh=fresh,
+            keep_trainable=args.inject_keep_trainable,
+            third_term=not args.inject_no_third_term,
+        )
     with torch.no_grad():
-        frozen = agent.frozen_outputs(obs, paths) or None
         actions, logprobs, _, values = agent.get_action_and_value(obs)
     batch = dict(
         obs=obs,
@@ -95,7 +105,8 @@ def update_setup(config: dict, n: int, seed: int = 0):
         returns=values,
         values=values,
     )
-    return agent, optimizer, batch, args, frozen
+    batch.update(agent.frozen_outputs(obs, P.cached_paths(agent, args)))
+    return agent, optimizer, batch, args
 
 
 def update_only(configs: dict, n: int, repeats: int) -> dict:
@@ -105,16 +116,16 @@ def update_only(configs: dict, n: int, repeats: int) -> dict:
 
     setups = {name: update_setup(cfg, n) for name, cfg in configs.items()}
     best = {name: float("inf") for name in configs}
-    for agent, optimizer, batch, args, frozen in setups.values():  # warm-up (allocations, Adam state)
-        P.ppo_update(agent, optimizer, batch, args, frozen=frozen)
+    for agent, optimizer, batch, args in setups.values():  # warm-up (allocations, Adam state)
+        P.ppo_update(agent, optimizer, batch, args)
     for r in range(repeats):
         order = list(setups)
         random.Random(r).shuffle(order)  # a configuration's position in the sequence biases it (~10%)
         for name in order:
-            agent, optimizer, batch, args, frozen = setups[name]
+            agent, optimizer, batch, args = setups[name]
             np.random.seed(0)
             t = time.perf_counter()
-            P.ppo_update(agent, optimizer, batch, args, frozen=frozen)
+            P.ppo_update(agent, optimizer, batch, args)
             best[name] = min(best[name], time.perf_counter() - t)
     return {name: n * 4 / t for name, t in best.items()}
 

@@ -1,5 +1,6 @@
 """Plasticity injection in ppo_atari_injection: exact desiderata, frozen terms through real PPO updates,
 the frozen-output cache, and GAE over steps the agent did not decide."""
+
 import copy
 
 import numpy as np
@@ -23,7 +24,33 @@ def _batch(agent, n=48, seed=0):
     with torch.no_grad():
         actions, logprobs, _, values = agent.get_action_and_value(obs)
     adv = torch.randn(n, generator=g)
-    return {"obs": obs, "actions": actions, "logprobs": logprobs, "advantages": adv, "returns": values + adv, "values": values}
+    return {
+        "obs": obs,
+        "actions": actions,
+        "logprobs": logprobs,
+        "advantages": adv,
+        "returns": values + adv,
+        "values": values,
+    }
+
+
+def _trainable(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _inject(agent, optimizer, args, probe):
+    """The injection as train() calls it."""
+    fresh = P.targets(agent, args.inject_target)
+    return P.inject_plasticity(
+        agent,
+        list(fresh),
+        probe,
+        optimizers=[optimizer],
+        reset_optimizer=args.inject_reset_optimizer,
+        make_fresh=fresh,
+        keep_trainable=args.inject_keep_trainable,
+        third_term=not args.inject_no_third_term,
+    )
 
 
 def _agent(share=True, seed=0):
@@ -33,7 +60,10 @@ def _agent(share=True, seed=0):
     return agent, optimizer
 
 
-CASES = [(t, n, True) for t in ("encoder", "heads", "all") for n in (1, 2)] + [("encoder", 2, False), ("heads", 1, False)]
+CASES = [(t, n, True) for t in ("encoder", "heads", "all") for n in (1, 2)] + [
+    ("encoder", 2, False),
+    ("heads", 1, False),
+]
 
 
 @pytest.mark.parametrize("target,n_injections,share", CASES)
@@ -42,32 +72,32 @@ def test_injection_desiderata_through_ppo_updates(target, n_injections, share):
     args = _args(inject_target=target)
     probe = _batch(agent, 8, seed=1)["obs"]
     check = _batch(agent, 16, seed=2)["obs"]
-    trainable0 = P.count_params(agent, trainable_only=True)
+    trainable0 = _trainable(agent)
     np.random.seed(0)
     for k in range(n_injections):
         P.ppo_update(agent, optimizer, _batch(agent, seed=10 + k), args)  # train before injecting
         with torch.no_grad():
-            before = P.agent_output(agent, check)
-        log = P.do_injection(agent, optimizer, args, probe)
+            before = agent(check)
+        log = _inject(agent, optimizer, args, probe)
         with torch.no_grad():
-            after = P.agent_output(agent, check)
+            after = agent(check)
         assert torch.equal(before, after), "output changed at injection"
         assert log["injection/output_change"] == 0.0 and log["injection/count"] == k + 1
-        assert P.count_params(agent, trainable_only=True) == trainable0
+        assert _trainable(agent) == trainable0
         # the optimizer holds exactly the trainable parameters
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         assert in_opt == {id(p) for p in agent.parameters() if p.requires_grad}
 
-    paths = P.injection_paths(agent, target)
+    paths = list(P.targets(agent, target))
     frozen = {n: p.detach().clone() for n, p in agent.named_parameters() if not p.requires_grad}
     assert frozen, "injection froze nothing"
-    new_copy = {p: [{k: v.clone() for k, v in t.state_dict().items()} for t in agent.get_submodule(p).terms[-2:]] for p in paths}
+    new_copy = {
+        p: [{k: v.clone() for k, v in t.state_dict().items()} for t in agent.get_submodule(p).terms[-2:]] for p in paths
+    }
     for k in range(2):  # real PPO updates (cache on for encoder/all)
         batch = _batch(agent, seed=20 + k)
-        cache = {}
-        for p in P.cacheable_paths(agent, target):
-            cache.update(agent.frozen_outputs(batch["obs"], [p]))
-        stats = P.ppo_update(agent, optimizer, batch, args, frozen=cache or None)
+        batch.update(agent.frozen_outputs(batch["obs"], P.cached_paths(agent, args)))  # as the rollout stores them
+        stats = P.ppo_update(agent, optimizer, batch, args)
         assert np.isfinite(stats["losses/value_loss"])
     for n, p in agent.named_parameters():
         if n in frozen:
@@ -88,7 +118,7 @@ def test_injection_desiderata_through_ppo_updates(target, n_injections, share):
 
 def test_fresh_copies_use_the_networks_init_scheme():
     agent, optimizer = _agent()
-    P.do_injection(agent, optimizer, _args(inject_target="heads"), _batch(agent, 4)["obs"])
+    _inject(agent, optimizer, _args(inject_target="heads"), _batch(agent, 4)["obs"])
     fresh_value = agent.policy.value_net.terms[1].weight
     fresh_action = agent.policy.action_net.terms[1].weight
     # orthogonal rows with gains 1 (value) and 0.01 (actions), zero biases, as at construction
@@ -100,17 +130,17 @@ def test_fresh_copies_use_the_networks_init_scheme():
 def test_ablations_change_the_structure():
     agent, optimizer = _agent()
     obs = _batch(agent, 8)["obs"]
-    n0 = P.count_params(agent, trainable_only=True)
-    log = P.do_injection(agent, optimizer, _args(inject_target="encoder", inject_no_third_term=True), obs)
+    n0 = _trainable(agent)
+    log = _inject(agent, optimizer, _args(inject_target="encoder", inject_no_third_term=True), obs)
     assert log["injection/output_change"] > 0 and len(agent.policy.features_extractor.terms) == 2
     agent, optimizer = _agent()
-    P.do_injection(agent, optimizer, _args(inject_target="encoder", inject_keep_trainable=True), obs)
-    assert P.count_params(agent, trainable_only=True) == 3 * P.count_params(agent.policy.features_extractor.terms[0]) \
-        + n0 - P.count_params(agent.policy.features_extractor.terms[0])
+    encoder = sum(p.numel() for p in agent.policy.features_extractor.parameters())
+    _inject(agent, optimizer, _args(inject_target="encoder", inject_keep_trainable=True), obs)
+    assert _trainable(agent) == n0 + 2 * encoder
     agent, optimizer = _agent()
     P.ppo_update(agent, optimizer, _batch(agent), _args())
     assert optimizer.state
-    P.do_injection(agent, optimizer, _args(inject_target="heads", inject_reset_optimizer=True), obs)
+    _inject(agent, optimizer, _args(inject_target="heads", inject_reset_optimizer=True), obs)
     assert not optimizer.state
 
 
@@ -118,18 +148,17 @@ def test_ablations_change_the_structure():
 def test_cached_frozen_outputs_give_the_same_losses_and_gradients(target, share):
     agent, optimizer = _agent(share)
     args = _args(inject_target=target)
-    P.do_injection(agent, optimizer, args, _batch(agent, 4)["obs"])
+    _inject(agent, optimizer, args, _batch(agent, 4)["obs"])
     P.ppo_update(agent, optimizer, _batch(agent, seed=3), args)  # new copy differs from the frozen one
     batch = _batch(agent, seed=4)
-    paths = P.cacheable_paths(agent, target)
+    paths = P.cached_paths(agent, args)
     assert paths
-    with torch.no_grad():
-        cache = agent.frozen_outputs(batch["obs"], paths)
-    assert all(o is None or not o.requires_grad for outs in cache.values() for o in outs)
+    cache = agent.frozen_outputs(batch["obs"], paths)
+    assert cache and all(k.startswith("frozen/") and not o.requires_grad for k, o in cache.items())
 
-    def loss_and_grads(frozen):
+    def loss_and_grads(cache):
         agent.zero_grad()
-        _, logp, ent, value = agent.get_action_and_value(batch["obs"], batch["actions"], frozen=frozen)
+        _, logp, ent, value = agent.get_action_and_value(batch["obs"], batch["actions"], cache=cache)
         loss = -(logp * batch["advantages"]).mean() + ((value - batch["returns"]) ** 2).mean() - 0.01 * ent.mean()
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in agent.named_parameters() if p.requires_grad}
@@ -142,27 +171,30 @@ def test_cached_frozen_outputs_give_the_same_losses_and_gradients(target, share)
         torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-7)
     assert all(p.grad is None for p in agent.parameters() if not p.requires_grad)
 
-    # whole updates agree too, and with the cache the frozen terms never run during the update
+    # whole updates agree too: the cache travels with the (mini)batch, and the frozen terms never run in the update
     twin, twin_opt = copy.deepcopy((agent, optimizer))  # one deepcopy: the optimizer points at the twin
     calls = []
     for path in paths:
-        for term in agent.get_submodule(path).frozen_terms():
-            term.register_forward_hook(lambda *a: calls.append(1))
+        injected = agent.get_submodule(path)
+        for term, trainable in zip(injected.terms, injected.term_trainable):
+            if not trainable:
+                term.register_forward_hook(lambda *a: calls.append(1))
     np.random.seed(5)
-    stats_cached = P.ppo_update(agent, optimizer, batch, args, frozen=cache)
+    stats_cached = P.ppo_update(agent, optimizer, dict(batch, **cache), args)
     assert calls == []
     np.random.seed(5)
-    stats_plain = P.ppo_update(twin, twin_opt, batch, args, frozen=None)
+    stats_plain = P.ppo_update(twin, twin_opt, batch, args)
     for k in stats_plain:
         assert stats_cached[k] == pytest.approx(stats_plain[k], rel=1e-4, abs=1e-6), k
-    for (n, p), q in zip(agent.named_parameters(), twin.parameters()):
+    for p, q in zip(agent.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
 def test_heads_target_is_not_cached():
     agent, optimizer = _agent()
-    P.do_injection(agent, optimizer, _args(inject_target="heads"), _batch(agent, 4)["obs"])
-    assert P.cacheable_paths(agent, "heads") == []
+    _inject(agent, optimizer, _args(inject_target="heads"), _batch(agent, 4)["obs"])
+    assert P.cached_paths(agent, _args(inject_target="heads")) == []
+    assert P.cached_paths(agent, _args(inject_target="encoder", inject_cache_frozen=False)) == []
 
 
 def test_gae_skips_steps_the_agent_did_not_decide():
@@ -185,33 +217,32 @@ def test_gae_skips_steps_the_agent_did_not_decide():
 
 
 def test_invalid_steps_are_left_out_of_the_batch():
-    buf = P.RolloutBuffer(3, 2, (4, 84, 84), torch.device("cpu"))
-    buf.valid[:] = torch.tensor([[True, False], [True, True], [False, True]])
-    buf.actions[:] = torch.arange(6).reshape(3, 2)
-    buf.store_frozen(0, {"p": [None, torch.ones(2, 5)]})
+    buf = {"valid": torch.tensor([[True, False], [True, True], [False, True]]), "rewards": torch.zeros(3, 2)}
+    buf["actions"], buf["frozen/p/1"] = torch.arange(6).reshape(3, 2), torch.arange(30.0).reshape(3, 2, 5)
     adv = torch.zeros(3, 2)
-    batch, frozen = P.flatten_rollout(buf, adv, adv, use_cache=True)
+    batch = P.flatten_rollout(buf, adv, adv)
+    assert sorted(batch) == ["actions", "advantages", "frozen/p/1", "returns"]
     assert batch["actions"].tolist() == [0, 2, 3, 5]
-    assert frozen["p"][0] is None and frozen["p"][1].shape == (4, 5)
+    assert torch.equal(batch["frozen/p/1"], buf["frozen/p/1"].reshape(6, 5)[[0, 2, 3, 5]])
 
 
 def test_reset_and_shrink_perturb_touch_only_trainable_terms():
     agent, optimizer = _agent()
     args = _args(inject_target="encoder")
     P.ppo_update(agent, optimizer, _batch(agent), args)
-    P.do_injection(agent, optimizer, args, _batch(agent, 4)["obs"])
+    _inject(agent, optimizer, args, _batch(agent, 4)["obs"])
     P.ppo_update(agent, optimizer, _batch(agent, seed=1), args)
     frozen = {n: p.clone() for n, p in agent.named_parameters() if not p.requires_grad}
     before = {n: p.clone() for n, p in agent.named_parameters()}
-    log = P.reset_modules(agent, P.injection_paths(agent, "heads"), optimizers=[optimizer],
-                          make_fresh=P.fresh_factories(agent, "heads"))
+    fresh = P.targets(agent, "heads")
+    log = P.reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
     assert log["interventions/reset_params"] == 512 * N_ACTIONS + N_ACTIONS + 512 + 1
     assert agent.policy.action_net.weight not in optimizer.state  # Adam state of reset parameters cleared
     trained_copy = agent.policy.features_extractor.terms[1].linear[0].weight
     assert trained_copy in optimizer.state  # the others keep theirs
     assert torch.allclose(agent.policy.value_net.weight.norm(), torch.tensor(1.0), atol=1e-5)  # own init scheme
     assert torch.equal(trained_copy, before["policy.features_extractor.terms.1.linear.0.weight"])
-    P.shrink_perturb(agent, P.injection_paths(agent, "all"), 0.5, 0.01, make_fresh=P.fresh_factories(agent, "all"))
+    P.shrink_perturb(agent, ["policy"], 0.5, 0.01, make_fresh=P.targets(agent, "all"))
     assert not torch.equal(trained_copy, before["policy.features_extractor.terms.1.linear.0.weight"])
     for n, p in agent.named_parameters():
         if n in frozen:

@@ -1,5 +1,6 @@
 """ppo_atari_injection vs Stable-Baselines3: same observations, same network outputs, same optimizer state;
 a tiny real run continuing a real SB3 zip with injection; clear errors for bad input and bad zips."""
+
 import glob
 import os
 
@@ -36,8 +37,16 @@ def sb3_zips(tmp_path_factory):
     out = {}
     for name, share in (("shared", True), ("separate", False)):
         env = VecFrameStack(make_atari_env("BreakoutNoFrameskip-v4", n_envs=1, seed=0), n_stack=4)
-        model = PPO("CnnPolicy", env, n_steps=16, batch_size=16, n_epochs=2, seed=0, device="cpu",
-                    policy_kwargs=dict(share_features_extractor=share))
+        model = PPO(
+            "CnnPolicy",
+            env,
+            n_steps=16,
+            batch_size=16,
+            n_epochs=2,
+            seed=0,
+            device="cpu",
+            policy_kwargs=dict(share_features_extractor=share),
+        )
         model.learn(32)
         out[name] = str(folder / f"ppo_{name}.zip")
         model.save(out[name])
@@ -54,11 +63,8 @@ def _sb3_outputs(policy, obs_np):
     with torch.no_grad():
         obs_t, _ = policy.obs_to_tensor(obs_np)
         features = policy.extract_features(obs_t)
-        if policy.share_features_extractor:
-            latent_pi, latent_vf = policy.mlp_extractor(features)
-        else:
-            latent_pi = policy.mlp_extractor.forward_actor(features[0])
-            latent_vf = policy.mlp_extractor.forward_critic(features[1])
+        pi_features = features if policy.share_features_extractor else features[0]
+        latent_pi = policy.mlp_extractor.forward_actor(pi_features)
         logits = policy.action_net(latent_pi)
         dist_logits = policy.get_distribution(obs_t).distribution.logits
         values = policy.predict_values(obs_t).flatten()
@@ -85,7 +91,7 @@ def test_loaded_agent_matches_sb3_policy(sb3_zips, kind):
     info = P.read_sb3_zip(sb3_zips[kind])
     assert info["share"] == (kind == "shared")
     agent = P.Agent(info["n_actions"], info["share"])
-    P.load_pretrained(agent, info)
+    agent.load_state_dict(info["state_dict"])
     # a separate-extractor agent really has two encoders
     assert hasattr(agent.policy, "vf_features_extractor") == (kind == "separate")
 
@@ -93,7 +99,8 @@ def test_loaded_agent_matches_sb3_policy(sb3_zips, kind):
     obs = _real_observations()
     logits, dist_logits, values = _sb3_outputs(sb3.policy, obs)
     with torch.no_grad():
-        our_logits, our_values = agent(torch.as_tensor(obs))
+        out = agent(torch.as_tensor(obs))
+    our_logits, our_values = out[:, :-1], out[:, -1]
     torch.testing.assert_close(our_logits, logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.log_softmax(our_logits, 1), dist_logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(our_values, values, rtol=1e-5, atol=1e-6)
@@ -112,14 +119,23 @@ def test_pretrained_optimizer_state_is_mapped_by_name(sb3_zips, kind):
     ours = dict(agent.named_parameters())
     sb3_params = dict(sb3.policy.named_parameters())
     for sb3_name, p in sb3_params.items():
-        name = sb3_name if info["share"] else sb3_name.replace("features_extractor.", "pi_features_extractor.", 1) \
-            if sb3_name.startswith("features_extractor.") else sb3_name
+        name = (
+            sb3_name
+            if info["share"]
+            else sb3_name.replace("features_extractor.", "pi_features_extractor.", 1)
+            if sb3_name.startswith("features_extractor.")
+            else sb3_name
+        )
         mine = ours["policy." + name]
-        torch.testing.assert_close(optimizer.state[mine]["exp_avg"], sb3.policy.optimizer.state[p]["exp_avg"], rtol=0, atol=0)
-        torch.testing.assert_close(optimizer.state[mine]["exp_avg_sq"], sb3.policy.optimizer.state[p]["exp_avg_sq"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            optimizer.state[mine]["exp_avg"], sb3.policy.optimizer.state[p]["exp_avg"], rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            optimizer.state[mine]["exp_avg_sq"], sb3.policy.optimizer.state[p]["exp_avg_sq"], rtol=0, atol=0
+        )
     assert optimizer.param_groups[0]["lr"] == args.learning_rate  # our schedule, not the zip's
     # an optimizer step works with the loaded state
-    agent(torch.zeros(2, 4, 84, 84, dtype=torch.uint8))[1].sum().backward()
+    agent(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).sum().backward()
     optimizer.step()
 
 
@@ -166,17 +182,47 @@ def test_observation_pipeline_matches_sb3(env_id):
 
 
 def test_smoke_continues_sb3_zip_injects_midway_and_logs(sb3_zips, tmp_cwd):
-    proc = run_script(NAME, *TINY, "--total-timesteps", "128", "--pretrained", sb3_zips["shared"],
-                      "--pretrained-load-optimizer", "--inject-at", "64", "--inject-target", "encoder",
-                      "--eval-every", "64", "--eval-episodes", "1", "--no-eval-deterministic", "--save-model",
-                      "--seed", "3", cwd=tmp_cwd)
+    proc = run_script(
+        NAME,
+        *TINY,
+        "--total-timesteps",
+        "128",
+        "--pretrained",
+        sb3_zips["shared"],
+        "--pretrained-load-optimizer",
+        "--inject-at",
+        "64",
+        "--inject-target",
+        "encoder",
+        "--eval-every",
+        "64",
+        "--eval-episodes",
+        "1",
+        "--no-eval-deterministic",
+        "--save-model",
+        "--seed",
+        "3",
+        cwd=tmp_cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     (run_dir,) = glob.glob(str(tmp_cwd / "runs" / "*"))
     scalars = _scalars(run_dir)
-    for key in ("charts/learning_rate", "charts/SPS", "losses/value_loss", "losses/policy_loss", "losses/entropy",
-                "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
-                "injection/count", "injection/output_change", "injection/trainable_params", "eval/episodic_return"):
+    for key in (
+        "charts/learning_rate",
+        "charts/SPS",
+        "losses/value_loss",
+        "losses/policy_loss",
+        "losses/entropy",
+        "losses/old_approx_kl",
+        "losses/approx_kl",
+        "losses/clipfrac",
+        "losses/explained_variance",
+        "injection/count",
+        "injection/output_change",
+        "injection/trainable_params",
+        "eval/episodic_return",
+    ):
         assert key in scalars, key
     assert len(scalars["losses/value_loss"]) == 4  # 128 steps / 32 per rollout
     assert scalars["injection/count"] == [1.0] and scalars["injection/output_change"] == [0.0]
@@ -186,8 +232,10 @@ def test_smoke_continues_sb3_zip_injects_midway_and_logs(sb3_zips, tmp_cwd):
     # the reloaded model is the injected one, with the same frozen/trainable split
     agent = P.Agent(ckpt["n_actions"], ckpt["share_features_extractor"])
     P.load_injected_state_dict(agent, ckpt["model"])
-    assert P.injection_counts(agent) == {"policy.features_extractor": 1}
-    assert P.count_params(agent, trainable_only=True) == P.count_params(P.Agent(4), trainable_only=True)
+    counts = {n: int(m.injection_count) for n, m in agent.named_modules() if isinstance(m, P.InjectedModule)}
+    assert counts == {"policy.features_extractor": 1}
+    trainable = [sum(p.numel() for p in a.parameters() if p.requires_grad) for a in (agent, P.Agent(4))]
+    assert trainable[0] == trainable[1]
     assert not any(p.requires_grad for p in agent.policy.features_extractor.terms[0].parameters())
 
 
@@ -217,6 +265,30 @@ def test_bad_input_gives_one_clear_line(sb3_zips, tmp_cwd):
         assert line.startswith("error: ")
         for w in words:
             assert w in line, (flags, line)
+
+
+def test_bad_zips_are_named_in_one_line(sb3_zips, tmp_path):
+    """Read in-process (quick): not a zip, a zip without policy.pth, an MlpPolicy PPO zip, a bad Adam state."""
+    import zipfile
+
+    from stable_baselines3 import PPO
+
+    text, no_policy, mlp = tmp_path / "notes.zip", tmp_path / "no_policy.zip", tmp_path / "ppo_mlp.zip"
+    text.write_text("not a zip")
+    with zipfile.ZipFile(sb3_zips["shared"]) as src, zipfile.ZipFile(no_policy, "w") as dst:
+        for name in src.namelist():
+            if name != "policy.pth":
+                dst.writestr(name, src.read(name))
+    PPO("MlpPolicy", "CartPole-v1", device="cpu").save(mlp)
+    for path, words in [(text, "not a readable"), (no_policy, "policy.pth"), (mlp, "ActorCriticPolicy")]:
+        with pytest.raises(P.UserError) as e:
+            P.read_sb3_zip(str(path))
+        assert str(path) in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
+    info = P.read_sb3_zip(sb3_zips["shared"])
+    info["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+    args = P.Args(pretrained=sb3_zips["shared"], pretrained_load_optimizer=True)
+    with pytest.raises(P.UserError, match="Adam state does not fit"):
+        P.build_agent(args, info["n_actions"], torch.device("cpu"), info)
 
 
 def test_hub_id_without_network_or_package_needs_a_local_path(tmp_cwd, monkeypatch):
