@@ -22,6 +22,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 gym.register_envs(ale_py)
+ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
 
 # ==== BEGIN SHARED BLOCK: flags (canonical: shared_blocks/flags.py; sync: python tools/sync_blocks.py) ====
 # Flags every script shares. Each script's `Args` extends this dataclass, adding its own flags and the
@@ -144,8 +145,7 @@ class Args(PlasticityArgs):
 
     # Algorithm specific arguments
     env_id: str = "PhoenixNoFrameskip-v4"
-    """an Atari game (`<Game>NoFrameskip-v4`, `<Game>-v5`, `ALE/<Game>-v5`) or a gymnasium env with a flat Box
-    observation and Discrete actions (`CartPole-v1`, `LunarLander-v3`)"""
+    """an Atari game (`<Game>NoFrameskip-v4`, `ALE/<Game>-v5`) or an env with flat Box obs and Discrete actions"""
     total_timesteps: int = bounded(10000000, min=1)
     """total timesteps of the experiments (environment steps, summed over all envs)"""
     learning_rate: float = bounded(1e-4, above=0)
@@ -178,8 +178,6 @@ class Args(PlasticityArgs):
     """TD loss: `huber` (smooth L1, as the Nature DQN's error clipping) or `mse` (cleanRL's dqn_atari)"""
     max_grad_norm: float = bounded(0.0, min=0)
     """clip the global gradient norm to this value (0 = no clipping, as cleanRL)"""
-
-    # Evaluation
     eval_every: int = bounded(250000, min=0)
     """evaluate the greedy policy every this many env steps (0 = only at the end)"""
     eval_episodes: int = bounded(10, min=0)
@@ -187,12 +185,11 @@ class Args(PlasticityArgs):
     eval_epsilon: float = bounded(0.0, min=0, max=1)
     """epsilon of the evaluation policy (0 = greedy)"""
 
-    # Plasticity injection and the interventions (shared flags: PlasticityArgs)
+    # Plasticity injection and the interventions (the shared flags are PlasticityArgs')
     inject_target: Literal["head", "all"] = "head"
     """where to inject: `head` = the MLP head after the encoder (the paper), `all` = the whole Q-network"""
     inject_sync_target: bool = True
-    """copy the online network into the target network right before injecting, so both are equal after it;
-    `--no-inject-sync-target` keeps the lagging target (it gets the same θ' pair and catches up at its next update)"""
+    """copy the online net into the target net before injecting (`--no-inject-sync-target`: keep it lagging)"""
     probe_batch_size: int = bounded(256, min=1)
     """observations in the (seeded) probe batch sampled from the replay buffer to measure output changes"""
     reset_target: Literal["head", "all"] = "head"
@@ -215,30 +212,18 @@ class Args(PlasticityArgs):
     """Atari only: truncate a game after this many emulator frames (108000 = 30 minutes)"""
 
 
-ATARI_ONLY = (
-    "frame_stack",
-    "noop_max",
-    "repeat_action_probability",
-    "episodic_life",
-    "clip_reward",
-    "max_episode_frames",
-)
+ATARI_ONLY = "frame_stack noop_max repeat_action_probability episodic_life clip_reward max_episode_frames".split()
 INJECT_PATHS = {"head": ["net.1"], "all": ["net"]}  # --inject-target, --reset-target, --shrink-perturb-target
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Environments
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Environments -------------------------------------------------------------------------------------------------
 @dataclass
 class EnvSpec:
     env_id: str
     atari_game: Optional[str]  # ALE rom name (e.g. "phoenix"), None for a vector-observation env
     obs_shape: tuple
     n_actions: int
-
-    @property
-    def atari(self) -> bool:
-        return self.atari_game is not None
+    atari = property(lambda self: self.atari_game is not None)
 
 
 def make_env_spec(args: Args) -> EnvSpec:
@@ -247,36 +232,21 @@ def make_env_spec(args: Args) -> EnvSpec:
     if env_id.endswith("-v5") and "/" not in env_id and f"ALE/{env_id}" in gym.registry:
         env_id = f"ALE/{env_id}"
     try:
-        spec = gym.spec(env_id)
+        spec, env = gym.spec(env_id), gym.make(env_id)
+        env.close()
     except Exception as e:  # gymnasium raises several error types for unknown or malformed ids
-        raise UserError(f"--env-id {env_id!r}: unknown environment ({type(e).__name__}: {e})") from None
+        raise UserError(f"--env-id {env_id!r}: unknown or cannot be made ({type(e).__name__}: {e})") from None
+    obs_space, n_actions = env.observation_space, getattr(env.action_space, "n", None)
     if str(spec.entry_point).startswith("ale_py"):
-        game = (spec.kwargs or {}).get("game")
-        if (spec.kwargs or {}).get("obs_type", "rgb") != "rgb" or not env_id.endswith(("NoFrameskip-v4", "-v5")):
+        if spec.kwargs.get("obs_type", "rgb") != "rgb" or not env_id.endswith(("NoFrameskip-v4", "-v5")):
             raise UserError(
                 f"--env-id {env_id!r}: unsupported Atari variant; use <Game>NoFrameskip-v4 or ALE/<Game>-v5 "
                 "(this script does its own frame skip, stacking and preprocessing)"
             )
-        ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
-        ale = ale_py.ALEInterface()
-        ale.loadROM(ale_py.roms.get_rom_path(game))
-        return EnvSpec(spec.id, game, (args.frame_stack, 84, 84), len(ale.getMinimalActionSet()))
-    try:
-        env = gym.make(env_id)
-    except Exception as e:
-        raise UserError(f"--env-id {env_id!r}: cannot be created ({type(e).__name__}: {e})") from None
-    obs_space, act_space = env.observation_space, env.action_space
-    env.close()
-    if not (
-        isinstance(act_space, gym.spaces.Discrete)
-        and isinstance(obs_space, gym.spaces.Box)
-        and len(obs_space.shape) == 1
-    ):
-        raise UserError(
-            f"--env-id {env_id!r}: needs Discrete actions and a flat Box observation "
-            f"(got {obs_space} / {act_space}), or an Atari game"
-        )
-    return EnvSpec(env_id, None, tuple(obs_space.shape), int(act_space.n))
+        return EnvSpec(spec.id, spec.kwargs["game"], (args.frame_stack, 84, 84), int(n_actions))
+    if n_actions is None or not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise UserError(f"--env-id {env_id!r}: needs Discrete actions and a flat Box observation, or an Atari game")
+    return EnvSpec(env_id, None, tuple(obs_space.shape), int(n_actions))
 
 
 def make_envs(spec: EnvSpec, args: Args, num_envs: int):
@@ -294,27 +264,22 @@ def make_envs(spec: EnvSpec, args: Args, num_envs: int):
         repeat_action_probability=args.repeat_action_probability,
         max_num_frames_per_episode=args.max_episode_frames,
         use_fire_reset=True,
-        # Life losses are read from info["lives"] (EpisodeTracker): `terminated` means game over only, and a life
-        # loss never restarts the game. Rewards stay raw; the tracker clips them.
-        episodic_life=False,
+        episodic_life=False,  # life losses come from info["lives"] (EpisodeTracker): the game goes on
         life_loss_info=False,
-        reward_clipping=False,
+        reward_clipping=False,  # raw rewards: the tracker clips them for training
     )
 
 
 def make_video_env(spec: EnvSpec, args: Args, run_name: str):
-    """A single env recording one greedy episode per evaluation (RecordVideo needs a plain gym env); None (and a
-    warning) when it cannot be made: video never ends a run."""
+    """One env recording a greedy episode per evaluation; None (and a warning) when it fails: video never ends a run."""
     try:
         atari = dict(frameskip=1, repeat_action_probability=args.repeat_action_probability)
-        atari["max_episode_steps"] = args.max_episode_frames
+        atari.update(max_episode_steps=args.max_episode_frames)
         env = gym.make(spec.env_id, render_mode="rgb_array", **(atari if spec.atari else {}))
         env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda i: True, disable_logger=True)
         if not spec.atari:
             return env
-        env = gym.wrappers.AtariPreprocessing(
-            env, noop_max=args.noop_max, frame_skip=4, screen_size=84, terminal_on_life_loss=False
-        )
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, terminal_on_life_loss=False)
         return gym.wrappers.FrameStackObservation(env, args.frame_stack, padding_type="zero")
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
@@ -322,10 +287,8 @@ def make_video_env(spec: EnvSpec, args: Args, run_name: str):
 
 
 class EpisodeTracker:
-    """Turns vector-env outputs into training signals and RAW per-game scores:
-    * the step right after an episode's last observation is the autoreset step: no transition, reward or length;
-    * a life loss (info["lives"] went down) is a terminal for training when `episodic_life`;
-    * training rewards are sign-clipped when `clip_reward`; returns are accumulated unclipped."""
+    """Vector-env outputs -> training signals and RAW per-game scores. The step after an episode's end is the
+    autoreset step (no transition); a life loss is terminal for training under `episodic_life`."""
 
     def __init__(self, num_envs: int, episodic_life: bool, clip_reward: bool):
         self.episodic_life, self.clip_reward = episodic_life, clip_reward
@@ -335,18 +298,21 @@ class EpisodeTracker:
         self.lives = None
 
     def reset(self, info: dict) -> None:
-        self.returns[:], self.lengths[:], self.prev_last[:] = 0, 0, False
+        self.returns[:] = 0
+        self.lengths[:] = 0
+        self.prev_last[:] = False
         self.lives = np.array(info["lives"]) if "lives" in info else None
 
     def step(self, rewards, terminated, truncated, info):
         """Returns (train_rewards, train_terminated, last, finished[(env, raw_return, length)])."""
-        rewards = np.asarray(rewards, np.float64)
+        rewards, terminated = np.asarray(rewards, np.float64), np.asarray(terminated)
         live = ~self.prev_last  # not the autoreset step
-        last = (np.asarray(terminated) | np.asarray(truncated)) & live
+        last = (terminated | np.asarray(truncated)) & live
         self.returns[live] += rewards[live]
         self.lengths[live] += 1
         finished = [(int(e), float(self.returns[e]), int(self.lengths[e])) for e in np.flatnonzero(last)]
-        self.returns[last], self.lengths[last] = 0, 0
+        self.returns[last] = 0
+        self.lengths[last] = 0
         life_loss = np.zeros_like(last)
         if "lives" in info:
             lives = np.array(info["lives"])
@@ -354,14 +320,11 @@ class EpisodeTracker:
                 life_loss = live & (lives < self.lives)
             self.lives = lives
         self.prev_last = last
-        train_terminated = (np.asarray(terminated) | life_loss) & live
         train_rewards = np.sign(rewards) if self.clip_reward else rewards
-        return train_rewards.astype(np.float32), train_terminated, last, finished
+        return train_rewards.astype(np.float32), (terminated | life_loss) & live, last, finished
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Network: Q(s) = head(encoder(s)) as `net = nn.Sequential(encoder, head)`; injection paths "net.1" (head), "net"
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Network: Q(s) = head(encoder(s)), `net = nn.Sequential(encoder, head)`; --inject-target paths "net.1", "net" --
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh}  # leaky_relu: slope 0.01
 
 
@@ -387,9 +350,8 @@ class QNetwork(nn.Module):
         self.obs_shape, self.n_actions, self.atari = tuple(obs_shape), int(n_actions), atari
         if atari:
             convs = [nn.Conv2d(obs_shape[0], 32, 8, 4), nn.Conv2d(32, 64, 4, 2), nn.Conv2d(64, 64, 3, 1)]
-            encoder = nn.Sequential(
-                ScaleObs(), *[m for c in convs for m in hidden(c, layer_norm, activation)], nn.Flatten()
-            )
+            layers = [m for conv in convs for m in hidden(conv, layer_norm, activation)]
+            encoder = nn.Sequential(ScaleObs(), *layers, nn.Flatten())
             features, width = 64 * 7 * 7, 512
         else:
             features, width = 120, 84
@@ -407,24 +369,20 @@ def build_network(spec: EnvSpec, args: Args) -> QNetwork:
     )
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Replay buffer
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Replay buffer ------------------------------------------------------------------------------------------------
 class ReplayBuffer:
     """Replay memory that stores each frame ONCE and rebuilds frame stacks at sample time.
 
-    One circular stream of slots per env (all envs step together). Slot of observation number t is t % capacity
-    and holds the newest frame of that observation, `first` (the first observation of an episode), `last` (the
-    episode ended with it: the next step is the autoreset step, so no transition starts here), and the action taken
-    from it with the reward and `terminated` flag that followed. A transition starting at step t uses steps
-    t-stack+1 .. t+1: frames from before the episode's first observation are zero (what the Atari vector env gives
-    at reset), and the next stack shifts by one. With `stack == 1` and `stacked=False` it is a plain buffer for
-    vector observations. Capacity counts transitions over all envs (`capacity // num_envs` slots per env).
+    One circular stream of `capacity // num_envs` slots per env (all envs step together). The slot of observation
+    number t (t % cap) holds its newest frame, `first` (first observation of an episode), `last` (the episode ended
+    with it: the next step is the autoreset step, so no transition starts here), and the action taken from it with
+    the reward and `terminated` flag that followed. A transition from step t uses frames t-stack+1 .. t+1; frames
+    from before the episode's first observation are zero, as the Atari vector env gives at reset. `stack == 1`,
+    `stacked=False`: a plain buffer of vector observations.
     """
 
     def __init__(self, capacity: int, num_envs: int, frame_shape, frame_dtype, stack: int, stacked: bool, seed: int):
-        self.num_envs, self.stack, self.stacked = num_envs, stack, stacked
-        self.cap = capacity // num_envs
+        self.num_envs, self.stack, self.stacked, self.cap = num_envs, stack, stacked, capacity // num_envs
         if self.cap < stack + 2:
             need = (stack + 2) * num_envs
             raise UserError(f"--buffer-size {capacity} is too small: need at least {need} for {num_envs} env(s)")
@@ -434,31 +392,25 @@ class ReplayBuffer:
             self.rewards = np.zeros((num_envs, self.cap), np.float32)
         except MemoryError:
             raise UserError(f"--buffer-size {capacity} does not fit in memory (84x84 bytes per Atari frame)") from None
-        self.terminated = np.zeros((num_envs, self.cap), bool)
-        self.first = np.zeros((num_envs, self.cap), bool)
-        self.last = np.zeros((num_envs, self.cap), bool)
+        self.terminated, self.first, self.last = (np.zeros((num_envs, self.cap), bool) for _ in range(3))
         self.t = 0  # observations written per env
         self.rng = np.random.default_rng(seed)
-
-    def _frame(self, obs: np.ndarray) -> np.ndarray:
-        return obs[:, -1] if self.stacked else obs
 
     def reset(self, obs: np.ndarray) -> None:
         """The observations returned by env.reset(): first observations of every env."""
         p = self.t % self.cap
-        self.frames[:, p] = self._frame(obs)
+        self.frames[:, p] = obs[:, -1] if self.stacked else obs
         self.first[:, p], self.last[:, p] = True, False
         self.t += 1
 
     def add(self, actions, rewards, terminated, next_obs, next_last) -> None:
-        """One env step: completes the transitions from the newest slot and stores the next observations.
-        next_last[e]: env e's episode ended with next_obs[e] (terminated or truncated, not a life loss); on the
-        autoreset step after it, next_obs is the first observation of the new episode."""
+        """One env step: completes the transitions from the newest slot and stores the next observations
+        (next_last: the episode ended with next_obs; on the autoreset step after it, next_obs starts a new one)."""
         p, q = (self.t - 1) % self.cap, self.t % self.cap
         self.actions[:, p] = actions
         self.rewards[:, p] = rewards
         self.terminated[:, p] = terminated
-        self.frames[:, q] = self._frame(next_obs)
+        self.frames[:, q] = next_obs[:, -1] if self.stacked else next_obs
         self.first[:, q] = self.last[:, p]
         self.last[:, q] = next_last
         self.t += 1
@@ -468,13 +420,6 @@ class ReplayBuffer:
         hi = self.t - 1  # the newest observation has no successor yet
         lo = self.t - self.cap + self.stack - 1 if self.t > self.cap else 0  # its stack must be intact
         return lo, hi
-
-    def valid_indices(self) -> tuple:
-        lo, hi = self.step_range()
-        steps = np.arange(lo, max(lo, hi))
-        envs, steps = np.repeat(np.arange(self.num_envs), len(steps)), np.tile(steps, self.num_envs)
-        ok = ~self.last[envs, steps % self.cap]
-        return envs[ok], steps[ok]
 
     def sample_indices(self, n: int, rng: Optional[np.random.Generator] = None) -> tuple:
         """n (env, step) pairs drawn uniformly from the valid transitions (rejection sampling)."""
@@ -498,10 +443,9 @@ class ReplayBuffer:
         """(obs, actions, rewards, terminated, next_obs) numpy arrays of the given transitions."""
         k = self.stack
         slots = (steps[:, None] + np.arange(-(k - 1), 2)) % self.cap  # (B, k+1) window
-        e = envs[:, None]
-        window = self.frames[e, slots]
+        window = self.frames[envs[:, None], slots]
         if k > 1:
-            first = self.first[e, slots[:, 1:k]]  # (B, k-1): first flags of steps t-k+2 .. t
+            first = self.first[envs[:, None], slots[:, 1:k]]  # (B, k-1): first flags of steps t-k+2 .. t
             # frame w (< k-1) is before the episode's start when any step after it up to t is `first`
             blocked = np.flip(np.logical_or.accumulate(np.flip(first, 1), 1), 1)
             if blocked.any():
@@ -704,9 +648,7 @@ def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = 
 # ==== END SHARED BLOCK: injection ====
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# DQN
-# ------------------------------------------------------------------------------------------------------------------
+# ---- DQN ----------------------------------------------------------------------------------------------------------
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     slope = (end_e - start_e) / max(duration, 1)
     return max(slope * t + start_e, end_e) if end_e <= start_e else min(slope * t + start_e, end_e)
@@ -739,8 +681,8 @@ def td_loss(q_network, target_network, batch, args: Args):
 
 
 def dqn_update(q_network, target_network, optimizer, batch, args: Args, global_step: int = 0, l2: float = 0.0):
-    """One gradient step on a replay batch; returns (td_loss, mean Q(s, a)) as detached tensors. l2 > 0 adds
-    l2 * Σw² over the trainable weight matrices (`--l2-schedule`) to the loss."""
+    """One gradient step on a replay batch (+ l2 * Σw² of the trainable weights when l2 > 0); returns the detached
+    (td_loss, mean Q(s, a))."""
     loss, q_sa = td_loss(q_network, target_network, batch, args)
     check_finite(loss, "losses/td_loss", global_step)
     if l2 > 0:
@@ -757,9 +699,9 @@ def dqn_update(q_network, target_network, optimizer, batch, args: Args, global_s
 def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -> None:
     if tau >= 1.0:
         target_network.load_state_dict(q_network.state_dict())
-        return
-    for tp, p in zip(target_network.parameters(), q_network.parameters()):
-        tp.lerp_(p, tau)
+    else:
+        for tp, p in zip(target_network.parameters(), q_network.parameters()):
+            tp.lerp_(p, tau)
 
 
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
@@ -773,9 +715,9 @@ def log_event(writer, events: list, step: int, what: str, log: dict, **extra) ->
 def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) -> list:
     """RAW returns of --eval-episodes whole episodes (one per env of a fresh vector env, all lives), logged."""
     envs = make_envs(spec, args, args.eval_episodes)
-    rng, seed = np.random.default_rng(args.seed + 100_000), args.seed + 100_000
+    rng = np.random.default_rng(args.seed + 100_000)
     returns, done = np.zeros(args.eval_episodes), np.zeros(args.eval_episodes, bool)
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=args.seed + 100_000)
     while not done.all():
         actions = select_actions(q_network, obs, args.eval_epsilon, spec.n_actions, rng, device)
         obs, rewards, terminated, truncated, _ = envs.step(actions)
@@ -788,7 +730,7 @@ def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) ->
 
 
 def record_video(q_network, video_env, device, seed: int):
-    """One greedy episode into the video env; returns it, or None (with a warning) when recording fails."""
+    """One greedy episode into the video env; returns it, or None (with a warning) once recording fails."""
     if video_env is None:
         return None
     try:
@@ -802,12 +744,9 @@ def record_video(q_network, video_env, device, seed: int):
         return video_env
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
-        return None
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Training -----------------------------------------------------------------------------------------------------
 def train(args: Args) -> dict:
     """Run DQN; returns a summary (returns, last losses, injections, interventions, metrics, model path)."""
     spec = validate_args(args)  # every flag, before anything is written
@@ -856,6 +795,7 @@ def train(args: Args) -> dict:
     injections, interventions, train_returns, eval_returns = [], [], [], []
     video_env = make_video_env(spec, args, run_name) if args.capture_video else None
     loss = q_mean = None
+    explore_steps = args.exploration_fraction * args.total_timesteps  # epsilon decays from start-e to end-e over these
 
     start_time = time.time()
     obs, info = envs.reset(seed=args.seed)
@@ -863,9 +803,7 @@ def train(args: Args) -> dict:
     tracker.reset(info)
     for global_step in range(0, args.total_timesteps, args.num_envs):
         # ALGO LOGIC: epsilon-greedy actions of every env
-        epsilon = linear_schedule(
-            args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step
-        )
+        epsilon = linear_schedule(args.start_e, args.end_e, explore_steps, global_step)
         actions = select_actions(q_network, obs, epsilon, spec.n_actions, act_rng, device)
 
         # execute the game and log data; the autoreset step after an episode's end is no transition
@@ -890,8 +828,8 @@ def train(args: Args) -> dict:
                 log = reset_modules(q_network, paths, optimizers=[optimizer], targets=[target_network])
                 log_event(writer, interventions, step, "reset", log, kind="reset")
             if step in args.shrink_perturb_at:
-                paths, shrink, perturb = INJECT_PATHS[args.shrink_perturb_target], args.sp_shrink, args.sp_perturb
-                log = shrink_perturb(q_network, paths, shrink, perturb, targets=[target_network])
+                paths = INJECT_PATHS[args.shrink_perturb_target]
+                log = shrink_perturb(q_network, paths, args.sp_shrink, args.sp_perturb, targets=[target_network])
                 log_event(writer, interventions, step, "shrink_perturb", log, kind="shrink_perturb")
 
             if step > args.learning_starts and step % args.train_frequency == 0:
@@ -899,12 +837,12 @@ def train(args: Args) -> dict:
                 l2 = l2_coef(args, step, args.total_timesteps)
                 loss, q_mean = dqn_update(q_network, target_network, optimizer, batch, args, step, l2)
                 if step % 100 == 0:
-                    if args.l2_schedule != "none":
-                        writer.add_scalar("losses/l2_coef", l2, step)
                     writer.add_scalar("losses/td_loss", float(loss), step)
                     writer.add_scalar("losses/q_values", float(q_mean), step)
                     writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
                     writer.add_scalar("charts/SPS", int(step / (time.time() - start_time)), step)
+                if step % 100 == 0 and args.l2_schedule != "none":
+                    writer.add_scalar("losses/l2_coef", l2, step)
             if step > args.learning_starts and step % args.target_network_frequency == 0:
                 update_target(target_network, q_network, args.tau)
 
@@ -916,20 +854,19 @@ def train(args: Args) -> dict:
                 metrics = measure_plasticity(q_network, metrics_probe[0], loss_fn=loss_fn, tau=args.dormant_tau)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, step)
-                reason = adaptive_injection_due(args, step, metrics, fired, start_step=args.learning_starts)
-                if reason:
+                if reason := adaptive_injection_due(args, step, metrics, fired, start_step=args.learning_starts):
                     print(f"global_step={step}, adaptive injection: {reason}")
                     log = inject(rb.sample(args.probe_batch_size, device, rng=probe_rng)[0])
                     log_event(writer, injections, step, "injection", {**log, "injection/adaptive": 1.0})
 
             if args.eval_episodes > 0 and args.eval_every > 0 and step > 0 and step % args.eval_every == 0:
                 eval_returns = evaluate(q_network, spec, args, device, step, writer)
-                video_env = record_video(q_network, video_env, device, seed=args.seed + 200_000 + step)
+                video_env = record_video(q_network, video_env, device, args.seed + 200_000 + step)
 
     global_step = args.total_timesteps
     if args.eval_episodes > 0:
         eval_returns = evaluate(q_network, spec, args, device, global_step, writer)
-        video_env = record_video(q_network, video_env, device, seed=args.seed + 200_000 + global_step)
+        video_env = record_video(q_network, video_env, device, args.seed + 200_000 + global_step)
     model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model" if args.save_model else None
     if model_path:
         save_model(model_path, q_network, args, global_step, injections, fired)
@@ -1321,25 +1258,17 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
 # ==== END SHARED BLOCK: interventions ====
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Flag checks, saving and loading
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Flag checks, saving and loading ------------------------------------------------------------------------------
 def validate_args(args: Args) -> EnvSpec:
     """Every check beyond the flags' types and declared ranges (one-line errors naming the flag); returns the env."""
     check_ranges(args)
     if args.learning_starts >= args.total_timesteps:
-        raise UserError(
-            f"--learning-starts {args.learning_starts} must lie in [0, --total-timesteps {args.total_timesteps}): "
-            "no training would happen"
-        )
+        raise UserError(f"--learning-starts {args.learning_starts} must be below --total-timesteps: no training")
     if args.buffer_size < args.batch_size:
         raise UserError(f"--buffer-size {args.buffer_size} is smaller than --batch-size {args.batch_size}")
     check_steps("--inject-at", args.inject_at, args.total_timesteps)
     if early := [s for s in args.inject_at if s < args.learning_starts]:
-        raise UserError(
-            f"--inject-at {early} is before --learning-starts {args.learning_starts}: "
-            "inject once the replay buffer is filled and training has started"
-        )
+        raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}: nothing learned yet")
     spec = make_env_spec(args)
     for f in dataclasses.fields(args) if not spec.atari else ():
         if f.name in ATARI_ONLY and getattr(args, f.name) != f.default:
@@ -1369,16 +1298,10 @@ def load_model(path: str, device="cpu") -> QNetwork:
         raise UserError(f"{path}: cannot read the model file ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not {"model", "args", "obs_shape", "n_actions", "atari"} <= set(ckpt):
         raise UserError(f"{path}: not a model saved by dqn_atari_injection.py (missing keys)")
-    a = ckpt["args"]
-    net = QNetwork(
-        ckpt["obs_shape"],
-        ckpt["n_actions"],
-        atari=ckpt["atari"],
-        layer_norm=a.get("layer_norm", False),
-        activation=a.get("activation", "relu"),
-    )
+    layers = {k: v for k, v in ckpt["args"].items() if k in ("layer_norm", "activation")}
+    net = QNetwork(ckpt["obs_shape"], ckpt["n_actions"], atari=ckpt["atari"], **layers).to(device)
     try:
-        load_injected_state_dict(net.to(device), ckpt["model"])
+        load_injected_state_dict(net, ckpt["model"])
     except Exception as e:
         raise UserError(f"{path}: the saved weights do not match the network ({type(e).__name__}: {e})") from None
     return net

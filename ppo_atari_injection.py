@@ -23,6 +23,7 @@ import tyro
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
+# isort: split
 # ==== BEGIN SHARED BLOCK: flags (canonical: shared_blocks/flags.py; sync: python tools/sync_blocks.py) ====
 # Flags every script shares. Each script's `Args` extends this dataclass, adding its own flags and the
 # choices of `--inject-target`, `--reset-target` and `--shrink-perturb-target` (what the network calls a head).
@@ -356,8 +357,9 @@ class Agent(nn.Module):
 
     def __init__(self, n_actions, share_features_extractor=True, layer_norm=False, activation="relu"):
         super().__init__()
-        self.n_actions, self.config = n_actions, dict(n_actions=n_actions, layer_norm=layer_norm, activation=activation)
-        self.config["share_features_extractor"] = share_features_extractor
+        self.n_actions = n_actions
+        self.config = dict(n_actions=n_actions, share_features_extractor=share_features_extractor)
+        self.config.update(layer_norm=layer_norm, activation=activation)
         self.policy = ActorCritic(**self.config)
 
     def forward(self, obs: torch.Tensor, cache: dict = None) -> torch.Tensor:
@@ -382,7 +384,7 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), out[:, self.n_actions]
 
 
-def targets(agent: Agent, target: str) -> dict:
+def target_modules(agent: Agent, target: str) -> dict:
     """{module path: () -> a fresh module with the network's own orthogonal init} of an --inject-target, --reset-target
     or --shrink-perturb-target (`reset_parameters` would give PyTorch's default init)."""
     if target == "all":
@@ -668,9 +670,8 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, global_step: in
     explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
     stats = {f"losses/{k}": parts[k].item() for k in ("value_loss", "policy_loss", "entropy")}
     stats.update({"losses/old_approx_kl": old_approx_kl.item(), "losses/approx_kl": approx_kl.item()})
-    return dict(
-        stats, **{"losses/clipfrac": float(np.mean(clipfracs)), "losses/explained_variance": float(explained_var)}
-    )
+    stats.update({"losses/clipfrac": float(np.mean(clipfracs)), "losses/explained_variance": float(explained_var)})
+    return stats
 
 
 def draw_probe(batch: dict, size: int, seed: int) -> dict:
@@ -686,7 +687,7 @@ def cached_paths(agent: Agent, args: Args) -> list:
     outputs travel with the rollout data into every update epoch. Frozen heads stay in the shared encoder's graph."""
     if not args.inject_cache_frozen or args.inject_target == "heads":
         return []
-    return [p for p in targets(agent, args.inject_target) if isinstance(agent.get_submodule(p), InjectedModule)]
+    return [p for p in target_modules(agent, args.inject_target) if isinstance(agent.get_submodule(p), InjectedModule)]
 
 
 def log_event(writer, events: list, log: dict, global_step: int, what: str, **extra) -> None:
@@ -727,15 +728,13 @@ def train(args: Args) -> dict:
     summary = {"games": [], "injections": [], "interventions": [], "evals": [], "losses": {}, "timing": []}
     next_eval, next_metrics, probe = args.eval_every, args.metrics_every, None
     video = VideoRecorder(f"videos/{run_name}") if args.capture_video else None
-    # injected modules fed by the observation (encoder, all): their frozen terms run once per rollout step, and the
-    # outputs travel with the rollout data into every update epoch (frozen heads stay in the shared encoder's graph)
     global_step, start_time = 0, time.time()
     next_obs, next_valid = (torch.as_tensor(a, device=device) for a in envs.reset())
 
     for iteration in range(1, args.num_iterations + 1):
         # --- plasticity injection and the interventions, at the rollout boundary ----------------------------------
         if iteration in plan["--inject-at"] or adaptive_reason is not None:
-            fresh = targets(agent, args.inject_target)
+            fresh = target_modules(agent, args.inject_target)
             log = inject_plasticity(
                 agent,
                 list(fresh),
@@ -754,16 +753,19 @@ def train(args: Args) -> dict:
                 adaptive_reason = None
             log_event(writer, summary["injections"], log, global_step, f"injected into {args.inject_target}")
         if iteration in plan["--reset-at"]:
-            fresh = targets(agent, args.reset_target)
+            fresh = target_modules(agent, args.reset_target)
             log = reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
             log_event(writer, summary["interventions"], log, global_step, f"reset of {args.reset_target}", kind="reset")
         if iteration in plan["--shrink-perturb-at"]:
-            fresh, what = targets(agent, args.shrink_perturb_target), f"shrink_perturb of {args.shrink_perturb_target}"
+            fresh, what = (
+                target_modules(agent, args.shrink_perturb_target),
+                f"shrink_perturb of {args.shrink_perturb_target}",
+            )
             log = shrink_perturb(agent, list(fresh), args.sp_shrink, args.sp_perturb, make_fresh=fresh)
             log_event(writer, summary["interventions"], log, global_step, what, kind="shrink_perturb")
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
-        cached = cached_paths(agent, args)
+        cached = cached_paths(agent, args)  # their frozen terms run once per step; the outputs travel with the data
 
         # --- rollout ----------------------------------------------------------------------------------------------
         rollout_start, rollout = time.time(), []
@@ -772,11 +774,9 @@ def train(args: Args) -> dict:
             with torch.no_grad():
                 cache = agent.frozen_outputs(next_obs, cached)
                 action, logprob, _, value = agent.get_action_and_value(next_obs, cache=cache)
-            rollout.append(
-                dict(obs=next_obs, valid=next_valid, actions=action, logprobs=logprob, values=value.flatten())
-            )
+            rollout.append(dict(obs=next_obs, valid=next_valid, actions=action, logprobs=logprob))
             next_obs_np, reward, terminated, _, next_valid_np, info = envs.step(action.cpu().numpy())
-            rollout[-1].update(cache, rewards=torch.as_tensor(reward, device=device))
+            rollout[-1].update(cache, values=value.flatten(), rewards=torch.as_tensor(reward, device=device))
             rollout[-1]["terminated"] = torch.as_tensor(terminated, device=device, dtype=torch.float32)
             next_obs = torch.as_tensor(next_obs_np, device=device)
             next_valid = torch.as_tensor(next_valid_np, device=device)
@@ -803,10 +803,12 @@ def train(args: Args) -> dict:
 
         sps = int(global_step / (time.time() - start_time))
         print("SPS:", sps)
-        charts = {"learning_rate": optimizer.param_groups[0]["lr"], "SPS": sps, "rollout_time": rollout_time}
-        charts.update(update_time=update_time, valid_fraction=float(buf["valid"].float().mean()))
-        scalars = dict(summary["losses"], **{f"charts/{k}": v for k, v in charts.items()})
-        for k, v in dict(scalars, **({"losses/l2_coef": l2} if args.l2_schedule != "none" else {})).items():
+        scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps}
+        scalars.update({"charts/rollout_time": rollout_time, "charts/update_time": update_time})
+        scalars["charts/valid_fraction"] = float(buf["valid"].float().mean())
+        if args.l2_schedule != "none":
+            scalars["losses/l2_coef"] = l2
+        for k, v in dict(summary["losses"], **scalars).items():
             writer.add_scalar(k, v, global_step)
         timing = {"rollout": rollout_time, "update": update_time, "iteration": time.time() - rollout_start}
         summary["timing"].append(dict(timing, samples=len(batch["obs"])))
@@ -814,7 +816,7 @@ def train(args: Args) -> dict:
         # --- plasticity metrics on a fixed probe batch (drawn once, without the frozen outputs); adaptive trigger ---
         if args.metrics_every > 0 and global_step >= next_metrics and len(batch["obs"]) > 0:
             probe = probe if probe is not None else draw_probe(batch, args.metrics_batch_size, args.seed)
-            loss_fn = lambda m: ppo_loss(m, probe, args)[0]  # noqa: B023 (probe is fixed once drawn)
+            loss_fn = lambda m: ppo_loss(m, probe, args)[0]
             metrics = measure_plasticity(agent, probe["obs"], loss_fn=loss_fn, tau=args.dormant_tau)
             for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
@@ -1304,9 +1306,7 @@ def read_sb3_zip(path: str) -> dict:
             unused = {"learning_rate": 0.0, "lr_schedule": None, "clip_range": None, "clip_range_vf": None}
             data, params, _ = load_from_zip_file(path, device="cpu", custom_objects=unused)
     except Exception as e:
-        raise UserError(
-            f"{flag}: not a readable Stable-Baselines3 zip ({type(e).__name__}: {' '.join(str(e).split())})"
-        )
+        raise UserError(f"{flag}: Stable-Baselines3 cannot read it ({type(e).__name__}: {' '.join(str(e).split())})")
     if data is None or "policy" not in params:
         raise UserError(f"{flag}: not a Stable-Baselines3 model zip (no 'data' or 'policy.pth' inside)")
     cls = data.get("policy_class")

@@ -84,7 +84,7 @@ def update_setup(config: dict, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     obs = torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g)
     if config.get("inject_at"):  # the injection as train() calls it
-        fresh = P.targets(agent, args.inject_target)
+        fresh = P.target_modules(agent, args.inject_target)
         P.inject_plasticity(
             agent,
             list(fresh),

@@ -55,3 +55,12 @@ def tmp_cwd(tmp_path, monkeypatch):
     """Run inside a temporary folder so runs/, models/ and datasets/ never touch the repository."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def read_scalars(run_dir) -> dict:
+    """The TensorBoard scalars of a run folder: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -1,10 +1,9 @@
 """dqn_atari_injection.py: injection invariants, ablations, update function, save/load, bad input, seeding."""
+
 import copy
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import load_script, run_script
 
 dqn = load_script("dqn_atari_injection")
@@ -42,7 +41,26 @@ def setup(spec, target="head", seed=0, **kw):
 
 def train_steps(q, tgt, opt, spec, k, seed):
     for i in range(k):
-        dqn.dqn_update(q, tgt, opt, make_batch(spec, 16, seed + i), gamma=0.99, double_dqn=True, loss_type="huber")
+        dqn.dqn_update(q, tgt, opt, make_batch(spec, 16, seed + i), dqn.Args())  # Double DQN, Huber, γ 0.99
+
+
+def inject(q, tgt, opt, probe, args):
+    """The injection as train() calls it."""
+    return dqn.inject_plasticity(
+        q,
+        dqn.INJECT_PATHS[args.inject_target],
+        probe,
+        targets=[tgt],
+        sync_targets=args.inject_sync_target,
+        optimizers=[opt],
+        reset_optimizer=args.inject_reset_optimizer,
+        keep_trainable=args.inject_keep_trainable,
+        third_term=not args.inject_no_third_term,
+    )
+
+
+def n_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def head_of(q, target):
@@ -61,16 +79,17 @@ SPECS = [pytest.param(ATARI_SPEC, id="atari"), pytest.param(VEC_SPEC, id="vector
 def test_injection_keeps_outputs_params_and_mirrors_target(spec, target):
     args, q, tgt, opt = setup(spec, target)
     probe = make_batch(spec, 32, 7)[0]
-    trainable = dqn.count_params(q, trainable_only=True)
+    trainable = n_params(q, trainable_only=True)
     for k in (1, 2):  # single, then double injection
         with torch.no_grad():
             before = q(probe)
-        log = dqn.inject_plasticity(q, tgt, opt, probe, args)
+        log = inject(q, tgt, opt, probe, args)
         with torch.no_grad():
             after, target_after = q(probe), tgt(probe)
         assert torch.equal(before, after)
         assert log["injection/output_change"] == 0.0 and log["injection/count"] == k
-        assert dqn.count_params(q, trainable_only=True) == trainable == log["injection/trainable_params"]
+        assert n_params(q, trainable_only=True) == trainable == log["injection/trainable_params"]
+        assert all(p.grad is None for p in q.parameters() if not p.requires_grad), "frozen terms keep no gradient"
         # the target network equals the online network right after injection (synced, then mirrored)
         assert torch.equal(target_after, after)
         sd, tsd = q.state_dict(), tgt.state_dict()
@@ -91,8 +110,8 @@ def test_updates_move_only_trainable_parameters(target):
     spec = ATARI_SPEC
     args, q, tgt, opt = setup(spec, target)
     probe = make_batch(spec, 32, 7)[0]
-    dqn.inject_plasticity(q, tgt, opt, probe, args)
-    dqn.inject_plasticity(q, tgt, opt, probe, args)  # double injection: 5 terms
+    inject(q, tgt, opt, probe, args)
+    inject(q, tgt, opt, probe, args)  # double injection: 5 terms
     head = head_of(q, target)
     before_terms = [snapshot(t) for t in head.terms]
     before_encoder = snapshot(q.net[0]) if target == "head" else None
@@ -118,7 +137,7 @@ def test_lagging_target_gets_the_same_fresh_pair():
     with torch.no_grad():
         t_before, q_before = tgt(probe), q(probe)
     assert not torch.equal(t_before, q_before)  # the target lags
-    dqn.inject_plasticity(q, tgt, opt, probe, args)
+    inject(q, tgt, opt, probe, args)
     with torch.no_grad():
         assert torch.equal(tgt(probe), t_before) and torch.equal(q(probe), q_before)
     qh, th = head_of(q, "head"), head_of(tgt, "head")
@@ -131,18 +150,19 @@ def test_save_and_reload_injected_model(tmp_cwd):
         spec = ATARI_SPEC
         args, q, tgt, opt = setup(spec, target, layer_norm=True, activation="leaky_relu")
         probe = make_batch(spec, 8, 7)[0]
-        dqn.inject_plasticity(q, tgt, opt, probe, args)
+        inject(q, tgt, opt, probe, args)
         train_steps(q, tgt, opt, spec, 2, seed=9)
-        dqn.inject_plasticity(q, tgt, opt, probe, args)
+        inject(q, tgt, opt, probe, args)
         train_steps(q, tgt, opt, spec, 2, seed=19)
         path = f"m_{target}.cleanrl_model"
-        dqn.save_model(path, q, args, 1234, [{"global_step": 1}])
+        dqn.save_model(path, q, args, 1234, [{"global_step": 1}], fired=[7])
         q2 = dqn.load_model(path)
         with torch.no_grad():
             assert torch.equal(q(probe), q2(probe))
-        assert dqn.count_params(q2, trainable_only=True) == dqn.count_params(q, trainable_only=True)
+        assert n_params(q2, trainable_only=True) == n_params(q, trainable_only=True)
         assert [p.requires_grad for p in q2.parameters()] == [p.requires_grad for p in q.parameters()]
-        assert dqn.injection_counts(q2) == dqn.injection_counts(q) == {dqn.INJECT_PATHS[target][0]: 2}
+        assert int(head_of(q2, target).injection_count) == int(head_of(q, target).injection_count) == 2
+        assert torch.load(path, weights_only=True)["adaptive_trigger"] == {"fired": [7]}
 
 
 def test_load_model_rejects_bad_files(tmp_cwd):
@@ -168,7 +188,7 @@ def test_ablation_without_third_term_changes_output():
     probe = make_batch(spec, 32, 7)[0]
     with torch.no_grad():
         before = q(probe)
-    log = dqn.inject_plasticity(q, tgt, opt, probe, args)
+    log = inject(q, tgt, opt, probe, args)
     with torch.no_grad():
         after = q(probe)
     assert log["injection/output_change"] > 0
@@ -179,9 +199,9 @@ def test_ablation_without_third_term_changes_output():
 def test_ablation_keep_trainable_trains_the_original_head():
     spec = VEC_SPEC
     args, q, tgt, opt = setup(spec, "head", inject_keep_trainable=True)
-    head_params = dqn.count_params(q.net[1])
-    enc_params = dqn.count_params(q.net[0])
-    log = dqn.inject_plasticity(q, tgt, opt, make_batch(spec, 32, 7)[0], args)
+    head_params = n_params(q.net[1])
+    enc_params = n_params(q.net[0])
+    log = inject(q, tgt, opt, make_batch(spec, 32, 7)[0], args)
     assert log["injection/output_change"] == 0.0
     assert log["injection/trainable_params"] == enc_params + 3 * head_params
     old = snapshot(head_of(q, "head").terms[0])
@@ -201,7 +221,7 @@ def test_optimizer_state_kept_or_reset(reset):
     encoder = list(q.net[0].parameters())
     before = adam_moments(opt, encoder)
     assert all(m is not None and m.abs().sum() > 0 for m in before)
-    dqn.inject_plasticity(q, tgt, opt, make_batch(spec, 32, 7)[0], args)
+    inject(q, tgt, opt, make_batch(spec, 32, 7)[0], args)
     after = adam_moments(opt, encoder)
     if reset:
         assert len(opt.state) == 0  # moments and step counts cleared
@@ -233,8 +253,10 @@ def test_double_dqn_and_loss_options():
                 q_sa = qq(obs).gather(1, actions[:, None]).squeeze(1)
             nv = t_next.gather(1, q_next.argmax(1, keepdim=True)).squeeze(1) if double else t_next.max(1).values
             target = rewards + 0.99 * nv * (1 - terminated)
-            expect = torch.nn.functional.smooth_l1_loss(q_sa, target) if loss == "huber" else ((q_sa - target) ** 2).mean()
-            got, qmean = dqn.dqn_update(qq, tt, oo, batch, gamma=0.99, double_dqn=double, loss_type=loss)
+            expect = (
+                torch.nn.functional.smooth_l1_loss(q_sa, target) if loss == "huber" else ((q_sa - target) ** 2).mean()
+            )
+            got, qmean = dqn.dqn_update(qq, tt, oo, batch, dqn.Args(gamma=0.99, double_dqn=double, loss=loss))
             assert torch.allclose(got, expect) and torch.allclose(qmean, q_sa.mean())
             results[double, loss] = float(got)
     assert results[True, "mse"] != results[False, "mse"]  # double DQN targets differ from the max
@@ -247,7 +269,7 @@ def test_non_finite_loss_is_a_clear_error():
     rewards[0] = float("nan")
     before = snapshot(q)
     with pytest.raises(dqn.UserError, match="losses/td_loss became non-finite .* at global step 42"):
-        dqn.dqn_update(q, tgt, opt, (obs, actions, rewards, terminated, nxt), gamma=0.99, global_step=42)
+        dqn.dqn_update(q, tgt, opt, (obs, actions, rewards, terminated, nxt), args, global_step=42)
     now = snapshot(q)
     assert all(torch.equal(now[n], before[n]) for n in now), "no step is taken on a non-finite loss"
 
@@ -265,9 +287,13 @@ def test_linear_schedule_and_polyak():
 
 # ------------------------------------------------------------------ environments & bad input
 def test_env_ids_resolve():
-    assert dqn.make_env_spec(dqn.Args(env_id="PhoenixNoFrameskip-v4")) == dqn.EnvSpec("PhoenixNoFrameskip-v4", "phoenix", (4, 84, 84), 8)
+    assert dqn.make_env_spec(dqn.Args(env_id="PhoenixNoFrameskip-v4")) == dqn.EnvSpec(
+        "PhoenixNoFrameskip-v4", "phoenix", (4, 84, 84), 8
+    )
     assert dqn.make_env_spec(dqn.Args(env_id="ALE/Phoenix-v5")).atari_game == "phoenix"
-    assert dqn.make_env_spec(dqn.Args(env_id="Breakout-v5")) == dqn.EnvSpec("ALE/Breakout-v5", "breakout", (4, 84, 84), 4)
+    assert dqn.make_env_spec(dqn.Args(env_id="Breakout-v5")) == dqn.EnvSpec(
+        "ALE/Breakout-v5", "breakout", (4, 84, 84), 4
+    )
     assert dqn.make_env_spec(dqn.Args(env_id="LunarLander-v3")) == dqn.EnvSpec("LunarLander-v3", None, (8,), 4)
 
 
@@ -305,7 +331,10 @@ def test_bad_args_are_clear_errors(kw, match, tmp_cwd):
 @pytest.mark.parametrize(
     "flags,name",
     [
-        (["--env-id", "CartPole-v1", "--total-timesteps", "100", "--learning-starts", "10", "--inject-at", "100"], "--inject-at"),
+        (
+            ["--env-id", "CartPole-v1", "--total-timesteps", "100", "--learning-starts", "10", "--inject-at", "100"],
+            "--inject-at",
+        ),
         (["--env-id", "NotAnEnv-v0"], "--env-id"),
         (["--env-id", "CartPole-v1", "--repeat-action-probability", "0.25"], "--repeat-action-probability"),
     ],
@@ -319,10 +348,32 @@ def test_cli_bad_input_exits_cleanly(flags, name, tmp_cwd):
     assert not (tmp_cwd / "runs").exists()
 
 
+@pytest.mark.parametrize("flag", ["--inject-target", "--loss", "--activation", "--l2-schedule"])
+def test_cli_rejects_a_bad_choice(flag, tmp_cwd):
+    """tyro checks the Literal choices: non-zero exit naming the flag, no traceback, nothing written."""
+    proc = run_script("dqn_atari_injection", "--env-id", "CartPole-v1", flag, "nope", "--no-cuda", cwd=tmp_cwd)
+    assert proc.returncode != 0 and flag in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_cwd / "runs").exists()
+
+
 def test_same_seed_same_numbers(tmp_cwd):
-    kw = dict(env_id="CartPole-v1", total_timesteps=2400, learning_starts=400, buffer_size=2000, batch_size=32,
-              train_frequency=2, target_network_frequency=200, eval_every=1200, eval_episodes=3, num_envs=2,
-              inject_at=[1300], save_model=True, cuda=False, learning_rate=1e-3, seed=3)
+    kw = dict(
+        env_id="CartPole-v1",
+        total_timesteps=2400,
+        learning_starts=400,
+        buffer_size=2000,
+        batch_size=32,
+        train_frequency=2,
+        target_network_frequency=200,
+        eval_every=1200,
+        eval_episodes=3,
+        num_envs=2,
+        inject_at=[1300],
+        save_model=True,
+        cuda=False,
+        learning_rate=1e-3,
+        seed=3,
+    )
     a, b = dqn.train(dqn.Args(**kw)), dqn.train(dqn.Args(**kw))
     c = dqn.train(dqn.Args(**{**kw, "seed": 4}))
     for key in ("train_returns", "eval_returns", "losses/td_loss", "losses/q_values", "injections"):

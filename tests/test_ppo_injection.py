@@ -40,7 +40,7 @@ def _trainable(module):
 
 def _inject(agent, optimizer, args, probe):
     """The injection as train() calls it."""
-    fresh = P.targets(agent, args.inject_target)
+    fresh = P.target_modules(agent, args.inject_target)
     return P.inject_plasticity(
         agent,
         list(fresh),
@@ -88,7 +88,7 @@ def test_injection_desiderata_through_ppo_updates(target, n_injections, share):
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         assert in_opt == {id(p) for p in agent.parameters() if p.requires_grad}
 
-    paths = list(P.targets(agent, target))
+    paths = list(P.target_modules(agent, target))
     frozen = {n: p.detach().clone() for n, p in agent.named_parameters() if not p.requires_grad}
     assert frozen, "injection froze nothing"
     new_copy = {
@@ -234,7 +234,7 @@ def test_reset_and_shrink_perturb_touch_only_trainable_terms():
     P.ppo_update(agent, optimizer, _batch(agent, seed=1), args)
     frozen = {n: p.clone() for n, p in agent.named_parameters() if not p.requires_grad}
     before = {n: p.clone() for n, p in agent.named_parameters()}
-    fresh = P.targets(agent, "heads")
+    fresh = P.target_modules(agent, "heads")
     log = P.reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
     assert log["interventions/reset_params"] == 512 * N_ACTIONS + N_ACTIONS + 512 + 1
     assert agent.policy.action_net.weight not in optimizer.state  # Adam state of reset parameters cleared
@@ -242,7 +242,7 @@ def test_reset_and_shrink_perturb_touch_only_trainable_terms():
     assert trained_copy in optimizer.state  # the others keep theirs
     assert torch.allclose(agent.policy.value_net.weight.norm(), torch.tensor(1.0), atol=1e-5)  # own init scheme
     assert torch.equal(trained_copy, before["policy.features_extractor.terms.1.linear.0.weight"])
-    P.shrink_perturb(agent, ["policy"], 0.5, 0.01, make_fresh=P.targets(agent, "all"))
+    P.shrink_perturb(agent, ["policy"], 0.5, 0.01, make_fresh=P.target_modules(agent, "all"))
     assert not torch.equal(trained_copy, before["policy.features_extractor.terms.1.linear.0.weight"])
     for n, p in agent.named_parameters():
         if n in frozen:

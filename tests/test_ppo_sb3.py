@@ -280,7 +280,7 @@ def test_bad_zips_are_named_in_one_line(sb3_zips, tmp_path):
             if name != "policy.pth":
                 dst.writestr(name, src.read(name))
     PPO("MlpPolicy", "CartPole-v1", device="cpu").save(mlp)
-    for path, words in [(text, "not a readable"), (no_policy, "policy.pth"), (mlp, "ActorCriticPolicy")]:
+    for path, words in [(text, "cannot read it"), (no_policy, "policy.pth"), (mlp, "ActorCriticPolicy")]:
         with pytest.raises(P.UserError) as e:
             P.read_sb3_zip(str(path))
         assert str(path) in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
