@@ -55,7 +55,7 @@ class InjectedModule(nn.Module):
         return out
 
 
-def _as_injected(model: nn.Module, path: str) -> InjectedModule:
+def _as_injected(model: nn.Module, path: str) -> InjectedModule:  # wrap `model.<path>` once
     head = model.get_submodule(path)
     if not isinstance(head, InjectedModule):
         if not path:
@@ -88,12 +88,9 @@ def fresh_copy(module: nn.Module) -> nn.Module:
     return fresh
 
 
-def _n_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _flat(out) -> torch.Tensor:
-    return torch.cat([_flat(o) for o in out]) if isinstance(out, (tuple, list)) else out.detach().flatten()
+def _output(model: nn.Module, probe) -> torch.Tensor:
+    out = model(probe)
+    return torch.cat([o.flatten() for o in out]) if isinstance(out, (tuple, list)) else out.flatten()
 
 
 @torch.no_grad()
@@ -109,31 +106,30 @@ def inject_plasticity(
     keep_trainable=False,
     third_term=True,
     make_fresh=None,
-    forward=None,
 ) -> dict:
     """Inject into each sub-module `model.<path>` in place and return the values to log (injection/...).
 
-    probe:          a batch of real inputs (e.g. observations from the replay buffer) to check the output on.
-    targets:        networks that mirror `model` (DQN/IQL target nets) get the SAME fresh values.
-    sync_targets:   first copy `model` into `targets` (a hard target update), so both agree after injection.
-    optimizers:     the new θ'1 join the param group of the head they replace; frozen parameters leave
-                    with their state; the encoder keeps its Adam moments unless `reset_optimizer`.
-    keep_trainable: ablation, all terms stay trainable. third_term=False: ablation without −h_θ'2.
-    make_fresh:     {path: () -> fresh module} for heads whose init is not `reset_parameters` (orthogonal).
-    forward:        forward(model, probe) -> output(s) to compare when `model(probe)` is not the output.
+    probe:        a batch of real inputs (e.g. replay observations) to check the output on; `model(probe)` may
+                  return a tensor or a tuple of tensors.
+    targets:      networks that mirror `model` (DQN/IQL target nets): they get the SAME fresh values.
+    sync_targets: first copy `model` into `targets` (a hard target update), so both agree after injection.
+    optimizers:   the new θ'1 join the param group of the head they replace; frozen parameters leave with their
+                  state; the encoder keeps its Adam moments unless `reset_optimizer`.
+    ablations:    keep_trainable=True (all terms train); third_term=False (no −h_θ'2: the output jumps).
+    make_fresh:   {path: () -> module} for heads whose init is not their layers' `reset_parameters`.
     """
-    fwd = forward or (lambda m, x: m(x))
-    before, trainable_before = _flat(fwd(model, probe)), _n_params(model, trainable_only=True)
+    count = lambda trainable_only: sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    before, trainable_before = _output(model, probe), count(True)
     for target in targets if sync_targets else ():
         target.load_state_dict(model.state_dict())
-    targets_before = [_flat(fwd(t, probe)) for t in targets]
+    targets_before = [_output(t, probe) for t in targets]
     for path in paths:
         old = {id(p) for p in model.get_submodule(path).parameters() if p.requires_grad}
         factory = (make_fresh or {}).get(path)
         fresh = factory() if factory else fresh_copy(model.get_submodule(path))
         fresh = fresh.to(next(model.get_submodule(path).parameters()).device)
         _inject_into(model, path, fresh, keep_trainable, third_term)
-        for target in targets:  # same θ' values; a target that trains nothing stays untrainable
+        for target in targets:  # the same θ' values; a target that trains nothing stays untrainable
             frozen = not any(p.requires_grad for p in target.parameters())
             _inject_into(target, path, fresh, keep_trainable, third_term)
             if frozen:
@@ -144,24 +140,20 @@ def inject_plasticity(
                 group["params"].extend(new)
     for opt in optimizers:
         for group in opt.param_groups:
-            for p in group["params"]:
-                if not p.requires_grad:
-                    opt.state.pop(p, None)
+            for p in [p for p in group["params"] if not p.requires_grad]:
+                opt.state.pop(p, None)
             group["params"] = [p for p in group["params"] if p.requires_grad]
         if reset_optimizer:
             opt.state.clear()
-    log = {
+    changes = [float((_output(t, probe) - t_before).abs().max()) for t, t_before in zip(targets, targets_before)]
+    return {
         "injection/count": float(max(int(m.injection_count) for m in model.modules() if isinstance(m, InjectedModule))),
-        "injection/output_change": float((_flat(fwd(model, probe)) - before).abs().max()),
-        "injection/trainable_params": float(_n_params(model, trainable_only=True)),
+        "injection/output_change": float((_output(model, probe) - before).abs().max()),
+        "injection/trainable_params": float(count(True)),
         "injection/trainable_params_before": float(trainable_before),
-        "injection/total_params": float(_n_params(model)),
+        "injection/total_params": float(count(False)),
+        **({"injection/target_output_change": max(changes)} if targets else {}),
     }
-    for k, (t, t_before) in enumerate(zip(targets, targets_before)):
-        log["injection/target_output_change" + (f"_{k}" if k else "")] = float(
-            (_flat(fwd(t, probe)) - t_before).abs().max()
-        )
-    return log
 
 
 def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = True):

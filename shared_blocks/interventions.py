@@ -2,9 +2,8 @@
 # L2 schedules and an adaptive injection trigger; and the cross-flag checks of the shared flags (flags block).
 # Targets (DQN/IQL target networks) get the same new values. Pass make_fresh={path: factory} when the network
 # has its own init (e.g. orthogonal), since `reset_parameters` gives PyTorch's default init.
-import copy
+# Uses copy (injection block) and math (flags block).
 import difflib
-import math
 import re
 
 

@@ -127,9 +127,19 @@ def test_ablations(blk):
     assert log["injection/output_change"] > 0  # without −h_θ'2 the output jumps
 
 
-def test_whole_network_and_custom_fresh_and_forward(blk):
-    wrapper = nn.Module()
-    wrapper.net = Net()
+class Wrapper(nn.Module):
+    """A whole network as a sub-module, and an output that is a tuple (as an actor-critic's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x):
+        return self.net(x), self.net(x).sum(1)
+
+
+def test_whole_network_custom_fresh_and_tuple_output(blk):
+    wrapper = Wrapper()
     x = torch.randn(8, 4)
     with torch.no_grad():
         before = wrapper.net(x)
@@ -139,9 +149,7 @@ def test_whole_network_and_custom_fresh_and_forward(blk):
         made.append(Net())
         return made[-1]
 
-    log = blk.inject_plasticity(
-        wrapper, ["net"], x, make_fresh={"net": make}, forward=lambda m, inp: (m.net(inp), m.net(inp) * 2)
-    )
+    log = blk.inject_plasticity(wrapper, ["net"], x, make_fresh={"net": make})
     assert len(made) == 1 and log["injection/output_change"] == 0.0
     assert torch.equal(wrapper.net.terms[1].head[2].weight, made[0].head[2].weight)
     with torch.no_grad():

@@ -4,7 +4,7 @@
 The canonical text of each block lives in shared_blocks/<name>.py. Each script at the repository
 root carries a copy between the marker lines
 
-    # ==== BEGIN SHARED BLOCK: <name> (canonical: shared_blocks/<name>.py; sync: python tools/sync_blocks.py) ====
+    # ==== BEGIN SHARED BLOCK: <name> (shared_blocks/<name>.py; sync: tools/sync_blocks.py) ====
     # ==== END SHARED BLOCK: <name> ====
 
 Usage:
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK_DIR = ROOT / "shared_blocks"
 SCRIPTS = ["dqn_atari_injection.py", "ppo_atari_injection.py", "iql_pointmass_injection.py"]
-BEGIN = "# ==== BEGIN SHARED BLOCK: {name} (canonical: shared_blocks/{name}.py; sync: python tools/sync_blocks.py) ===="
+BEGIN = "# ==== BEGIN SHARED BLOCK: {name} (shared_blocks/{name}.py; sync: tools/sync_blocks.py) ===="
 END = "# ==== END SHARED BLOCK: {name} ===="
 _PATTERN = re.compile(
     r"^# ==== BEGIN SHARED BLOCK: (?P<name>[\w-]+) .*?====\n(?P<body>.*?)^# ==== END SHARED BLOCK: (?P=name) ====$",
@@ -47,9 +47,8 @@ def blocks_in(text: str) -> dict:
 
 
 def render(name: str, body: str) -> str:
-    if not body.endswith("\n"):
-        body += "\n"
-    return BEGIN.format(name=name) + "\n" + body + END.format(name=name)
+    # Two blank lines before the END marker: what `ruff format` leaves after a top-level def or class.
+    return BEGIN.format(name=name) + "\n" + body.rstrip("\n") + "\n\n\n" + END.format(name=name)
 
 
 def replace_blocks(text: str, bodies: dict) -> str:
@@ -72,7 +71,7 @@ def problems(scripts=None) -> list:
         for name in block_names():
             if name not in found:
                 out.append(f"{script}: block '{name}' missing")
-            elif found[name] != canonical(name):
+            elif found[name].rstrip("\n") != canonical(name).rstrip("\n"):
                 out.append(f"{script}: block '{name}' differs from shared_blocks/{name}.py")
         for name in set(found) - set(block_names()):
             out.append(f"{script}: block '{name}' has no canonical file shared_blocks/{name}.py")
