@@ -2,40 +2,27 @@
 # choices of `--inject-target`, `--reset-target` and `--shrink-perturb-target` (what the network calls a head).
 # A flag declares its valid range once, `bounded(default, min=, max=, above=)`; `check_ranges(args)` checks them all.
 # Cross-flag checks: `check_intervention_args` (interventions block, end of file).
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Literal, Optional
 
 
 def bounded(default, *, min=None, max=None, above=None):
-    """A flag whose value must be finite and lie in [min, max], and be > above (None: no bound)."""
-    return field(default=default, metadata={"min": min, "max": max, "above": above})
+    """A flag whose value must be finite, >= min, <= max and > above (each bound optional)."""
+    bounds = [(op, b) for op, b in ((">=", min), ("<=", max), (">", above)) if b is not None]
+    return field(default=default, metadata={"bounds": bounds})
 
 
 def check_ranges(args) -> None:
     """One-line error naming the first flag whose value lies outside the range its `bounded` field declares."""
-    for f in dataclasses.fields(args):
-        value, low, high, above = (
-            getattr(args, f.name),
-            f.metadata.get("min"),
-            f.metadata.get("max"),
-            f.metadata.get("above"),
-        )
-        if "min" not in f.metadata or value is None:
+    for f in fields(args):
+        value, bounds = getattr(args, f.name), f.metadata.get("bounds")
+        if bounds is None or value is None:
             continue
-        if (
-            not math.isfinite(value)
-            or (low is not None and value < low)
-            or (high is not None and value > high)
-            or (above is not None and value <= above)
-        ):
-            bounds = (
-                [f">= {low}"] * (low is not None)
-                + [f"<= {high}"] * (high is not None)
-                + [f"> {above}"] * (above is not None)
-            )
-            raise UserError(f"--{f.name.replace('_', '-')} {value} is invalid: it must be {' and '.join(bounds)}")
+        inside = {">=": lambda b: value >= b, "<=": lambda b: value <= b, ">": lambda b: value > b}
+        if not math.isfinite(value) or not all(inside[op](b) for op, b in bounds):
+            rule = " and ".join(f"{op} {b}" for op, b in bounds)
+            raise UserError(f"--{f.name.replace('_', '-')} {value} is invalid: it must be a finite number {rule}")
 
 
 @dataclass
