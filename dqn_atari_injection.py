@@ -683,6 +683,15 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             tp.lerp_(p, tau)
 
 
+def plasticity_metrics(q_network, target_network, probe, args: Args) -> dict:
+    """plasticity/... of the Q-network on the fixed probe batch, with its TD loss for the gradient metrics."""
+
+    def loss_fn(model):
+        return td_loss(model, target_network, probe, args)[0]
+
+    return measure_plasticity(q_network, probe[0], loss_fn=loss_fn, tau=args.dormant_tau)
+
+
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
     """An injection or an intervention: its values go to TensorBoard, stdout and the run's summary."""
     events.append({"global_step": step, **extra, **log})
@@ -829,8 +838,7 @@ def train(args: Args) -> dict:
             if args.metrics_every > 0 and step >= args.learning_starts and step % args.metrics_every == 0:
                 if metrics_probe is None:
                     metrics_probe = rb.sample(args.metrics_batch_size, device, rng=metrics_rng)
-                loss_fn = lambda m: td_loss(m, target_network, metrics_probe, args)[0]
-                metrics = measure_plasticity(q_network, metrics_probe[0], loss_fn=loss_fn, tau=args.dormant_tau)
+                metrics = plasticity_metrics(q_network, target_network, metrics_probe, args)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, step)
                 if reason := adaptive_injection_due(args, step, metrics, fired, start_step=args.learning_starts):
