@@ -660,6 +660,15 @@ def draw_probe(batch: dict, size: int, seed: int) -> dict:
     return {k: v[idx].clone() for k, v in batch.items() if not k.startswith("frozen/")}
 
 
+def plasticity_metrics(agent: Agent, probe: dict, args: Args) -> dict:
+    """plasticity/... of the agent on the fixed probe batch, with the PPO loss for the gradient metrics."""
+
+    def loss_fn(model):
+        return ppo_loss(model, probe, args)[0]
+
+    return measure_plasticity(agent, probe["obs"], loss_fn=loss_fn, tau=args.dormant_tau)
+
+
 def cached_paths(agent: Agent, args: Args) -> list:
     """Injected modules fed by the observation (encoder, all): their frozen terms run once per rollout step and the
     outputs travel with the rollout data into every update epoch. Frozen heads stay in the shared encoder's graph."""
@@ -735,11 +744,9 @@ def train(args: Args) -> dict:
             log = reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
             log_event(writer, summary["interventions"], log, global_step, f"reset of {args.reset_target}", kind="reset")
         if iteration in plan["--shrink-perturb-at"]:
-            fresh, what = (
-                target_modules(agent, args.shrink_perturb_target),
-                f"shrink_perturb of {args.shrink_perturb_target}",
-            )
+            fresh = target_modules(agent, args.shrink_perturb_target)
             log = shrink_perturb(agent, list(fresh), args.sp_shrink, args.sp_perturb, make_fresh=fresh)
+            what = f"shrink_perturb of {args.shrink_perturb_target}"
             log_event(writer, summary["interventions"], log, global_step, what, kind="shrink_perturb")
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
@@ -794,8 +801,7 @@ def train(args: Args) -> dict:
         # --- plasticity metrics on a fixed probe batch (drawn once, without the frozen outputs); adaptive trigger ---
         if args.metrics_every > 0 and global_step >= next_metrics and len(batch["obs"]) > 0:
             probe = probe if probe is not None else draw_probe(batch, args.metrics_batch_size, args.seed)
-            loss_fn = lambda m: ppo_loss(m, probe, args)[0]
-            metrics = measure_plasticity(agent, probe["obs"], loss_fn=loss_fn, tau=args.dormant_tau)
+            metrics = plasticity_metrics(agent, probe, args)
             for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
             summary["metrics"] = metrics
