@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from conftest import read_scalars
+
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests" / "data" / "fixed_seed_reference.json"
 
@@ -45,13 +47,10 @@ TIME_KEYS = ("SPS", "time")
 
 
 def scalars(run_dir: str) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    acc.Reload()
+    """The run's scalars without wall-clock keys: {tag: [[step, value], ...]}."""
     return {
-        k: [[e.step, e.value] for e in acc.Scalars(k)]
-        for k in sorted(acc.Tags()["scalars"])
+        k: [list(p) for p in pairs]
+        for k, pairs in sorted(read_scalars(run_dir).items())
         if not any(t in k for t in TIME_KEYS)
     }
 

@@ -7,19 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, run_script
+from conftest import load_script, read_scalars, run_script
 
 P = load_script("ppo_atari_injection")
 NAME = "ppo_atari_injection"
 TINY = ["--num-envs", "2", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "2", "--no-cuda"]
-
-
-def _scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir)
-    acc.Reload()
-    return {k: [e.value for e in acc.Scalars(k)] for k in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="session")
@@ -207,7 +199,7 @@ def test_smoke_continues_sb3_zip_injects_midway_and_logs(sb3_zips, tmp_cwd):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     (run_dir,) = glob.glob(str(tmp_cwd / "runs" / "*"))
-    scalars = _scalars(run_dir)
+    scalars = {k: [v for _, v in pairs] for k, pairs in read_scalars(run_dir).items()}
     for key in (
         "charts/learning_rate",
         "charts/SPS",
