@@ -134,7 +134,7 @@ class Args(PlasticityArgs):
     """the id of the environment: `<Game>NoFrameskip-v4` (no sticky actions) or `ALE/<Game>-v5` (sticky 0.25)"""
     total_timesteps: int = bounded(20_000_000, min=1)
     """total timesteps of the experiment (20M so that the headline `--inject-at 10000000` injects midway)"""
-    learning_rate: float = 2.5e-4
+    learning_rate: float = bounded(2.5e-4, above=0)
     """the learning rate of the optimizer"""
     num_envs: int = bounded(8, min=1)
     """the number of parallel game environments"""
@@ -142,9 +142,9 @@ class Args(PlasticityArgs):
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
     """Toggle learning rate annealing for policy and value networks"""
-    gamma: float = 0.99
+    gamma: float = bounded(0.99, min=0, max=1)
     """the discount factor gamma"""
-    gae_lambda: float = 0.95
+    gae_lambda: float = bounded(0.95, min=0, max=1)
     """the lambda for the general advantage estimation"""
     num_minibatches: int = bounded(4, min=1)
     """the number of mini-batches"""
@@ -152,25 +152,25 @@ class Args(PlasticityArgs):
     """the K epochs to update the policy"""
     norm_adv: bool = True
     """Toggles advantages normalization"""
-    clip_coef: float = 0.1
+    clip_coef: float = bounded(0.1, min=0)
     """the surrogate clipping coefficient"""
     clip_vloss: bool = True
     """Toggles whether or not to use a clipped loss for the value function, as per the paper."""
-    ent_coef: float = 0.01
+    ent_coef: float = bounded(0.01, min=0)
     """coefficient of the entropy"""
-    vf_coef: float = 0.5
+    vf_coef: float = bounded(0.5, min=0)
     """coefficient of the value function"""
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = bounded(0.5, above=0)
     """the maximum norm for the gradient clipping"""
-    target_kl: Optional[float] = None
+    target_kl: Optional[float] = bounded(None, above=0)
     """the target KL divergence threshold"""
 
     # Environment (SB3 AtariWrapper semantics), network, pretrained SB3 agent
     noop_max: int = bounded(30, min=0)
     """maximum number of no-op frames at every game reset (0 disables)"""
-    max_episode_frames: int = 108_000
+    max_episode_frames: int = bounded(108_000, min=1)
     """games are truncated after this many emulator frames (30 minutes of play)"""
-    env_threads: int = 0
+    env_threads: int = bounded(0, min=0)
     """threads of ale-py's vector environment (0: one per environment, capped by the CPU count)"""
     share_features_extractor: bool = True
     """one NatureCNN for actor and critic (SB3 default); `--no-...` builds two (with `--pretrained` the zip decides)"""

@@ -3,6 +3,7 @@
 
 import os
 
+import pytest
 import torch
 from conftest import load_script, run_script
 
@@ -152,4 +153,27 @@ def test_intervention_flags_are_checked_before_the_run(tmp_cwd):
 def test_choices_are_checked_by_tyro(tmp_cwd):
     proc = run_script("ppo_atari_injection", "--inject-target", "head", "--no-cuda", cwd=tmp_cwd)
     assert proc.returncode != 0 and "--inject-target" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_cwd / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--learning-rate", "-1"],
+        ["--learning-rate", "nan"],
+        ["--gamma", "1.5"],
+        ["--gae-lambda", "-0.1"],
+        ["--clip-coef", "-0.1"],
+        ["--ent-coef", "-1"],
+        ["--vf-coef", "inf"],
+        ["--max-grad-norm", "0"],
+        ["--target-kl", "0"],
+        ["--num-envs", "0"],
+        ["--max-episode-frames", "0"],
+    ],
+)
+def test_out_of_range_values_get_one_line_naming_the_flag(tmp_cwd, flags):
+    proc = run_script("ppo_atari_injection", *flags, "--no-cuda", cwd=tmp_cwd)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {flags[0]} ")
     assert not (tmp_cwd / "runs").exists()
