@@ -1,0 +1,55 @@
+"""benchmark/throughput.py: steps/s read from a run's TensorBoard events, warm-up excluded, real script runs and an
+external command side by side."""
+
+import importlib.util
+import sys
+
+import pytest
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmark" / "throughput.py")
+T = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(T)
+
+# An "external implementation": logs charts/SPS every 100 steps, 1000 steps per second after a slow start.
+FAKE = (
+    "import time; from torch.utils.tensorboard import SummaryWriter; w = SummaryWriter('runs/fake'); "
+    "time.sleep(0.5); [(w.add_scalar('charts/SPS', 0, s), w.flush(), time.sleep(0.1)) for s in range(0, 1100, 100)]; "
+    "w.close()"
+)
+
+
+def test_steps_per_second_excludes_the_warm_up(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path))
+    # a slow start (step 0 -> 100 takes long), then exactly 100 steps per 0.25 s of wall time
+    for step, wall in [(0, 0.0), (100, 50.0), (200, 50.25), (300, 50.5), (400, 50.75)]:
+        w.add_scalar("charts/SPS", 1.0, step, walltime=wall)
+    w.close()
+    assert T.steps_per_second(str(tmp_path), warmup=0.25) == pytest.approx(400.0)  # from step 100 on
+    assert T.steps_per_second(str(tmp_path), warmup=0.0) == pytest.approx(400 / 50.75)
+
+
+def test_scale_budget():
+    flags = ["--total-timesteps", "12000", "--learning-starts", "2000", "--seed", "3"]
+    assert T.scale_budget(flags, 0.5) == ["--total-timesteps", "6000", "--learning-starts", "1000", "--seed", "3"]
+
+
+def test_real_runs_and_an_external_command_side_by_side(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--scripts", "iql", "--only", "no injection", "inject q", "--repeats", "1", "--scale", "0.2"]
+    assert T.main([*argv, "--external", f'fake={sys.executable} -c "{FAKE}"', "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line.split("|") for line in table.splitlines() if line.startswith("| ")}
+    assert {"no injection", "inject q", "fake"} <= set(rows)
+    assert float(rows["no injection"][5]) == 1.0  # the baseline row of its script
+    fake_sps = float(rows["fake"][3])
+    assert 400 < fake_sps < 1100  # 1000 steps/s minus the fake's own overhead; its slow start is left out
+    assert "DQN replay memory" not in table
+    assert out.exists()
+
+
+def test_bad_input():
+    assert T.main(["--repeats", "0"]) == 2
+    assert T.main(["--scripts", "iql", "--only", "none", "--external", "nocommand"]) == 2
