@@ -3,14 +3,18 @@
 # A flag declares its valid range once, `bounded(default, min=, max=, above=)`; `check_ranges(args)` checks them all.
 # Cross-flag checks: `check_intervention_args` (interventions block, end of file).
 import math
+import operator
 from dataclasses import dataclass, field, fields
 from typing import List, Literal, Optional
 
 
-def bounded(default, *, min=None, max=None, above=None):
-    """A flag whose value must be finite, >= min, <= max and > above (each bound optional)."""
-    bounds = [(op, b) for op, b in ((">=", min), ("<=", max), (">", above)) if b is not None]
+def bounded(default, *, min=None, max=None, above=None, below=None):
+    """A flag whose value must be finite, >= min, <= max, > above and < below (each bound optional)."""
+    bounds = [(op, b) for op, b in ((">=", min), ("<=", max), (">", above), ("<", below)) if b is not None]
     return field(default=default, metadata={"bounds": bounds})
+
+
+COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
 def check_ranges(args) -> None:
@@ -19,8 +23,7 @@ def check_ranges(args) -> None:
         value, bounds = getattr(args, f.name), f.metadata.get("bounds")
         if bounds is None or value is None:
             continue
-        inside = {">=": lambda b: value >= b, "<=": lambda b: value <= b, ">": lambda b: value > b}
-        if not math.isfinite(value) or not all(inside[op](b) for op, b in bounds):
+        if not math.isfinite(value) or not all(COMPARE[op](value, b) for op, b in bounds):
             rule = " and ".join(f"{op} {b}" for op, b in bounds)
             raise UserError(f"--{f.name.replace('_', '-')} {value} is invalid: it must be a finite number {rule}")
 

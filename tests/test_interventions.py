@@ -255,6 +255,8 @@ def test_adaptive_trigger_fires_on_crossing_and_respects_gap_and_count():
 @dataclasses.dataclass
 class Flags(B.PlasticityArgs):
     learning_rate: float = B.bounded(1e-3, above=0)  # a script's own bounded flag is checked the same way
+    fraction: float = B.bounded(0.5, above=0, below=1)
+    count: int = B.bounded(3, min=2.5)  # an int compared with a float bound
 
 
 @pytest.mark.parametrize(
@@ -273,6 +275,9 @@ class Flags(B.PlasticityArgs):
         (dict(l2_period_off=-5), "--l2-period-off"),
         (dict(learning_rate=0.0), "--learning-rate"),
         (dict(learning_rate=float("inf")), "--learning-rate"),
+        (dict(fraction=1.0), "--fraction 1.0 is invalid: it must be a finite number > 0 and < 1"),
+        (dict(fraction=0), "--fraction"),
+        (dict(count=2), "--count 2 is invalid: it must be a finite number >= 2.5"),
         (dict(adaptive_inject_threshold=3.0), "--adaptive-inject-metric"),
         (dict(adaptive_inject_metric="plasticity/erank_features_mean"), "--adaptive-inject-threshold"),
         (dict(adaptive_inject_metric="m", adaptive_inject_threshold=float("nan")), "--adaptive-inject-threshold"),
