@@ -64,3 +64,13 @@ def read_scalars(run_dir) -> dict:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def count_params(model, trainable_only: bool = False) -> int:
+    """Parameters of `model` (only those that train, with trainable_only)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def injection_counts(model) -> dict:
+    """{path: injection_count} of every injected module of `model`."""
+    return {n: int(m.injection_count) for n, m in model.named_modules() if hasattr(m, "injection_count")}

@@ -1,9 +1,9 @@
 """Pointmass environment and offline-dataset tests for iql_pointmass_injection.py."""
+
 import os
 
 import numpy as np
 import pytest
-
 from conftest import load_script
 
 m = load_script("iql_pointmass_injection")
@@ -46,6 +46,7 @@ def test_hard_map_start_goal_radius_time_limit():
     assert env.success_radius == 2.0 and env.max_episode_steps == 100
     # registered with gymnasium under the same id
     import gymnasium as gym
+
     assert isinstance(gym.make("PointmassHard-v0").unwrapped, m.PointmassEnv)
 
 
@@ -177,20 +178,27 @@ def test_generation_is_seeded(tmp_path):
 
 def _valid(n=50):
     rng = np.random.default_rng(0)
-    return dict(observations=rng.random((n, 2), dtype=np.float32), actions=rng.integers(0, 5, n),
-                rewards=-np.ones(n, np.float32), next_observations=rng.random((n, 2), dtype=np.float32),
-                terminals=np.zeros(n, bool))
+    return dict(
+        observations=rng.random((n, 2), dtype=np.float32),
+        actions=rng.integers(0, 5, n),
+        rewards=-np.ones(n, np.float32),
+        next_observations=rng.random((n, 2), dtype=np.float32),
+        terminals=np.zeros(n, bool),
+    )
 
 
-@pytest.mark.parametrize("bad, words", [
-    (dict(drop="terminals"), "missing key"),
-    (dict(actions=np.full(50, 5)), "actions range"),
-    (dict(actions=np.zeros(50, np.float32)), "integers"),
-    (dict(observations=np.full((50, 2), np.nan, np.float32)), "NaN"),
-    (dict(observations=np.zeros((50, 3), np.float32)), "shape"),
-    (dict(rewards=np.zeros(49, np.float32)), "shape"),
-    (dict(terminals=np.full(50, 2)), "terminals"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (dict(drop="terminals"), "missing key"),
+        (dict(actions=np.full(50, 5)), "actions range"),
+        (dict(actions=np.zeros(50, np.float32)), "integers"),
+        (dict(observations=np.full((50, 2), np.nan, np.float32)), "NaN"),
+        (dict(observations=np.zeros((50, 3), np.float32)), "shape"),
+        (dict(rewards=np.zeros(49, np.float32)), "shape"),
+        (dict(terminals=np.full(50, 2)), "terminals"),
+    ],
+)
 def test_bad_dataset_files_are_rejected_by_name(tmp_path, bad, words):
     d = _valid()
     if "drop" in bad:

@@ -1,9 +1,10 @@
 """Plasticity injection into the IQL critics: exact output preservation, parameter counts, frozen
 parameters through real IQL updates, target mirroring, ablations."""
+
 import numpy as np
 import torch
 
-from conftest import load_script
+from conftest import count_params, injection_counts, load_script
 
 m = load_script("iql_pointmass_injection")
 
@@ -18,9 +19,13 @@ def _agent(**kw):
 
 def _buffer(n=500, seed=0):
     rng = np.random.default_rng(seed)
-    data = dict(observations=rng.random((n, 2), dtype=np.float32), actions=rng.integers(0, 5, n),
-                rewards=-np.ones(n, np.float32), next_observations=rng.random((n, 2), dtype=np.float32),
-                terminals=(rng.random(n) < 0.05).astype(np.float32))
+    data = dict(
+        observations=rng.random((n, 2), dtype=np.float32),
+        actions=rng.integers(0, 5, n),
+        rewards=-np.ones(n, np.float32),
+        next_observations=rng.random((n, 2), dtype=np.float32),
+        terminals=(rng.random(n) < 0.05).astype(np.float32),
+    )
     data["rewards"][data["terminals"] == 1] = 0.0
     return m.ReplayBuffer(data, 0, torch.device("cpu")), rng
 
@@ -43,21 +48,21 @@ def test_single_then_double_injection_preserves_outputs_and_counts():
     rb, rng = _buffer()
     probe = rb.sample(128, np.random.default_rng(1))[0]
     _train(agent, rb, rng, 30)
-    n_train = m.count_params(agent.qf, trainable_only=True)
+    n_train = count_params(agent.qf, trainable_only=True)
     for k in (1, 2):
         before = agent.qf(probe)
         target_before = agent.qf_target(probe)
-        log = agent.inject(probe)
+        log = m.inject_critics(agent, probe, agent.args)
         after = agent.qf(probe)
         for b, a in zip(before, after):
             assert torch.equal(b, a)
         for b, a in zip(target_before, agent.qf_target(probe)):
             assert torch.equal(b, a)
         assert log["injection/output_change"] == 0.0 and log["injection/target_output_change"] == 0.0
-        assert m.count_params(agent.qf, trainable_only=True) == n_train
+        assert count_params(agent.qf, trainable_only=True) == n_train
         assert log["injection/count"] == k
-        assert m.injection_counts(agent.qf) == {"q1.head": k, "q2.head": k}
-        assert m.injection_counts(agent.qf_target) == {"q1.head": k, "q2.head": k}
+        assert injection_counts(agent.qf) == {"q1.head": k, "q2.head": k}
+        assert injection_counts(agent.qf_target) == {"q1.head": k, "q2.head": k}
         # the optimizer holds exactly the trainable parameters
         opt_ids = {id(p) for g in agent.q_opt.param_groups for p in g["params"]}
         assert opt_ids == {id(p) for p in agent.qf.parameters() if p.requires_grad}
@@ -79,7 +84,7 @@ def test_target_critic_is_mirrored_with_the_same_fresh_values():
     probe = rb.sample(64, np.random.default_rng(1))[0]
     _train(agent, rb, rng, 20)
     agent.qf_target.load_state_dict(agent.qf.state_dict())  # synced
-    agent.inject(probe)
+    m.inject_critics(agent, probe, agent.args)
     for a, b in zip(agent.qf(probe), agent.qf_target(probe)):
         assert torch.equal(a, b)
     sd, tsd = agent.qf.state_dict(), agent.qf_target.state_dict()
@@ -99,10 +104,10 @@ def test_value_injection_and_reload():
     probe = rb.sample(64, np.random.default_rng(1))[0]
     _train(agent, rb, rng, 10)
     v_before = agent.vf(probe)
-    n_v = m.count_params(agent.vf, trainable_only=True)
-    log = agent.inject(probe)
+    n_v = count_params(agent.vf, trainable_only=True)
+    log = m.inject_critics(agent, probe, agent.args)
     assert torch.equal(agent.vf(probe), v_before)
-    assert log["injection/v_output_change"] == 0.0 and m.count_params(agent.vf, trainable_only=True) == n_v
+    assert log["injection/v_output_change"] == 0.0 and count_params(agent.vf, trainable_only=True) == n_v
     _train(agent, rb, rng, 10)
     # a saved state dict rebuilds the same functions in a fresh, un-injected agent
     sd = agent.state_dict()
@@ -112,30 +117,31 @@ def test_value_injection_and_reload():
     for a, b in zip(agent.qf(probe), fresh.qf(probe)):
         assert torch.equal(a, b)
     assert torch.equal(agent.vf(probe), fresh.vf(probe))
-    assert m.count_params(fresh.qf, True) == m.count_params(agent.qf, True)
+    assert count_params(fresh.qf, True) == count_params(agent.qf, True)
 
 
 def test_ablations_change_what_they_say():
     rb, rng = _buffer()
     probe = rb.sample(64, np.random.default_rng(1))[0]
     _, agent = _agent(inject_no_third_term=True)
-    log = agent.inject(probe)
+    log = m.inject_critics(agent, probe, agent.args)
     assert log["injection/output_change"] > 0
     _, agent = _agent(inject_keep_trainable=True)
-    n = m.count_params(agent.qf, True)
-    agent.inject(probe)
-    assert m.count_params(agent.qf, True) == 3 * m.count_params(agent.qf.q1.head.terms[0]) * 2 + (
-        n - 2 * m.count_params(agent.qf.q1.head.terms[0]))
+    n = count_params(agent.qf, True)
+    m.inject_critics(agent, probe, agent.args)
+    assert count_params(agent.qf, True) == 3 * count_params(agent.qf.q1.head.terms[0]) * 2 + (
+        n - 2 * count_params(agent.qf.q1.head.terms[0])
+    )
     _, agent = _agent(inject_reset_optimizer=True)
     _train(agent, rb, rng, 3)
     assert len(agent.q_opt.state) > 0
-    agent.inject(probe)
+    m.inject_critics(agent, probe, agent.args)
     assert len(agent.q_opt.state) == 0
     _, agent = _agent()
     _train(agent, rb, rng, 3)
     enc = agent.qf.q1.encoder[0].weight
     moments = agent.q_opt.state[enc]["exp_avg"].clone()
-    agent.inject(probe)
+    m.inject_critics(agent, probe, agent.args)
     assert torch.equal(agent.q_opt.state[enc]["exp_avg"], moments)  # Adam moments of the encoder kept
 
 
@@ -145,28 +151,38 @@ def test_whole_network_injection_without_encoder():
     probe = rb.sample(64, np.random.default_rng(1))[0]
     _train(agent, rb, rng, 5)
     before = agent.qf(probe)
-    n = m.count_params(agent.qf, True)
-    agent.inject(probe)
-    agent.inject(probe)
+    n = count_params(agent.qf, True)
+    m.inject_critics(agent, probe, agent.args)
+    m.inject_critics(agent, probe, agent.args)
     for a, b in zip(before, agent.qf(probe)):
         assert torch.equal(a, b)
-    assert m.count_params(agent.qf, True) == n
+    assert count_params(agent.qf, True) == n
     _train(agent, rb, rng, 3)
 
 
 def test_plasticity_metrics_do_not_change_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    kw = dict(hidden_sizes=[16, 16], batch_size=32, dataset_kind="random", dataset_steps=200, eval_episodes=1,
-              offline_steps=30, online_steps=30, eval_every=60, inject_at=[30], cuda=False)
+    kw = dict(
+        hidden_sizes=[16, 16],
+        batch_size=32,
+        dataset_kind="random",
+        dataset_steps=200,
+        eval_episodes=1,
+        offline_steps=30,
+        online_steps=30,
+        eval_every=60,
+        inject_at=[30],
+        cuda=False,
+    )
     calls = []
-    real = m.IQLAgent.plasticity_metrics
+    real = m.plasticity_metrics
 
-    def spy(self, batch, tau):
-        out = real(self, batch, tau)
+    def spy(agent, batch, tau):
+        out = real(agent, batch, tau)
         calls.append(out)
         return out
 
-    monkeypatch.setattr(m.IQLAgent, "plasticity_metrics", spy)
+    monkeypatch.setattr(m, "plasticity_metrics", spy)
     with_metrics = m.train(m.Args(metrics_every=20, **kw))
     without = m.train(m.Args(metrics_every=0, **kw))
     assert len(calls) == 3  # steps 0, 20, 40

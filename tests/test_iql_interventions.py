@@ -1,19 +1,31 @@
 """iql_pointmass_injection.py with the shared interventions: resets, shrink-and-perturb, L2 on the Q
 loss, LayerNorm / LeakyReLU networks and the adaptive injection trigger (function level and in real
 tiny runs, CPU)."""
+
 import copy
 import glob
 
 import numpy as np
 import pytest
 import torch
-
-from conftest import load_script, run_script
+from conftest import injection_counts, load_script, run_script
 
 m = load_script("iql_pointmass_injection")
 NAME = "iql_pointmass_injection"
-RUN = dict(hidden_sizes=[16, 16], batch_size=32, dataset_kind="random", dataset_steps=300, eval_episodes=1,
-           offline_steps=40, online_steps=50, eval_every=1000, metrics_every=0, log_every=10, cuda=False, seed=3)
+RUN = dict(
+    hidden_sizes=[16, 16],
+    batch_size=32,
+    dataset_kind="random",
+    dataset_steps=300,
+    eval_episodes=1,
+    offline_steps=40,
+    online_steps=50,
+    eval_every=1000,
+    metrics_every=0,
+    log_every=10,
+    cuda=False,
+    seed=3,
+)
 
 
 def _agent(**kw):
@@ -26,9 +38,13 @@ def _agent(**kw):
 
 def _buffer(n=300, seed=0):
     rng = np.random.default_rng(seed)
-    data = dict(observations=rng.random((n, 2), dtype=np.float32), actions=rng.integers(0, 5, n),
-                rewards=-np.ones(n, np.float32), next_observations=rng.random((n, 2), dtype=np.float32),
-                terminals=(rng.random(n) < 0.05).astype(np.float32))
+    data = dict(
+        observations=rng.random((n, 2), dtype=np.float32),
+        actions=rng.integers(0, 5, n),
+        rewards=-np.ones(n, np.float32),
+        next_observations=rng.random((n, 2), dtype=np.float32),
+        terminals=(rng.random(n) < 0.05).astype(np.float32),
+    )
     return m.ReplayBuffer(data, 0, torch.device("cpu")), rng
 
 
@@ -38,8 +54,9 @@ def _train(agent, rb, rng, steps):
 
 
 def _params(agent):
-    return {f"{net}.{n}": p for net in ("qf", "qf_target", "vf", "actor")
-            for n, p in getattr(agent, net).named_parameters()}
+    return {
+        f"{net}.{n}": p for net in ("qf", "qf_target", "vf", "actor") for n, p in getattr(agent, net).named_parameters()
+    }
 
 
 def _scalars(run_dir):
@@ -73,7 +90,7 @@ def test_reset_changes_exactly_the_chosen_params_and_their_optimizer_state(targe
             opt_of[f"{net}.{n}"] = (opt, p)
     moments = {k: opt.state[p]["exp_avg"].clone() for k, (opt, p) in opt_of.items()}
 
-    log = agent.reset(target)
+    log = m.reset_networks(agent, target)
 
     now = _params(agent)
     chosen = {k for k in opt_of if k.startswith(RESET_EXPECTED[target])}
@@ -81,8 +98,8 @@ def test_reset_changes_exactly_the_chosen_params_and_their_optimizer_state(targe
     for k, p in now.items():
         if k in chosen:
             assert not torch.equal(p, before[k]), k
-        elif k.startswith("qf_target.") and "qf." + k[len("qf_target."):] in chosen:
-            assert torch.equal(p, now["qf." + k[len("qf_target."):]]), k  # mirrored: the same new values
+        elif k.startswith("qf_target.") and "qf." + k[len("qf_target.") :] in chosen:
+            assert torch.equal(p, now["qf." + k[len("qf_target.") :]]), k  # mirrored: the same new values
             assert not torch.equal(p, before[k]), k
         else:
             assert torch.equal(p, before[k]), k
@@ -101,11 +118,11 @@ def test_reset_of_injected_heads_touches_only_the_trainable_terms():
     rb, rng = _buffer()
     probe = rb.sample(64, np.random.default_rng(1))[0]
     _train(agent, rb, rng, 3)
-    agent.inject(probe)
+    m.inject_critics(agent, probe, agent.args)
     _train(agent, rb, rng, 3)
     frozen = {n: p.detach().clone() for n, p in agent.qf.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in agent.qf.named_parameters() if p.requires_grad}
-    log = agent.reset("q-head")
+    log = m.reset_networks(agent, "q-head")
     online = dict(agent.qf.named_parameters())
     target = dict(agent.qf_target.named_parameters())
     assert all(torch.equal(online[n], v) for n, v in frozen.items())
@@ -119,12 +136,23 @@ def test_reset_of_injected_heads_touches_only_the_trainable_terms():
 def test_shrink_perturb_identity_keeps_the_run_and_a_perturbation_changes_it(tmp_cwd):
     # one exp_name per run: runs started in the same second would otherwise share a run folder
     base = m.train(m.Args(exp_name="base", save_model=True, **RUN))
-    same = m.train(m.Args(exp_name="same", save_model=True, shrink_perturb_at=[10, 45], shrink_perturb_target="all",
-                          sp_shrink=1.0, sp_perturb=0.0, **RUN))
-    moved = m.train(m.Args(exp_name="moved", save_model=True, shrink_perturb_at=[10, 45], sp_shrink=0.8,
-                           sp_perturb=0.1, **RUN))
-    assert [(i["global_step"], i["kind"], i["interventions/shrink_perturb_rel_change"]) for i in same["interventions"]] \
-        == [(10, "shrink_perturb", 0.0), (45, "shrink_perturb", 0.0)]
+    same = m.train(
+        m.Args(
+            exp_name="same",
+            save_model=True,
+            shrink_perturb_at=[10, 45],
+            shrink_perturb_target="all",
+            sp_shrink=1.0,
+            sp_perturb=0.0,
+            **RUN,
+        )
+    )
+    moved = m.train(
+        m.Args(exp_name="moved", save_model=True, shrink_perturb_at=[10, 45], sp_shrink=0.8, sp_perturb=0.1, **RUN)
+    )
+    assert [
+        (i["global_step"], i["kind"], i["interventions/shrink_perturb_rel_change"]) for i in same["interventions"]
+    ] == [(10, "shrink_perturb", 0.0), (45, "shrink_perturb", 0.0)]
     assert all(i["interventions/shrink_perturb_rel_change"] > 0.05 for i in moved["interventions"])
     n_q = sum(p.numel() for p in m.IQLAgent(m.Args(hidden_sizes=[16, 16]), torch.device("cpu")).qf.parameters())
     assert moved["interventions"][0]["interventions/shrink_perturb_params"] == n_q  # default target: the twin Q
@@ -143,8 +171,10 @@ def test_shrink_perturb_identity_keeps_the_run_and_a_perturbation_changes_it(tmp
 def test_reset_in_a_real_run_is_logged_and_changes_training(tmp_cwd):
     base = m.train(m.Args(exp_name="base", **RUN))
     out = m.train(m.Args(exp_name="reset", reset_at=[20, 60], reset_target="q-head", **RUN))
-    assert [(i["global_step"], i["kind"], i["target"]) for i in out["interventions"]] == [(20, "reset", "q-head"),
-                                                                                         (60, "reset", "q-head")]
+    assert [(i["global_step"], i["kind"], i["target"]) for i in out["interventions"]] == [
+        (20, "reset", "q-head"),
+        (60, "reset", "q-head"),
+    ]
     head = m.IQLAgent(m.Args(hidden_sizes=[16, 16]), torch.device("cpu")).qf.q1.head
     assert out["interventions"][0]["interventions/reset_params"] == 2 * sum(p.numel() for p in head.parameters())
     assert _scalars(out["run_dir"])["interventions/reset_params"][0][0] == 20
@@ -171,7 +201,9 @@ def test_l2_adds_the_penalty_to_the_q_loss_only():
 
 def test_l2_schedule_is_logged_with_its_values_in_a_run(tmp_cwd):
     coef = 1e-3
-    out = m.train(m.Args(exp_name="periodic", l2_schedule="periodic", l2_coef=coef, l2_period_on=20, l2_period_off=10, **RUN))
+    out = m.train(
+        m.Args(exp_name="periodic", l2_schedule="periodic", l2_coef=coef, l2_period_on=20, l2_period_off=10, **RUN)
+    )
     logged = _scalars(out["run_dir"])["losses/l2_coef"]
     steps = list(range(0, 90, 10)) + [89]  # every --log-every step and the last step
     assert [s for s, _ in logged] == steps
@@ -189,30 +221,41 @@ def test_layer_norm_leaky_relu_networks_inject_without_output_change():
         kinds = [type(mod) for mod in net.modules()]
         assert torch.nn.LayerNorm in kinds and torch.nn.LeakyReLU in kinds and torch.nn.ReLU not in kinds
         assert all(mod.negative_slope == 0.01 for mod in net.modules() if isinstance(mod, torch.nn.LeakyReLU))
-    assert isinstance(agent.qf.q1.encoder[1], torch.nn.LayerNorm) and isinstance(agent.qf.q1.head[1], torch.nn.LayerNorm)
+    assert isinstance(agent.qf.q1.encoder[1], torch.nn.LayerNorm) and isinstance(
+        agent.qf.q1.head[1], torch.nn.LayerNorm
+    )
     rb, rng = _buffer()
     probe = rb.sample(64, np.random.default_rng(1))[0]
     _train(agent, rb, rng, 10)
     assert not torch.equal(agent.qf.q1.head[1].weight, torch.ones(16))  # the norm gains have trained
     for _ in range(2):  # double injection
         before, tbefore = agent.qf(probe), agent.qf_target(probe)
-        log = agent.inject(probe)
+        log = m.inject_critics(agent, probe, agent.args)
         assert all(torch.equal(a, b) for a, b in zip(before, agent.qf(probe)))
         assert all(torch.equal(a, b) for a, b in zip(tbefore, agent.qf_target(probe)))
         assert log["injection/output_change"] == 0.0
         _train(agent, rb, rng, 3)
-    agent.reset("q-head")  # the trainable head term's LayerNorm is back to its init
+    m.reset_networks(agent, "q-head")  # the trainable head term's LayerNorm is back to its init
     assert torch.equal(agent.qf.q1.head.terms[-1][1].weight, torch.ones(16))
 
 
 def test_adaptive_trigger_fires_respects_gap_and_max_count(tmp_cwd, capsys):
     kw = dict(RUN, metrics_every=20, save_model=True)
-    out = m.train(m.Args(adaptive_inject_metric="plasticity/weight_magnitude_mean", adaptive_inject_threshold=0.0,
-                         adaptive_inject_direction="above", adaptive_inject_min_gap=30,
-                         adaptive_inject_max_count=2, **kw))
+    out = m.train(
+        m.Args(
+            adaptive_inject_metric="plasticity/weight_magnitude_mean",
+            adaptive_inject_threshold=0.0,
+            adaptive_inject_direction="above",
+            adaptive_inject_min_gap=30,
+            adaptive_inject_max_count=2,
+            **kw,
+        )
+    )
     # measurements at 0, 20, 40, 60, 80: fires at 0, 20 is too close (gap 30), 40 fires, then the count is spent
-    assert [(i["global_step"], i["injection/adaptive"], i["injection/output_change"]) for i in out["injections"]] \
-        == [(0, 1.0, 0.0), (40, 1.0, 0.0)]
+    assert [(i["global_step"], i["injection/adaptive"], i["injection/output_change"]) for i in out["injections"]] == [
+        (0, 1.0, 0.0),
+        (40, 1.0, 0.0),
+    ]
     assert out["injection/count"] == 2 and out["injection/adaptive_count"] == 2
     printed = capsys.readouterr().out
     assert "adaptive: plasticity/weight_magnitude_mean=" in printed and "> 0 at step 40" in printed
@@ -222,25 +265,41 @@ def test_adaptive_trigger_fires_respects_gap_and_max_count(tmp_cwd, capsys):
     assert ckpt["adaptive_trigger"]["fired"] == [0, 40]
     agent = m.IQLAgent(m.Args(hidden_sizes=[16, 16]), torch.device("cpu"))
     m.load_injected_state_dict(agent.qf, ckpt["model"]["qf"])
-    assert m.injection_counts(agent.qf) == {"q1.head": 2, "q2.head": 2}
+    assert injection_counts(agent.qf) == {"q1.head": 2, "q2.head": 2}
     # a scheduled injection is logged as not adaptive; a threshold never crossed never fires
-    quiet = m.train(m.Args(exp_name="quiet", inject_at=[30], adaptive_inject_metric="plasticity/weight_magnitude_mean",
-                           adaptive_inject_threshold=0.0, adaptive_inject_direction="below", **dict(kw, save_model=False)))
+    quiet = m.train(
+        m.Args(
+            exp_name="quiet",
+            inject_at=[30],
+            adaptive_inject_metric="plasticity/weight_magnitude_mean",
+            adaptive_inject_threshold=0.0,
+            adaptive_inject_direction="below",
+            **dict(kw, save_model=False),
+        )
+    )
     assert [(i["global_step"], i["injection/adaptive"]) for i in quiet["injections"]] == [(30, 0.0)]
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(reset_at=[90]), "--reset-at"),
-    (dict(shrink_perturb_at=[-1]), "--shrink-perturb-at"),
-    (dict(sp_perturb=float("nan")), "--sp-perturb"),
-    (dict(l2_schedule="periodic", l2_period_on=0), "--l2-period-on"),
-    (dict(adaptive_inject_threshold=1.0), "needs --adaptive-inject-metric"),
-    (dict(adaptive_inject_metric="plasticity/erank_feature_mean", adaptive_inject_threshold=1.0,
-          metrics_every=20),
-     "did you mean plasticity/erank_features_mean"),
-    (dict(adaptive_inject_metric="plasticity/grad_norm", adaptive_inject_threshold=1.0, metrics_every=0),
-     "needs --metrics-every > 0"),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(reset_at=[90]), "--reset-at"),
+        (dict(shrink_perturb_at=[-1]), "--shrink-perturb-at"),
+        (dict(sp_perturb=float("nan")), "--sp-perturb"),
+        (dict(l2_schedule="periodic", l2_period_on=0), "--l2-period-on"),
+        (dict(adaptive_inject_threshold=1.0), "needs --adaptive-inject-metric"),
+        (
+            dict(
+                adaptive_inject_metric="plasticity/erank_feature_mean", adaptive_inject_threshold=1.0, metrics_every=20
+            ),
+            "did you mean plasticity/erank_features_mean",
+        ),
+        (
+            dict(adaptive_inject_metric="plasticity/grad_norm", adaptive_inject_threshold=1.0, metrics_every=0),
+            "needs --metrics-every > 0",
+        ),
+    ],
+)
 def test_bad_intervention_settings_are_rejected_before_anything_is_written(tmp_cwd, kw, words):
     base = dict(RUN)
     base.update(kw)
@@ -250,8 +309,18 @@ def test_bad_intervention_settings_are_rejected_before_anything_is_written(tmp_c
 
 
 def test_unknown_adaptive_metric_on_the_command_line_is_one_line(tmp_cwd):
-    res = run_script(NAME, "--offline-steps", "5", "--online-steps", "0", "--adaptive-inject-metric",
-                     "plasticity/nope", "--adaptive-inject-threshold", "1", cwd=tmp_cwd)
+    res = run_script(
+        NAME,
+        "--offline-steps",
+        "5",
+        "--online-steps",
+        "0",
+        "--adaptive-inject-metric",
+        "plasticity/nope",
+        "--adaptive-inject-threshold",
+        "1",
+        cwd=tmp_cwd,
+    )
     assert res.returncode != 0
     assert "--adaptive-inject-metric 'plasticity/nope' is not a measured metric" in res.stderr
     assert "Traceback" not in res.stderr and not glob.glob(str(tmp_cwd / "runs" / "*"))

@@ -1,22 +1,49 @@
 """End-to-end and command-line tests of iql_pointmass_injection.py (tiny budgets, CPU)."""
+
 import glob
 import os
 
 import numpy as np
 import pytest
 import torch
-
-from conftest import load_script, run_script
+from conftest import injection_counts, load_script, run_script
 
 m = load_script("iql_pointmass_injection")
 NAME = "iql_pointmass_injection"
-TINY = ["--hidden-sizes", "16", "16", "--batch-size", "32", "--dataset-kind", "random", "--dataset-steps", "300",
-        "--eval-episodes", "2", "--no-cuda"]
+TINY = [
+    "--hidden-sizes",
+    "16",
+    "16",
+    "--batch-size",
+    "32",
+    "--dataset-kind",
+    "random",
+    "--dataset-steps",
+    "300",
+    "--eval-episodes",
+    "2",
+    "--no-cuda",
+]
 
 
 def test_end_to_end_offline_online_double_injection(tmp_cwd):
-    res = run_script(NAME, *TINY, "--offline-steps", "60", "--online-steps", "150", "--eval-every", "100",
-                     "--inject-at", "50", "120", "--inject-target", "qv", "--save-model", cwd=tmp_cwd)
+    res = run_script(
+        NAME,
+        *TINY,
+        "--offline-steps",
+        "60",
+        "--online-steps",
+        "150",
+        "--eval-every",
+        "100",
+        "--inject-at",
+        "50",
+        "120",
+        "--inject-target",
+        "qv",
+        "--save-model",
+        cwd=tmp_cwd,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("injected plasticity") == 2
     assert "global_step=210, eval/episodic_return=" in res.stdout
@@ -30,12 +57,23 @@ def test_end_to_end_offline_online_double_injection(tmp_cwd):
     assert glob.glob(str(tmp_cwd / "datasets" / "PointmassHard-v0__random__300__*.npz"))
     # the TensorBoard log holds the cleanRL keys and the injection keys
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     ea = EventAccumulator(runs[0])
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    for key in ("eval/episodic_return", "eval/success_rate", "charts/episodic_return", "charts/SPS",
-                "losses/q_loss", "losses/v_loss", "losses/actor_loss", "injection/count",
-                "injection/output_change", "injection/trainable_params", "injection/v_output_change"):
+    for key in (
+        "eval/episodic_return",
+        "eval/success_rate",
+        "charts/episodic_return",
+        "charts/SPS",
+        "losses/q_loss",
+        "losses/v_loss",
+        "losses/actor_loss",
+        "injection/count",
+        "injection/output_change",
+        "injection/trainable_params",
+        "injection/v_output_change",
+    ):
         assert key in tags, key
     assert [e.value for e in ea.Scalars("injection/count")] == [1.0, 2.0]
     assert [e.value for e in ea.Scalars("injection/output_change")] == [0.0, 0.0]
@@ -45,12 +83,23 @@ def test_end_to_end_offline_online_double_injection(tmp_cwd):
     args = m.Args(hidden_sizes=[16, 16], inject_target="qv")
     agent = m.IQLAgent(args, torch.device("cpu"))
     m.load_injected_state_dict(agent.qf, ckpt["model"]["qf"])
-    assert m.injection_counts(agent.qf) == {"q1.head": 2, "q2.head": 2}
+    assert injection_counts(agent.qf) == {"q1.head": 2, "q2.head": 2}
 
 
 def test_train_returns_final_metrics_and_is_seeded(tmp_cwd):
-    kw = dict(hidden_sizes=[16, 16], batch_size=32, dataset_kind="rnd", dataset_steps=600, eval_episodes=2,
-              offline_steps=40, online_steps=80, eval_every=60, inject_at=[50], cuda=False, save_model=True)
+    kw = dict(
+        hidden_sizes=[16, 16],
+        batch_size=32,
+        dataset_kind="rnd",
+        dataset_steps=600,
+        eval_episodes=2,
+        offline_steps=40,
+        online_steps=80,
+        eval_every=60,
+        inject_at=[50],
+        cuda=False,
+        save_model=True,
+    )
     a = m.train(m.Args(seed=7, **kw))
     b = m.train(m.Args(seed=7, **kw))
     c = m.train(m.Args(seed=8, **kw))
@@ -69,21 +118,39 @@ def test_train_returns_final_metrics_and_is_seeded(tmp_cwd):
 def test_user_dataset_file_is_used(tmp_cwd):
     n = 200
     rng = np.random.default_rng(0)
-    np.savez("mine.npz", observations=rng.random((n, 2), dtype=np.float32), actions=rng.integers(0, 5, n),
-             rewards=-np.ones(n, np.float32), next_observations=rng.random((n, 2), dtype=np.float32),
-             terminals=np.zeros(n, bool))
-    out = m.train(m.Args(dataset="mine.npz", hidden_sizes=[8], batch_size=16, offline_steps=20, online_steps=0,
-                         eval_every=20, eval_episodes=1, cuda=False))
+    np.savez(
+        "mine.npz",
+        observations=rng.random((n, 2), dtype=np.float32),
+        actions=rng.integers(0, 5, n),
+        rewards=-np.ones(n, np.float32),
+        next_observations=rng.random((n, 2), dtype=np.float32),
+        terminals=np.zeros(n, bool),
+    )
+    out = m.train(
+        m.Args(
+            dataset="mine.npz",
+            hidden_sizes=[8],
+            batch_size=16,
+            offline_steps=20,
+            online_steps=0,
+            eval_every=20,
+            eval_episodes=1,
+            cuda=False,
+        )
+    )
     assert out["global_step"] == 20 and out["dataset_goal_transitions"] == 0
     assert not os.path.exists("datasets")
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--dataset", "nowhere.npz"], "--dataset nowhere.npz: no such file"),
-    (["--dataset", "broken.npz"], "broken.npz"),
-    (["--offline-steps", "10", "--online-steps", "10", "--inject-at", "20"], "--inject-at [20] is outside the run"),
-    (["--env-id", "PointmassHuge-v0"], "--env-id 'PointmassHuge-v0' is unknown"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--dataset", "nowhere.npz"], "--dataset nowhere.npz: no such file"),
+        (["--dataset", "broken.npz"], "broken.npz"),
+        (["--offline-steps", "10", "--online-steps", "10", "--inject-at", "20"], "--inject-at [20] is outside the run"),
+        (["--env-id", "PointmassHuge-v0"], "--env-id 'PointmassHuge-v0' is unknown"),
+    ],
+)
 def test_bad_input_gives_one_clear_line(tmp_cwd, flags, words):
     (tmp_cwd / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
     res = run_script(NAME, *flags, cwd=tmp_cwd)
@@ -92,16 +159,19 @@ def test_bad_input_gives_one_clear_line(tmp_cwd, flags, words):
     assert not (tmp_cwd / "runs").exists() and not (tmp_cwd / "datasets").exists()
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(offline_steps=-1), "--offline-steps"),
-    (dict(offline_steps=0, online_steps=0), "must be > 0"),
-    (dict(inject_at=[3, 3]), "repeats"),
-    (dict(inject_at=[-1]), "--inject-at"),
-    (dict(expectile=1.0), "--expectile"),
-    (dict(eval_episodes=0), "--eval-episodes"),
-    (dict(critic_encoder_layers=3), "--critic-encoder-layers"),
-    (dict(batch_size=0), "--batch-size"),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(offline_steps=-1), "--offline-steps"),
+        (dict(offline_steps=0, online_steps=0), "must be > 0"),
+        (dict(inject_at=[3, 3]), "repeats"),
+        (dict(inject_at=[-1]), "--inject-at"),
+        (dict(expectile=1.0), "--expectile"),
+        (dict(eval_episodes=0), "--eval-episodes"),
+        (dict(critic_encoder_layers=3), "--critic-encoder-layers"),
+        (dict(batch_size=0), "--batch-size"),
+    ],
+)
 def test_bad_settings_are_rejected_before_anything_is_written(tmp_cwd, kw, words):
     base = dict(offline_steps=10, online_steps=10, hidden_sizes=[8, 8])
     base.update(kw)
@@ -124,8 +194,19 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_cwd, monkeypatch):
 
     monkeypatch.setattr(m.IQLAgent, "update", poisoned)
     with pytest.raises(m.UserError, match="losses/v_loss became non-finite .* at global step 3"):
-        m.train(m.Args(hidden_sizes=[8], batch_size=16, dataset_kind="random", dataset_steps=100,
-                       offline_steps=5, online_steps=0, cuda=False, log_every=1, metrics_every=0))
+        m.train(
+            m.Args(
+                hidden_sizes=[8],
+                batch_size=16,
+                dataset_kind="random",
+                dataset_steps=100,
+                offline_steps=5,
+                online_steps=0,
+                cuda=False,
+                log_every=1,
+                metrics_every=0,
+            )
+        )
     # what was logged before the failure is flushed to disk, not lost with the run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
