@@ -169,7 +169,8 @@ def main():
     print(table(results, set(a.seeds), m))
     if todo and not a.table_only:
         print(
-            f"\ncode sha1 {code_sha}; wall time of this invocation: {(time.time() - t0) / 60:.1f} min, {a.workers} workers"
+            f"\ncode sha1 {code_sha}; wall time of this invocation: {(time.time() - t0) / 60:.1f} min, "
+            f"{a.workers} workers"
         )
 
 
