@@ -695,14 +695,6 @@ def plasticity_metrics(q_network, target_network, probe, args: Args) -> dict:
     return measure_plasticity(q_network, probe[0], loss_fn=loss_fn, tau=args.dormant_tau)
 
 
-def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
-    """An injection or an intervention: its values go to TensorBoard, stdout and the run's summary."""
-    events.append({"global_step": step, **extra, **log})
-    for k, v in log.items():
-        writer.add_scalar(k, v, step)
-    print(f"global_step={step}, {what}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
-
-
 def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) -> list:
     """RAW returns of --eval-episodes whole episodes (one per env of a fresh vector env, all lives), logged."""
     envs = make_envs(spec, args, args.eval_episodes)
@@ -886,7 +878,7 @@ def train(args: Args) -> dict:
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
-# Helpers every script shares: one-line errors for bad input, seeding, the device, atomic saves.
+# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves.
 import os
 import random
 import sys
@@ -943,6 +935,14 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
+    """An injection or an intervention: its values go to TensorBoard, stdout and the run's list of events."""
+    events.append({"global_step": step, **extra, **log})
+    for k, v in log.items():
+        writer.add_scalar(k, v, step)
+    print(f"global_step={step}, {what}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
 
 
 def atomic_save(obj, path: str) -> None:

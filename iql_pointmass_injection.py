@@ -929,14 +929,6 @@ def evaluate_and_log(agent: IQLAgent, args: Args, writer, run_dir: str, step: in
     return {k: float(v) for k, v in results.items()}
 
 
-def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
-    """An injection or an intervention: its values go to TensorBoard, stdout and the run's summary."""
-    events.append({"global_step": step, **extra, **log})
-    for k, v in log.items():
-        writer.add_scalar(k, v, step)
-    print(f"global_step={step}, {what}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
-
-
 def train(args: Args) -> dict:
     """Run offline IQL, then online fine-tuning; returns the final metrics and the run's events."""
     total = validate_args(args)
@@ -1067,7 +1059,7 @@ def train(args: Args) -> dict:
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
-# Helpers every script shares: one-line errors for bad input, seeding, the device, atomic saves.
+# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves.
 import os
 import random
 import sys
@@ -1124,6 +1116,14 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
+    """An injection or an intervention: its values go to TensorBoard, stdout and the run's list of events."""
+    events.append({"global_step": step, **extra, **log})
+    for k, v in log.items():
+        writer.add_scalar(k, v, step)
+    print(f"global_step={step}, {what}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
 
 
 def atomic_save(obj, path: str) -> None:

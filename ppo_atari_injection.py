@@ -680,13 +680,6 @@ def cached_paths(agent: Agent, args: Args) -> list:
     return [p for p in target_modules(agent, args.inject_target) if isinstance(agent.get_submodule(p), InjectedModule)]
 
 
-def log_event(writer, events: list, log: dict, global_step: int, what: str, **extra) -> None:
-    for k, v in log.items():
-        writer.add_scalar(k, v, global_step)
-    events.append(dict(log, global_step=global_step, **extra))
-    print(f"global_step={global_step}, {what}: " + ", ".join(f"{k.split('/')[1]}={v:g}" for k, v in log.items()))
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------------------------
@@ -741,16 +734,16 @@ def train(args: Args) -> dict:
                 log["injection/adaptive"] = 1.0
                 print(f"global_step={global_step}, adaptive injection: {adaptive_reason}")
                 adaptive_reason = None
-            log_event(writer, summary["injections"], log, global_step, f"injected into {args.inject_target}")
+            log_event(writer, summary["injections"], global_step, f"injected into {args.inject_target}", log)
         if iteration in plan["--reset-at"]:
             fresh = target_modules(agent, args.reset_target)
             log = reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
-            log_event(writer, summary["interventions"], log, global_step, f"reset of {args.reset_target}", kind="reset")
+            log_event(writer, summary["interventions"], global_step, f"reset of {args.reset_target}", log, kind="reset")
         if iteration in plan["--shrink-perturb-at"]:
             fresh = target_modules(agent, args.shrink_perturb_target)
             log = shrink_perturb(agent, list(fresh), args.sp_shrink, args.sp_perturb, make_fresh=fresh)
             what = f"shrink_perturb of {args.shrink_perturb_target}"
-            log_event(writer, summary["interventions"], log, global_step, what, kind="shrink_perturb")
+            log_event(writer, summary["interventions"], global_step, what, log, kind="shrink_perturb")
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
         cached = cached_paths(agent, args)  # their frozen terms run once per step; the outputs travel with the data
@@ -834,7 +827,7 @@ def train(args: Args) -> dict:
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
-# Helpers every script shares: one-line errors for bad input, seeding, the device, atomic saves.
+# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves.
 import os
 import random
 import sys
@@ -891,6 +884,14 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
+    """An injection or an intervention: its values go to TensorBoard, stdout and the run's list of events."""
+    events.append({"global_step": step, **extra, **log})
+    for k, v in log.items():
+        writer.add_scalar(k, v, step)
+    print(f"global_step={step}, {what}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
 
 
 def atomic_save(obj, path: str) -> None:

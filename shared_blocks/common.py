@@ -1,4 +1,4 @@
-# Helpers every script shares: one-line errors for bad input, seeding, the device, atomic saves.
+# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves.
 import os
 import random
 import sys
@@ -55,6 +55,14 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
+    """An injection or an intervention: its values go to TensorBoard, stdout and the run's list of events."""
+    events.append({"global_step": step, **extra, **log})
+    for k, v in log.items():
+        writer.add_scalar(k, v, step)
+    print(f"global_step={step}, {what}: " + ", ".join(f"{k}={v:g}" for k, v in log.items()))
 
 
 def atomic_save(obj, path: str) -> None:
