@@ -8,10 +8,12 @@ CnnPolicy zips continue as they were trained. Flags, logs and tests: README.md, 
 """
 
 import atexit
+import json
 import os
 import re
 import time
 import warnings
+import zipfile
 from collections import OrderedDict
 from functools import partial
 
@@ -1283,15 +1285,20 @@ def resolve_pretrained(spec: str) -> str:
 
 def read_sb3_zip(path: str) -> dict:
     """An SB3 PPO CnnPolicy zip, read by SB3's own loader and checked: its weights under our names (aliases of the
-    features extractors dropped), its Adam state, action count and extractor sharing."""
+    features extractors dropped), its Adam state, action count and extractor sharing. The spaces and schedules are
+    never unpickled: zips saved with the old `gym` (the public sb3/ agents) need no gym, and nothing runs code; the
+    spaces' facts come from the readable copy SB3 writes next to each pickled object in the zip's `data`."""
     from stable_baselines3.common.save_util import load_from_zip_file
 
     flag = f"--pretrained {path}"
+    unused = {"learning_rate": 0.0, "lr_schedule": None, "clip_range": None, "clip_range_vf": None}
     try:
-        with warnings.catch_warnings():  # learning-rate/clip schedules: pickled functions we neither need nor load
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            unused = {"learning_rate": 0.0, "lr_schedule": None, "clip_range": None, "clip_range_vf": None}
-            data, params, _ = load_from_zip_file(path, device="cpu", custom_objects=unused)
+            skip = {**unused, "observation_space": None, "action_space": None}
+            data, params, _ = load_from_zip_file(path, device="cpu", custom_objects=skip)
+        with zipfile.ZipFile(path) as zf:
+            raw = json.loads(zf.read("data"))
     except Exception as e:
         raise UserError(f"{flag}: Stable-Baselines3 cannot read it ({type(e).__name__}: {' '.join(str(e).split())})")
     if data is None or "policy" not in params:
@@ -1303,17 +1310,19 @@ def read_sb3_zip(path: str) -> dict:
         raise UserError(f"{flag}: not a PPO model (saved by {algo}, policy {policy}); need an SB3 PPO CnnPolicy zip")
     if not policy.endswith("ActorCriticCnnPolicy"):
         raise UserError(f"{flag}: policy is {policy}, need PPO with 'CnnPolicy' (ActorCriticCnnPolicy)")
-    act, obs, kwargs = data.get("action_space"), data.get("observation_space"), data.get("policy_kwargs") or {}
-    if not isinstance(getattr(act, "n", None), (int, np.integer)):
-        raise UserError(f"{flag}: action space {act} is not Discrete")
-    if tuple(getattr(obs, "shape", ())) != (4, 84, 84) or getattr(obs, "dtype", None) != np.uint8:
-        raise UserError(f"{flag}: observation space {obs} is not the 4x84x84 uint8 Atari stack")
+    act, obs, kwargs = raw.get("action_space", {}), raw.get("observation_space", {}), data.get("policy_kwargs") or {}
+    if "Discrete" not in str(act.get(":type:")) or not str(act.get("n", "")).isdigit():
+        raise UserError(f"{flag}: action space {act.get(':type:')} is not Discrete")
+    shape = obs.get("_shape", obs.get("shape"))  # `shape` in zips of older SB3 versions
+    if list(shape or []) != [4, 84, 84] or obs.get("dtype") != "uint8":
+        raise UserError(f"{flag}: observation space {shape} {obs.get('dtype')} is not the 4x84x84 uint8 Atari stack")
+    n_actions = int(act["n"])
     if kwargs.get("normalize_images", True) is False:
         raise UserError(f"{flag}: policy was trained with normalize_images=False; not supported")
     share = bool(kwargs.get("share_features_extractor", True))
     alias = ("pi_features_extractor.", "vf_features_extractor.") if share else ("features_extractor.",)
     state = {"policy." + k: v for k, v in params["policy"].items() if not k.startswith(alias)}
-    expected = {k: v.shape for k, v in Agent(int(act.n), share).state_dict().items()}
+    expected = {k: v.shape for k, v in Agent(n_actions, share).state_dict().items()}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     bad = [k for k in expected if k in state and state[k].shape != expected[k]]
     if missing or extra or bad:
@@ -1322,7 +1331,7 @@ def read_sb3_zip(path: str) -> dict:
             f"wrong shape {bad[:3]}); custom net_arch or features extractors are not supported"
         )
     optimizer = params.get("policy.optimizer")
-    return {"path": path, "state_dict": state, "optimizer": optimizer, "share": share, "n_actions": int(act.n)}
+    return {"path": path, "state_dict": state, "optimizer": optimizer, "share": share, "n_actions": n_actions}
 
 
 @torch.no_grad()
