@@ -733,12 +733,12 @@ def record_video(q_network, video_env, device, seed: int):
 def train(args: Args) -> dict:
     """Run DQN; returns a summary (returns, last losses, injections, interventions, metrics, model path)."""
     spec = validate_args(args)  # every flag, before anything is written
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     seed_everything(args.seed, args.torch_deterministic)
     device = pick_device(args.cuda)
     frames = ((84, 84), np.uint8, args.frame_stack) if spec.atari else (spec.obs_shape, np.float32, 1)
     rb = ReplayBuffer(args.buffer_size, args.num_envs, *frames, stacked=spec.atari, seed=args.seed + 1)
     envs = make_envs(spec, args, args.num_envs)
+    run_name = new_run_name(args)  # a folder of its own under runs/, once the replay memory is allocated
     if args.track:
         import wandb
 
@@ -883,6 +883,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -935,6 +936,19 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def new_run_name(args) -> str:
+    """`{env_id}__{exp_name}__{seed}__{unix time}`, its folder runs/<name> created atomically: a run that starts in
+    the same second as another of the same name and seed takes the next free second, never the other's folder."""
+    stamp = int(time.time())
+    while True:
+        name = f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}"
+        try:
+            os.makedirs(os.path.join("runs", name))
+            return name
+        except FileExistsError:
+            stamp += 1
 
 
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:

@@ -688,7 +688,7 @@ def cached_paths(agent: Agent, args: Args) -> list:
 def train(args: Args) -> dict:
     """Run PPO; returns a summary (losses, games, injections, interventions, evals, metrics, timing, agent)."""
     zip_info, plan = validate_args(args)  # every flag and file, before anything is written
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = new_run_name(args)  # a folder of its own under runs/
     if args.track:
         import wandb
 
@@ -834,6 +834,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -886,6 +887,19 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def new_run_name(args) -> str:
+    """`{env_id}__{exp_name}__{seed}__{unix time}`, its folder runs/<name> created atomically: a run that starts in
+    the same second as another of the same name and seed takes the next free second, never the other's folder."""
+    stamp = int(time.time())
+    while True:
+        name = f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}"
+        try:
+            os.makedirs(os.path.join("runs", name))
+            return name
+        except FileExistsError:
+            stamp += 1
 
 
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:

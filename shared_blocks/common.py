@@ -3,6 +3,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -55,6 +56,19 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def new_run_name(args) -> str:
+    """`{env_id}__{exp_name}__{seed}__{unix time}`, its folder runs/<name> created atomically: a run that starts in
+    the same second as another of the same name and seed takes the next free second, never the other's folder."""
+    stamp = int(time.time())
+    while True:
+        name = f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}"
+        try:
+            os.makedirs(os.path.join("runs", name))
+            return name
+        except FileExistsError:
+            stamp += 1
 
 
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
