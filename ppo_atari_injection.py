@@ -900,6 +900,8 @@ def new_run_name(args) -> str:
             return name
         except FileExistsError:
             stamp += 1
+        except OSError as e:  # read-only, full, or `runs` is not a folder: say so before any training
+            raise UserError(f"cannot create the run folder runs/{name} ({type(e).__name__}: {e})") from None
 
 
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:

@@ -32,3 +32,17 @@ def test_simultaneous_runs_of_one_name_and_seed_get_their_own_folders(tmp_cwd, s
     for folder in folders:
         assert len(list(folder.glob("events.out.tfevents.*"))) == 1, folder
         assert len(list(folder.glob("*.cleanrl_model"))) == 1, folder
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_an_unusable_output_folder_is_one_line_before_training(tmp_cwd, script):
+    (tmp_cwd / "runs").write_text("a file where the runs folder should be")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / f"{script}.py"), *TINY[script].split(), "--no-cuda"],
+        cwd=tmp_cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot create the run folder runs/")
+    assert "global_step=" not in proc.stdout  # no training step ran
