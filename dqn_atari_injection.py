@@ -7,8 +7,8 @@ gymnasium envs (CartPole-v1, LunarLander-v3) use an MLP. Training treats a life 
 sign-clipped rewards; logged scores are raw whole games. Flags, logs and tests: README.md, `dqn_atari_injection.py`.
 """
 
-import atexit
 import os
+import pickle
 import time
 from functools import partial
 
@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
 gym.register_envs(ale_py)
 ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
@@ -109,11 +108,27 @@ class PlasticityArgs:
     """at most this many adaptive injections"""
 
 
+@dataclass
+class CheckpointArgs:
+    checkpoint_every: int = bounded(0, min=0)
+    """write a checkpoint (networks, optimizer, replay buffer, random states, counters) to runs/{run_name}/checkpoints
+    every this many global steps (0 = only when Ctrl-C or SIGTERM stops the run)"""
+    keep_checkpoints: int = bounded(2, min=1)
+    """keep the newest this many checkpoints"""
+    checkpoint_buffer: bool = True
+    """store the replay buffer in checkpoints (`--no-checkpoint-buffer`: smaller files; a resumed run refills it)"""
+    resume: Optional[str] = None
+    """continue a run: a checkpoint file, a run folder, or `auto` (the newest checkpoint of this env, exp-name and
+    seed; a new run if there is none)"""
+    resume_allow_changes: bool = False
+    """resume even when flags that change the run differ from the checkpoint's"""
+
+
 # ==== END SHARED BLOCK: flags ====
 
 
 @dataclass
-class Args(PlasticityArgs):
+class Args(PlasticityArgs, CheckpointArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -452,6 +467,23 @@ class ReplayBuffer:
         to = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)
         return to(obs), to(a), to(r), to(d.astype(np.float32)), to(nxt)
 
+    ARRAYS = ("frames", "actions", "rewards", "terminated", "first", "last")
+
+    def state_dict(self) -> dict:
+        """The filled slots (as tensors: torch.save writes them without a pickled copy) and the write position."""
+        n = min(self.t, self.cap)
+        return dict({k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)[:, :n])) for k in self.ARRAYS}, t=self.t)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self.ARRAYS:
+            getattr(self, k)[:, : state[k].shape[1]] = state[k].numpy()
+        self.t = state["t"]
+
+    def end_episodes(self) -> None:
+        """The envs restart (a resume that could not restore them): the newest observations end their episodes."""
+        if self.t > 0:
+            self.last[:, (self.t - 1) % self.cap] = True
+
 
 # ==== BEGIN SHARED BLOCK: injection (shared_blocks/injection.py; sync: tools/sync_blocks.py) ====
 # Plasticity injection (Nikishin et al., NeurIPS 2023). SELF-CONTAINED: copy this block as it is into your
@@ -701,12 +733,14 @@ def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) ->
     rng = np.random.default_rng(args.seed + 100_000)
     returns, done = np.zeros(args.eval_episodes), np.zeros(args.eval_episodes, bool)
     obs, _ = envs.reset(seed=args.seed + 100_000)
-    while not done.all():
+    while not done.all() and RUN["stop"] is None:  # a stop request skips the evaluation
         actions = select_actions(q_network, obs, args.eval_epsilon, spec.n_actions, rng, device)
         obs, rewards, terminated, truncated, _ = envs.step(actions)
         returns += np.where(done, 0.0, rewards)
         done |= np.asarray(terminated) | np.asarray(truncated)
     envs.close()
+    if not done.all():
+        return []
     writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
     print(f"global_step={step}, eval/episodic_return={np.mean(returns):.2f} (+- {np.std(returns):.2f})")
     return returns.tolist()
@@ -719,7 +753,7 @@ def record_video(q_network, video_env, device, seed: int):
     try:
         obs, _ = video_env.reset(seed=seed)
         done = False
-        while not done:
+        while not done and RUN["stop"] is None:
             with torch.no_grad():
                 action = int(q_network(torch.as_tensor(np.asarray(obs)[None], device=device)).argmax(dim=1))
             obs, _, terminated, truncated, _ = video_env.step(action)
@@ -729,32 +763,37 @@ def record_video(q_network, video_env, device, seed: int):
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
 
 
+def env_state(envs):
+    """The vector env's state as bytes, when its envs can be pickled (CartPole: yes; Box2D and Atari: no)."""
+    try:
+        return pickle.dumps({k: v for k, v in vars(envs).items() if k != "env_fns"})
+    except Exception:
+        return None
+
+
+def restore_run(ckpt: dict, q_network, target_network, optimizer, rb, rngs: dict) -> dict:
+    """Load a checkpoint into the freshly built objects; returns the run's history (events, lists, probe)."""
+    load_injected_state_dict(q_network, ckpt["networks"]["q_network"])
+    load_injected_state_dict(target_network, ckpt["networks"]["target_network"])
+    restore_optimizer(optimizer, q_network, ckpt["optimizer"])
+    if ckpt["buffer"] is not None:
+        rb.load_state_dict(ckpt["buffer"])
+    set_rng_state(ckpt["rng"], rngs)
+    return ckpt["history"]
+
+
 # ---- Training -----------------------------------------------------------------------------------------------------
 def train(args: Args) -> dict:
     """Run DQN; returns a summary (returns, last losses, injections, interventions, metrics, model path)."""
     spec = validate_args(args)  # every flag, before anything is written
+    ckpt = find_checkpoint(args, "dqn_atari_injection.py")  # --resume: None for a new run
     seed_everything(args.seed, args.torch_deterministic)
     device = pick_device(args.cuda)
     frames = ((84, 84), np.uint8, args.frame_stack) if spec.atari else (spec.obs_shape, np.float32, 1)
     rb = ReplayBuffer(args.buffer_size, args.num_envs, *frames, stacked=spec.atari, seed=args.seed + 1)
     envs = make_envs(spec, args, args.num_envs)
-    run_name = new_run_name(args)  # a folder of its own under runs/, once the replay memory is allocated
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            monitor_gym=False,
-            save_code=True,
-        )
-    writer = SummaryWriter(f"runs/{run_name}")
-    atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    run_name = ckpt["run_name"] if ckpt else new_run_name(args)  # a folder of its own, once the memory is allocated
+    writer = open_logs(args, run_name, ckpt)
 
     q_network = build_network(spec, args).to(device)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
@@ -773,27 +812,57 @@ def train(args: Args) -> dict:
         third_term=not args.inject_no_third_term,
     )
     tracker = EpisodeTracker(args.num_envs, spec.atari and args.episodic_life, spec.atari and args.clip_reward)
-    act_rng, probe_rng, metrics_rng = (np.random.default_rng(args.seed + k) for k in (0, 2, 3))
-    metrics_probe, metrics, fired = None, {}, []  # fired: the steps the adaptive trigger fired at
-    injections, interventions, train_returns, eval_returns = [], [], [], []
+    rngs = dict(zip(("act", "probe", "metrics", "buffer"), (np.random.default_rng(args.seed + k) for k in (0, 2, 3))))
+    rngs["buffer"] = rb.rng
+    # the run's history: a checkpoint holds it (fired: the steps the adaptive trigger fired at)
+    history = dict(injections=[], interventions=[], train_returns=[], eval_returns=[], fired=[], metrics={})
+    history["metrics_probe"] = None
     video_env = make_video_env(spec, args, run_name) if args.capture_video else None
     loss = q_mean = None
     explore_steps = args.exploration_fraction * args.total_timesteps  # epsilon decays from start-e to end-e over these
 
+    start_step, learning_starts = 0, args.learning_starts
+    if ckpt is None:
+        obs, info = envs.reset(seed=args.seed)
+        rb.reset(obs)
+        tracker.reset(info)
+    else:  # resume: every state as it was; envs that cannot be restored (Atari, Box2D) start new episodes
+        history = restore_run(ckpt, q_network, target_network, optimizer, rb, rngs)
+        start_step = ckpt["global_step"]
+        if ckpt["envs"] is not None:
+            vars(envs).update(pickle.loads(ckpt["envs"]))
+            obs = ckpt["obs"]
+            vars(tracker).update(ckpt["tracker"])
+        else:
+            obs, info = envs.reset(seed=args.seed + start_step)
+            rb.end_episodes()
+            rb.reset(obs)
+            tracker.reset(info)
+        if ckpt["buffer"] is None:  # an empty replay buffer fills again before learning
+            learning_starts = start_step + args.learning_starts
+    stop_on_signals()
     start_time = time.time()
-    obs, info = envs.reset(seed=args.seed)
-    rb.reset(obs)
-    tracker.reset(info)
-    for global_step in range(0, args.total_timesteps, args.num_envs):
+    for global_step in range(start_step, args.total_timesteps, args.num_envs):
+        # checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop
+        if checkpoint_due(args, global_step, max(global_step - args.num_envs, start_step)):
+            state = dict(script="dqn_atari_injection.py", args=vars(args), history=history, optimizer=None)
+            state.update(optimizer=optimizer_state(optimizer, q_network), rng=rng_state(rngs), obs=obs)
+            state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None, tracker=vars(tracker))
+            state["envs"] = None if spec.atari else env_state(envs)
+            networks = dict(q_network=q_network, target_network=target_network)
+            path = save_checkpoint(state, run_name, global_step, args.keep_checkpoints, networks)
+            if RUN["stop"] is not None:
+                exit_stopped(global_step, path)
+
         # ALGO LOGIC: epsilon-greedy actions of every env
         epsilon = linear_schedule(args.start_e, args.end_e, explore_steps, global_step)
-        actions = select_actions(q_network, obs, epsilon, spec.n_actions, act_rng, device)
+        actions = select_actions(q_network, obs, epsilon, spec.n_actions, rngs["act"], device)
 
         # execute the game and log data; the autoreset step after an episode's end is no transition
         next_obs, rewards, terminated, truncated, info = envs.step(actions)
         train_rewards, train_terminated, last, finished = tracker.step(rewards, terminated, truncated, info)
         for _, ep_return, ep_length in finished:
-            train_returns.append(ep_return)
+            history["train_returns"].append(ep_return)
             print(f"global_step={global_step}, episodic_return={ep_return}")
             writer.add_scalar("charts/episodic_return", ep_return, global_step)
             writer.add_scalar("charts/episodic_length", ep_length, global_step)
@@ -804,18 +873,18 @@ def train(args: Args) -> dict:
         # every env step of this vector step: injection and interventions, training, metrics, evaluation
         for step in range(global_step, min(global_step + args.num_envs, args.total_timesteps)):
             if step in args.inject_at:
-                log = inject(rb.sample(args.probe_batch_size, device, rng=probe_rng)[0])
-                log_event(writer, injections, step, "injection", {**log, "injection/adaptive": 0.0})
+                log = inject(rb.sample(args.probe_batch_size, device, rng=rngs["probe"])[0])
+                log_event(writer, history["injections"], step, "injection", {**log, "injection/adaptive": 0.0})
             if step in args.reset_at:
                 paths = INJECT_PATHS[args.reset_target]
                 log = reset_modules(q_network, paths, optimizers=[optimizer], targets=[target_network])
-                log_event(writer, interventions, step, "reset", log, kind="reset")
+                log_event(writer, history["interventions"], step, "reset", log, kind="reset")
             if step in args.shrink_perturb_at:
                 paths = INJECT_PATHS[args.shrink_perturb_target]
                 log = shrink_perturb(q_network, paths, args.sp_shrink, args.sp_perturb, targets=[target_network])
-                log_event(writer, interventions, step, "shrink_perturb", log, kind="shrink_perturb")
+                log_event(writer, history["interventions"], step, "shrink_perturb", log, kind="shrink_perturb")
 
-            if step > args.learning_starts and step % args.train_frequency == 0:
+            if step > learning_starts and step % args.train_frequency == 0:
                 batch = rb.sample(args.batch_size, device)
                 l2 = l2_coef(args, step, args.total_timesteps)
                 loss, q_mean = dqn_update(q_network, target_network, optimizer, batch, args, step, l2)
@@ -823,70 +892,83 @@ def train(args: Args) -> dict:
                     writer.add_scalar("losses/td_loss", float(loss), step)
                     writer.add_scalar("losses/q_values", float(q_mean), step)
                     writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
-                    writer.add_scalar("charts/SPS", int(step / (time.time() - start_time)), step)
+                    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
                 if step % 100 == 0 and args.l2_schedule != "none":
                     writer.add_scalar("losses/l2_coef", l2, step)
-            if step > args.learning_starts and step % args.target_network_frequency == 0:
+            if step > learning_starts and step % args.target_network_frequency == 0:
                 update_target(target_network, q_network, args.tau)
 
             # plasticity metrics on ONE fixed probe batch (its own RNG); the adaptive trigger reads them
-            if args.metrics_every > 0 and step >= args.learning_starts and step % args.metrics_every == 0:
-                if metrics_probe is None:
-                    metrics_probe = rb.sample(args.metrics_batch_size, device, rng=metrics_rng)
-                metrics = plasticity_metrics(q_network, target_network, metrics_probe, args)
-                for k, v in metrics.items():
+            if args.metrics_every > 0 and step >= learning_starts and step % args.metrics_every == 0:
+                if history["metrics_probe"] is None:
+                    history["metrics_probe"] = rb.sample(args.metrics_batch_size, device, rng=rngs["metrics"])
+                history["metrics"] = plasticity_metrics(q_network, target_network, history["metrics_probe"], args)
+                for k, v in history["metrics"].items():
                     writer.add_scalar(k, v, step)
-                if reason := adaptive_injection_due(args, step, metrics, fired, start_step=args.learning_starts):
+                fired = history["fired"]
+                if reason := adaptive_injection_due(args, step, history["metrics"], fired, start_step=learning_starts):
                     print(f"global_step={step}, adaptive injection: {reason}")
-                    log = inject(rb.sample(args.probe_batch_size, device, rng=probe_rng)[0])
-                    log_event(writer, injections, step, "injection", {**log, "injection/adaptive": 1.0})
+                    log = inject(rb.sample(args.probe_batch_size, device, rng=rngs["probe"])[0])
+                    log_event(writer, history["injections"], step, "injection", {**log, "injection/adaptive": 1.0})
 
             if args.eval_episodes > 0 and args.eval_every > 0 and step > 0 and step % args.eval_every == 0:
-                eval_returns = evaluate(q_network, spec, args, device, step, writer)
+                history["eval_returns"] = evaluate(q_network, spec, args, device, step, writer)
                 video_env = record_video(q_network, video_env, device, args.seed + 200_000 + step)
 
     global_step = args.total_timesteps
     if args.eval_episodes > 0:
-        eval_returns = evaluate(q_network, spec, args, device, global_step, writer)
+        history["eval_returns"] = evaluate(q_network, spec, args, device, global_step, writer)
         video_env = record_video(q_network, video_env, device, args.seed + 200_000 + global_step)
     model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model" if args.save_model else None
     if model_path:
-        save_model(model_path, q_network, args, global_step, injections, fired)
+        save_model(model_path, q_network, args, global_step, history["injections"], history["fired"])
         print(f"model saved to {model_path}")
     envs.close()
     writer.close()
     if video_env is not None:
         video_env.close()
     if args.track:
+        import wandb
+
         wandb.finish()
+    if RUN["stop"] is not None:  # asked to stop during the final evaluation or save: the run is complete
+        exit_stopped(global_step, model_path or RUN["checkpoint"])
+    returns = history["train_returns"]
     return {
         "run_name": run_name,
         "run_dir": f"runs/{run_name}",
         "model_path": model_path,
         "global_step": global_step,
-        "eval/episodic_return": float(np.mean(eval_returns)) if eval_returns else None,
-        "eval_returns": eval_returns,
-        "charts/episodic_return": float(np.mean(train_returns[-20:])) if train_returns else None,
-        "train_returns": train_returns,
+        "eval/episodic_return": float(np.mean(history["eval_returns"])) if history["eval_returns"] else None,
+        "eval_returns": history["eval_returns"],
+        "charts/episodic_return": float(np.mean(returns[-20:])) if returns else None,
+        "train_returns": returns,
         "losses/td_loss": None if loss is None else float(loss),
         "losses/q_values": None if q_mean is None else float(q_mean),
-        "injections": injections,
-        "interventions": interventions,
-        "plasticity": metrics,
-        "SPS": int(global_step / max(time.time() - start_time, 1e-9)),
+        "injections": history["injections"],
+        "interventions": history["interventions"],
+        "plasticity": history["metrics"],
+        "SPS": int((global_step - start_step) / max(time.time() - start_time, 1e-9)),
     }
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
-# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves.
+# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves,
+# checkpoints with exact resume, and clean stops on Ctrl-C / SIGTERM.
+import atexit
+import glob
+import hashlib
 import os
 import random
+import re
+import signal
 import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 
 class UserError(Exception):
@@ -916,8 +998,9 @@ def check_steps(flag: str, steps, total: int) -> list:
 def check_finite(value: torch.Tensor, name: str, step: int) -> None:
     """Stop with a clear message when a loss turns NaN or inf (files already written stay as they were)."""
     if not bool(torch.isfinite(value).all()):
+        last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
         raise UserError(
-            f"{name} became non-finite ({float(value.detach().float().mean())}) at global step {step}; "
+            f"{name} became non-finite ({float(value.detach().float().mean())}) at global step {step}{last}; "
             "try a lower --learning-rate, gradient clipping, or another --seed"
         )
 
@@ -962,17 +1045,188 @@ def log_event(writer, events: list, step: int, what: str, log: dict, **extra) ->
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file. A failure (disk
+    full, unwritable folder) is a one-line error naming the file and the last checkpoint, which stays intact."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        last = f"; the last checkpoint {RUN['checkpoint']} is intact" if RUN["checkpoint"] else ""
+        raise UserError(f"cannot write {path} ({type(e).__name__}: {e}){last}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ---- Checkpoints: `--checkpoint-every`, `--resume`, and a checkpoint when Ctrl-C or SIGTERM stops the run ----------
+RUN = {"stop": None, "checkpoint": None}  # the signal that asked the run to stop; the newest good checkpoint
+# flags that may change when a run resumes; any other change is refused unless --resume-allow-changes
+RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
+RESUME_FREE |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+
+
+def _request_stop(signum, frame):
+    if RUN["stop"] is not None:  # asked twice: leave at once, without a checkpoint
+        os._exit(128 + signum)
+    RUN["stop"] = signum
+    name = signal.Signals(signum).name
+    print(f"\n{name}: stopping at the end of this step with a checkpoint (again: quit at once)", file=sys.stderr)
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (what schedulers send before preemption) set RUN["stop"]; the training loop
+    then writes a checkpoint and calls exit_stopped. Nothing is interrupted mid-write, so nothing can hang."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _request_stop)
+
+
+def exit_stopped(step: int, path: str) -> None:
+    """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
+    again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
+    name = signal.Signals(RUN["stop"]).name
+    print(
+        f"stopped by {name} at global step {step}, checkpoint {path}; continue with: python {again}",
+        file=sys.stderr,
+    )
+    sys.exit(128 + RUN["stop"])
+
+
+def checkpoint_due(args, step: int, previous_step: int) -> bool:
+    """A stop was asked for, or a multiple of --checkpoint-every lies in (previous_step, step]."""
+    every = args.checkpoint_every
+    return RUN["stop"] is not None or (every > 0 and step // every > previous_step // every)
+
+
+def checkpoint_paths(folder: str) -> list:
+    """The checkpoints step_<N>.pt in `folder`, oldest first."""
+    found = [(int(m.group(1)), f) for f in os.listdir(folder) if (m := re.fullmatch(r"step_(\d+)\.pt", f))]
+    return [os.path.join(folder, f) for _, f in sorted(found)] if found else []
+
+
+def save_checkpoint(state: dict, run_name: str, step: int, keep: int, networks: dict) -> str:
+    """Write runs/<run>/checkpoints/step_<step>.pt atomically, then delete all but the newest `keep`: the previous
+    checkpoint survives until the new one is complete. Non-finite weights stop the run instead of being saved."""
+    for name, net in networks.items():
+        bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+            raise UserError(f"{name} has non-finite weights ({bad[0]}) at global step {step}{last}")
+    folder = os.path.join("runs", run_name, "checkpoints")
+    path = os.path.join(folder, f"step_{step:012d}.pt")
+    state = dict(state, run_name=run_name, global_step=step)
+    atomic_save(dict(state, networks={k: v.state_dict() for k, v in networks.items()}), path)
+    for old in checkpoint_paths(folder)[:-keep]:
+        os.remove(old)
+    RUN["checkpoint"] = path
+    return path
+
+
+def find_checkpoint(args, script: str):
+    """The checkpoint `--resume` names, loaded and checked (None: a new run). `auto`: the newest checkpoint of the
+    newest run folder of this env, exp-name and seed that has one (a new run when there is none); a run folder:
+    its newest checkpoint; or a checkpoint file. Stray temporary files of killed saves in that run are removed."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        prefix = os.path.join("runs", glob.escape(f"{args.env_id}__{args.exp_name}__{args.seed}__"))
+        runs = sorted(glob.glob(prefix + "[0-9]*"), key=lambda d: int(d.rpartition("__")[2]))
+        found = [ckpts for d in runs if (ckpts := checkpoint_paths(os.path.join(d, "checkpoints")))]
+        if not found:
+            print(f"--resume auto: no checkpoint under {prefix}*, starting a new run")
+            return None
+        found = found[-1]
+    elif os.path.isdir(args.resume):
+        folder = args.resume if os.path.basename(os.path.normpath(args.resume)) == "checkpoints" else None
+        found = checkpoint_paths(folder or os.path.join(args.resume, "checkpoints"))
+        if not found:
+            raise UserError(f"--resume {args.resume}: no checkpoint (checkpoints/step_<N>.pt) in this folder")
+    elif os.path.isfile(args.resume):
+        found = [p for p in checkpoint_paths(os.path.dirname(args.resume) or ".") if p < args.resume]
+        found.append(args.resume)
+    else:
+        raise UserError(f"--resume {args.resume}: no such file or folder (give a checkpoint, a run folder, or auto)")
+    path = found[-1]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        older = f"; the previous checkpoint is intact: --resume {found[-2]}" if len(found) > 1 else ""
+        raise UserError(f"--resume: {path} is truncated or corrupt ({type(e).__name__}){older}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        raise UserError(f"--resume: {path} is not a checkpoint of {script}")
+    changed = [k for k, v in ckpt["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
+    if changed and not args.resume_allow_changes:
+        diff = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (now {getattr(args, k)!r})" for k in changed)
+        raise UserError(f"--resume: {path} was made with {diff}; give the same flags, or --resume-allow-changes")
+    run_dir = os.path.join("runs", ckpt["run_name"])
+    for tmp in glob.glob(os.path.join(glob.escape(run_dir), "**", ".tmp-*"), recursive=True):
+        os.remove(tmp)
+    RUN["checkpoint"] = path
+    print(f"resuming {run_dir} from {path} (global step {ckpt['global_step']})")
+    return ckpt
+
+
+def rng_state(generators: dict) -> dict:
+    """Every random state a run draws from: python, numpy, torch (and CUDA), and the run's numpy Generators."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return dict(state, generators={k: g.bit_generator.state for k, g in generators.items()})
+
+
+def set_rng_state(state: dict, generators: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in generators.items():
+        g.bit_generator.state = state["generators"][k]
+
+
+def optimizer_state(optimizer, model) -> dict:
+    """The optimizer's state_dict and the names of its parameters in `model` (injection re-points optimizers)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    return {"state_dict": optimizer.state_dict(), "params": groups}
+
+
+def restore_optimizer(optimizer, model, saved: dict) -> None:
+    """Point `optimizer` at the same parameters of the rebuilt (injected) `model`, then load its state."""
+    params = dict(model.named_parameters())
+    for group, names in zip(optimizer.param_groups, saved["params"]):
+        group["params"] = [params[n] for n in names]
+    optimizer.load_state_dict(saved["state_dict"])
+
+
+def open_logs(args, run_name: str, ckpt=None):
+    """TensorBoard writer for runs/<run_name> (and wandb with --track, same run id on resume). On resume the events
+    logged after the checkpoint (by the run that was stopped) are dropped, so the curves continue seamlessly."""
+    if args.track:
+        import wandb
+
+        run_id = hashlib.sha1(run_name.encode()).hexdigest()[:16]
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=ckpt["global_step"] if ckpt else None)
+    atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
+    if ckpt is None:
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
 
 
 # ==== END SHARED BLOCK: common ====

@@ -110,6 +110,22 @@ class PlasticityArgs:
     """at most this many adaptive injections"""
 
 
+@dataclass
+class CheckpointArgs:
+    checkpoint_every: int = bounded(0, min=0)
+    """write a checkpoint (networks, optimizer, replay buffer, random states, counters) to runs/{run_name}/checkpoints
+    every this many global steps (0 = only when Ctrl-C or SIGTERM stops the run)"""
+    keep_checkpoints: int = bounded(2, min=1)
+    """keep the newest this many checkpoints"""
+    checkpoint_buffer: bool = True
+    """store the replay buffer in checkpoints (`--no-checkpoint-buffer`: smaller files; a resumed run refills it)"""
+    resume: Optional[str] = None
+    """continue a run: a checkpoint file, a run folder, or `auto` (the newest checkpoint of this env, exp-name and
+    seed; a new run if there is none)"""
+    resume_allow_changes: bool = False
+    """resume even when flags that change the run differ from the checkpoint's"""
+
+
 # ==== END SHARED BLOCK: flags ====
 
 
@@ -829,15 +845,22 @@ def train(args: Args) -> dict:
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
-# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves.
+# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves,
+# checkpoints with exact resume, and clean stops on Ctrl-C / SIGTERM.
+import atexit
+import glob
+import hashlib
 import os
 import random
+import re
+import signal
 import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 
 class UserError(Exception):
@@ -867,8 +890,9 @@ def check_steps(flag: str, steps, total: int) -> list:
 def check_finite(value: torch.Tensor, name: str, step: int) -> None:
     """Stop with a clear message when a loss turns NaN or inf (files already written stay as they were)."""
     if not bool(torch.isfinite(value).all()):
+        last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
         raise UserError(
-            f"{name} became non-finite ({float(value.detach().float().mean())}) at global step {step}; "
+            f"{name} became non-finite ({float(value.detach().float().mean())}) at global step {step}{last}; "
             "try a lower --learning-rate, gradient clipping, or another --seed"
         )
 
@@ -913,17 +937,188 @@ def log_event(writer, events: list, step: int, what: str, log: dict, **extra) ->
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file. A failure (disk
+    full, unwritable folder) is a one-line error naming the file and the last checkpoint, which stays intact."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        last = f"; the last checkpoint {RUN['checkpoint']} is intact" if RUN["checkpoint"] else ""
+        raise UserError(f"cannot write {path} ({type(e).__name__}: {e}){last}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ---- Checkpoints: `--checkpoint-every`, `--resume`, and a checkpoint when Ctrl-C or SIGTERM stops the run ----------
+RUN = {"stop": None, "checkpoint": None}  # the signal that asked the run to stop; the newest good checkpoint
+# flags that may change when a run resumes; any other change is refused unless --resume-allow-changes
+RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
+RESUME_FREE |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+
+
+def _request_stop(signum, frame):
+    if RUN["stop"] is not None:  # asked twice: leave at once, without a checkpoint
+        os._exit(128 + signum)
+    RUN["stop"] = signum
+    name = signal.Signals(signum).name
+    print(f"\n{name}: stopping at the end of this step with a checkpoint (again: quit at once)", file=sys.stderr)
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (what schedulers send before preemption) set RUN["stop"]; the training loop
+    then writes a checkpoint and calls exit_stopped. Nothing is interrupted mid-write, so nothing can hang."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _request_stop)
+
+
+def exit_stopped(step: int, path: str) -> None:
+    """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
+    again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
+    name = signal.Signals(RUN["stop"]).name
+    print(
+        f"stopped by {name} at global step {step}, checkpoint {path}; continue with: python {again}",
+        file=sys.stderr,
+    )
+    sys.exit(128 + RUN["stop"])
+
+
+def checkpoint_due(args, step: int, previous_step: int) -> bool:
+    """A stop was asked for, or a multiple of --checkpoint-every lies in (previous_step, step]."""
+    every = args.checkpoint_every
+    return RUN["stop"] is not None or (every > 0 and step // every > previous_step // every)
+
+
+def checkpoint_paths(folder: str) -> list:
+    """The checkpoints step_<N>.pt in `folder`, oldest first."""
+    found = [(int(m.group(1)), f) for f in os.listdir(folder) if (m := re.fullmatch(r"step_(\d+)\.pt", f))]
+    return [os.path.join(folder, f) for _, f in sorted(found)] if found else []
+
+
+def save_checkpoint(state: dict, run_name: str, step: int, keep: int, networks: dict) -> str:
+    """Write runs/<run>/checkpoints/step_<step>.pt atomically, then delete all but the newest `keep`: the previous
+    checkpoint survives until the new one is complete. Non-finite weights stop the run instead of being saved."""
+    for name, net in networks.items():
+        bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+            raise UserError(f"{name} has non-finite weights ({bad[0]}) at global step {step}{last}")
+    folder = os.path.join("runs", run_name, "checkpoints")
+    path = os.path.join(folder, f"step_{step:012d}.pt")
+    state = dict(state, run_name=run_name, global_step=step)
+    atomic_save(dict(state, networks={k: v.state_dict() for k, v in networks.items()}), path)
+    for old in checkpoint_paths(folder)[:-keep]:
+        os.remove(old)
+    RUN["checkpoint"] = path
+    return path
+
+
+def find_checkpoint(args, script: str):
+    """The checkpoint `--resume` names, loaded and checked (None: a new run). `auto`: the newest checkpoint of the
+    newest run folder of this env, exp-name and seed that has one (a new run when there is none); a run folder:
+    its newest checkpoint; or a checkpoint file. Stray temporary files of killed saves in that run are removed."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        prefix = os.path.join("runs", glob.escape(f"{args.env_id}__{args.exp_name}__{args.seed}__"))
+        runs = sorted(glob.glob(prefix + "[0-9]*"), key=lambda d: int(d.rpartition("__")[2]))
+        found = [ckpts for d in runs if (ckpts := checkpoint_paths(os.path.join(d, "checkpoints")))]
+        if not found:
+            print(f"--resume auto: no checkpoint under {prefix}*, starting a new run")
+            return None
+        found = found[-1]
+    elif os.path.isdir(args.resume):
+        folder = args.resume if os.path.basename(os.path.normpath(args.resume)) == "checkpoints" else None
+        found = checkpoint_paths(folder or os.path.join(args.resume, "checkpoints"))
+        if not found:
+            raise UserError(f"--resume {args.resume}: no checkpoint (checkpoints/step_<N>.pt) in this folder")
+    elif os.path.isfile(args.resume):
+        found = [p for p in checkpoint_paths(os.path.dirname(args.resume) or ".") if p < args.resume]
+        found.append(args.resume)
+    else:
+        raise UserError(f"--resume {args.resume}: no such file or folder (give a checkpoint, a run folder, or auto)")
+    path = found[-1]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        older = f"; the previous checkpoint is intact: --resume {found[-2]}" if len(found) > 1 else ""
+        raise UserError(f"--resume: {path} is truncated or corrupt ({type(e).__name__}){older}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        raise UserError(f"--resume: {path} is not a checkpoint of {script}")
+    changed = [k for k, v in ckpt["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
+    if changed and not args.resume_allow_changes:
+        diff = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (now {getattr(args, k)!r})" for k in changed)
+        raise UserError(f"--resume: {path} was made with {diff}; give the same flags, or --resume-allow-changes")
+    run_dir = os.path.join("runs", ckpt["run_name"])
+    for tmp in glob.glob(os.path.join(glob.escape(run_dir), "**", ".tmp-*"), recursive=True):
+        os.remove(tmp)
+    RUN["checkpoint"] = path
+    print(f"resuming {run_dir} from {path} (global step {ckpt['global_step']})")
+    return ckpt
+
+
+def rng_state(generators: dict) -> dict:
+    """Every random state a run draws from: python, numpy, torch (and CUDA), and the run's numpy Generators."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return dict(state, generators={k: g.bit_generator.state for k, g in generators.items()})
+
+
+def set_rng_state(state: dict, generators: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in generators.items():
+        g.bit_generator.state = state["generators"][k]
+
+
+def optimizer_state(optimizer, model) -> dict:
+    """The optimizer's state_dict and the names of its parameters in `model` (injection re-points optimizers)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    return {"state_dict": optimizer.state_dict(), "params": groups}
+
+
+def restore_optimizer(optimizer, model, saved: dict) -> None:
+    """Point `optimizer` at the same parameters of the rebuilt (injected) `model`, then load its state."""
+    params = dict(model.named_parameters())
+    for group, names in zip(optimizer.param_groups, saved["params"]):
+        group["params"] = [params[n] for n in names]
+    optimizer.load_state_dict(saved["state_dict"])
+
+
+def open_logs(args, run_name: str, ckpt=None):
+    """TensorBoard writer for runs/<run_name> (and wandb with --track, same run id on resume). On resume the events
+    logged after the checkpoint (by the run that was stopped) are dropped, so the curves continue seamlessly."""
+    if args.track:
+        import wandb
+
+        run_id = hashlib.sha1(run_name.encode()).hexdigest()[:16]
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=ckpt["global_step"] if ckpt else None)
+    atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
+    if ckpt is None:
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
 
 
 # ==== END SHARED BLOCK: common ====

@@ -80,3 +80,19 @@ class PlasticityArgs:
     """at least this many env steps between two adaptive injections"""
     adaptive_inject_max_count: int = bounded(1, min=1)
     """at most this many adaptive injections"""
+
+
+@dataclass
+class CheckpointArgs:
+    checkpoint_every: int = bounded(0, min=0)
+    """write a checkpoint (networks, optimizer, replay buffer, random states, counters) to runs/{run_name}/checkpoints
+    every this many global steps (0 = only when Ctrl-C or SIGTERM stops the run)"""
+    keep_checkpoints: int = bounded(2, min=1)
+    """keep the newest this many checkpoints"""
+    checkpoint_buffer: bool = True
+    """store the replay buffer in checkpoints (`--no-checkpoint-buffer`: smaller files; a resumed run refills it)"""
+    resume: Optional[str] = None
+    """continue a run: a checkpoint file, a run folder, or `auto` (the newest checkpoint of this env, exp-name and
+    seed; a new run if there is none)"""
+    resume_allow_changes: bool = False
+    """resume even when flags that change the run differ from the checkpoint's"""
