@@ -1091,10 +1091,8 @@ def exit_stopped(step: int, path: str) -> None:
     """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
     again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
     name = signal.Signals(RUN["stop"]).name
-    print(
-        f"stopped by {name} at global step {step}, checkpoint {path}; continue with: python {again}",
-        file=sys.stderr,
-    )
+    where = f"checkpoint {path}; continue with: python {again}" if path else "nothing to resume"
+    print(f"stopped by {name} at global step {step}, {where}", file=sys.stderr)
     sys.exit(128 + RUN["stop"])
 
 
@@ -1106,7 +1104,8 @@ def checkpoint_due(args, step: int, previous_step: int) -> bool:
 
 def checkpoint_paths(folder: str) -> list:
     """The checkpoints step_<N>.pt in `folder`, oldest first."""
-    found = [(int(m.group(1)), f) for f in os.listdir(folder) if (m := re.fullmatch(r"step_(\d+)\.pt", f))]
+    files = os.listdir(folder) if os.path.isdir(folder) else []
+    found = [(int(m.group(1)), f) for f in files if (m := re.fullmatch(r"step_(\d+)\.pt", f))]
     return [os.path.join(folder, f) for _, f in sorted(found)] if found else []
 
 

@@ -7,7 +7,7 @@ homework did, trains IQL offline for --offline-steps, then fine-tunes online for
 one update per global step). Flags, logs and results: README.md, section `iql_pointmass_injection.py`.
 """
 
-import atexit
+import pickle
 import hashlib
 import json
 import os
@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
 # ==== BEGIN SHARED BLOCK: flags (shared_blocks/flags.py; sync: tools/sync_blocks.py) ====
 # Flags every script shares. Each script's `Args` extends this dataclass, adding its own flags and the
@@ -128,7 +127,7 @@ class CheckpointArgs:
 
 
 @dataclass
-class Args(PlasticityArgs):
+class Args(PlasticityArgs, CheckpointArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -424,6 +423,8 @@ def generate_dataset(args: Args) -> dict:
         q_opt, r_opt = torch.optim.Adam(qnet.parameters(), lr=1e-3), torch.optim.Adam(rnd_pred.parameters(), lr=1e-3)
         err_sq_mean = 1.0
     for step in range(args.dataset_steps):
+        if RUN["stop"] is not None:  # Ctrl-C or SIGTERM before training: nothing to resume
+            exit_stopped(0, None)
         if args.dataset_kind == "random" or rng.random() < args.rnd_epsilon or step < 1000:
             action = int(rng.integers(5))
         else:
@@ -535,7 +536,18 @@ class ReplayBuffer:
             data["actions"],
         )
         self.rewards[:n], self.terminals[:n] = data["rewards"], data["terminals"]
-        self.size, self.device = n, device
+        self.size, self.offline_size, self.device = n, n, device
+
+    ARRAYS = ("obs", "next_obs", "actions", "rewards", "terminals")
+
+    def state_dict(self) -> dict:
+        """The online part (the offline data comes from the dataset file); `size` counts both."""
+        return dict({k: getattr(self, k)[self.offline_size : self.size].copy() for k in self.ARRAYS}, size=self.size)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self.ARRAYS:
+            getattr(self, k)[self.offline_size : state["size"]] = state[k]
+        self.size = state["size"]
 
     def add(self, obs, action, reward, next_obs, terminal) -> None:
         i = self.size
@@ -822,9 +834,22 @@ class IQLAgent:
             return int(rng.integers(self.n_actions))
         return int(logits.argmax())
 
+    def networks(self) -> dict:
+        return dict(qf=self.qf, qf_target=self.qf_target, vf=self.vf, actor=self.actor)
+
     def state_dict(self) -> dict:
-        nets = dict(qf=self.qf, qf_target=self.qf_target, vf=self.vf, actor=self.actor)
-        return {k: net.state_dict() for k, net in nets.items()}
+        return {k: net.state_dict() for k, net in self.networks().items()}
+
+    def optimizer_states(self) -> list:
+        return [optimizer_state(opt, net) for opt, net in zip(self.optimizers, (self.qf, self.vf, self.actor))]
+
+    def load(self, networks: dict, optimizers: list) -> None:
+        """Restore a checkpoint's networks (with their injection state) and optimizers."""
+        for k, net in self.networks().items():
+            load_injected_state_dict(net, networks[k])
+        self.qf_target.requires_grad_(False)
+        for opt, net, saved in zip(self.optimizers, (self.qf, self.vf, self.actor), optimizers):
+            restore_optimizer(opt, net, saved)
 
 
 def plasticity_metrics(agent: IQLAgent, batch, tau: float) -> dict:
@@ -945,29 +970,21 @@ def evaluate_and_log(agent: IQLAgent, args: Args, writer, run_dir: str, step: in
     return {k: float(v) for k, v in results.items()}
 
 
+HISTORY = ("injections", "interventions", "fired", "recent", "final")  # what a checkpoint keeps of the run's past
+
+
 def train(args: Args) -> dict:
     """Run offline IQL, then online fine-tuning; returns the final metrics and the run's events."""
     total = validate_args(args)
+    ckpt = find_checkpoint(args, "iql_pointmass_injection.py")  # --resume: None for a new run
+    stop_on_signals()  # Ctrl-C / SIGTERM: a checkpoint at the end of the current step
     data, data_path, _ = load_or_make_dataset(args)  # validates --dataset before runs/ exists
-    run_name = new_run_name(args)  # a folder of its own under runs/
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
+    run_name = ckpt["run_name"] if ckpt else new_run_name(args)  # a folder of its own under runs/
     run_dir = os.path.join("runs", run_name)
-    writer = SummaryWriter(run_dir)
-    atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    writer = open_logs(args, run_name, ckpt)
     goals = int(data["terminals"].sum())
-    writer.add_text("dataset", f"{data_path}: {len(data['actions'])} transitions, {goals} goal-reaching")
+    if ckpt is None:
+        writer.add_text("dataset", f"{data_path}: {len(data['actions'])} transitions, {goals} goal-reaching")
 
     seed_everything(args.seed, args.torch_deterministic)
     device = pick_device(args.cuda)
@@ -978,13 +995,31 @@ def train(args: Args) -> dict:
     metrics_probe = None
     if args.metrics_every > 0:  # its own RNG: the training streams are the same with or without metrics
         metrics_probe = rb.sample(args.metrics_batch_size, np.random.default_rng(args.seed + 54321))
-    injections, interventions, fired, recent, final = [], [], [], deque(maxlen=20), {}
+    # the run's history: a checkpoint holds it (fired: the steps the adaptive trigger fired at)
+    history = dict(zip(HISTORY, ([], [], [], deque(maxlen=20), {})))
     env = PointmassEnv(args.env_id)
     obs, _ = env.reset(seed=args.seed)
-    ep_ret, ep_len = 0.0, 0
+    ep_ret, ep_len, start_step = 0.0, 0, 0
+    if ckpt is not None:  # resume: every state as it was, the environment included
+        agent.load(ckpt["networks"], ckpt["optimizers"])
+        if ckpt["buffer"] is not None:
+            rb.load_state_dict(ckpt["buffer"])
+        set_rng_state(ckpt["rng"], {"train": rng})
+        history, env = ckpt["history"], pickle.loads(ckpt["env"])
+        obs, ep_ret, ep_len, start_step = *ckpt["episode"], ckpt["global_step"]
+    injections, interventions, fired, recent, final = (history[k] for k in HISTORY)
 
     start_time = time.time()
-    for global_step in range(total):
+    for global_step in range(start_step, total):
+        # checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop
+        if checkpoint_due(args, global_step, max(global_step - 1, start_step)):
+            state = dict(script="iql_pointmass_injection.py", args=vars(args), history=history, env=pickle.dumps(env))
+            state.update(optimizers=agent.optimizer_states(), rng=rng_state({"train": rng}))
+            state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None, episode=(obs, ep_ret, ep_len))
+            path = save_checkpoint(state, run_name, global_step, args.keep_checkpoints, agent.networks())
+            if RUN["stop"] is not None:
+                exit_stopped(global_step, path)
+
         online = global_step >= args.offline_steps
         # plasticity injection and the interventions to compare it against
         if global_step in args.inject_at:
@@ -1045,7 +1080,7 @@ def train(args: Args) -> dict:
             for name in losses:
                 check_finite(stats[name], name, global_step)  # names the loss at fault
         if global_step % args.log_every == 0 or global_step == total - 1:
-            sps = int((global_step + 1) / (time.time() - start_time))
+            sps = int((global_step + 1 - start_step) / (time.time() - start_time))
             scalars = {k: v.item() for k, v in stats.items()}
             scalars.update({"charts/learning_rate": agent.q_opt.param_groups[0]["lr"], "charts/SPS": sps})
             scalars.update(
@@ -1059,7 +1094,8 @@ def train(args: Args) -> dict:
             final.update(evaluate_and_log(agent, args, writer, run_dir, global_step + 1), global_step=global_step + 1)
 
     final.update({k: float(v) for k, v in stats.items()}, injections=injections, interventions=interventions)
-    final.update({"charts/SPS": total / (time.time() - start_time), "train_time_s": time.time() - start_time})
+    elapsed = time.time() - start_time
+    final.update({"charts/SPS": (total - start_step) / elapsed, "train_time_s": elapsed})
     final["online_episodic_return_last20"] = float(np.mean(recent)) if recent else float("nan")
     final.update({"injection/count": float(len(injections)), "injection/adaptive_count": float(len(fired))})
     final.update(dataset_goal_transitions=float(goals), run_dir=run_dir)
@@ -1070,7 +1106,11 @@ def train(args: Args) -> dict:
         print(f"model saved to {final['model_path']}")
     writer.close()
     if args.track:
+        import wandb
+
         wandb.finish()
+    if RUN["stop"] is not None:  # asked to stop during the last step: the run is complete
+        exit_stopped(total, final.get("model_path") or RUN["checkpoint"])
     return final
 
 
@@ -1213,10 +1253,8 @@ def exit_stopped(step: int, path: str) -> None:
     """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
     again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
     name = signal.Signals(RUN["stop"]).name
-    print(
-        f"stopped by {name} at global step {step}, checkpoint {path}; continue with: python {again}",
-        file=sys.stderr,
-    )
+    where = f"checkpoint {path}; continue with: python {again}" if path else "nothing to resume"
+    print(f"stopped by {name} at global step {step}, {where}", file=sys.stderr)
     sys.exit(128 + RUN["stop"])
 
 
@@ -1228,7 +1266,8 @@ def checkpoint_due(args, step: int, previous_step: int) -> bool:
 
 def checkpoint_paths(folder: str) -> list:
     """The checkpoints step_<N>.pt in `folder`, oldest first."""
-    found = [(int(m.group(1)), f) for f in os.listdir(folder) if (m := re.fullmatch(r"step_(\d+)\.pt", f))]
+    files = os.listdir(folder) if os.path.isdir(folder) else []
+    found = [(int(m.group(1)), f) for f in files if (m := re.fullmatch(r"step_(\d+)\.pt", f))]
     return [os.path.join(folder, f) for _, f in sorted(found)] if found else []
 
 
