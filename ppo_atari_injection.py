@@ -7,7 +7,6 @@ The agent sees exactly what Stable-Baselines3's Atari wrappers give and has SB3'
 CnnPolicy zips continue as they were trained. Flags, logs and tests: README.md, section `ppo_atari_injection.py`.
 """
 
-import atexit
 import json
 import os
 import re
@@ -23,7 +22,6 @@ import torch.nn as nn
 import torch.optim as optim
 import tyro
 from torch.distributions.categorical import Categorical
-from torch.utils.tensorboard import SummaryWriter
 
 # ==== BEGIN SHARED BLOCK: flags (shared_blocks/flags.py; sync: tools/sync_blocks.py) ====
 # Flags every script shares. Each script's `Args` extends this dataclass, adding its own flags and the
@@ -130,7 +128,7 @@ class CheckpointArgs:
 
 
 @dataclass
-class Args(PlasticityArgs):
+class Args(PlasticityArgs, CheckpointArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -246,6 +244,10 @@ def parse_env_id(env_id: str) -> tuple:
         if roms.get_rom_path(game) is None:
             raise UserError(f"--env-id {env_id!r}: ale-py has no ROM named {game!r}")
     return game, (0.0 if m.group(2) == "NoFrameskip-v4" else 0.25)
+
+
+def env_options(args: Args) -> tuple:
+    return args.noop_max, args.max_episode_frames, args.env_threads
 
 
 class AtariEnvs:
@@ -704,35 +706,41 @@ def cached_paths(agent: Agent, args: Args) -> list:
 def train(args: Args) -> dict:
     """Run PPO; returns a summary (losses, games, injections, interventions, evals, metrics, timing, agent)."""
     zip_info, plan = validate_args(args)  # every flag and file, before anything is written
-    run_name = new_run_name(args)  # a folder of its own under runs/
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    writer = SummaryWriter(f"runs/{run_name}")
-    atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    ckpt = find_checkpoint(args, "ppo_atari_injection.py")  # --resume: None for a new run
+    stop_on_signals()  # Ctrl-C / SIGTERM: a checkpoint at the next iteration boundary
+    run_name = ckpt["run_name"] if ckpt else new_run_name(args)  # a folder of its own under runs/
+    writer = open_logs(args, run_name, ckpt)
 
     seed_everything(args.seed, args.torch_deterministic)
     device = pick_device(args.cuda)
-    envs = AtariEnvs(args.env_id, args.num_envs, args.seed, args.noop_max, args.max_episode_frames, args.env_threads)
+    start_step = ckpt["global_step"] if ckpt else 0  # a resumed run starts new games: ale-py cannot save them
+    envs = AtariEnvs(args.env_id, args.num_envs, args.seed + start_step, *env_options(args))
     agent, optimizer = build_agent(args, envs.n_actions, device, zip_info)
-    fired, adaptive_reason = [], None  # steps the adaptive trigger fired at; why it fired (inject at the next boundary)
+    # the run's history, which a checkpoint holds: games, events, evaluations, the adaptive trigger's fired steps
     summary = {"games": [], "injections": [], "interventions": [], "evals": [], "losses": {}, "timing": []}
-    next_eval, next_metrics, probe = args.eval_every, args.metrics_every, None
+    summary.update(fired=[], adaptive_reason=None, next_eval=args.eval_every, next_metrics=args.metrics_every)
+    summary.update(probe=None, iteration=1, global_step=0)
+    if ckpt is not None:  # resume: every state but the games in progress
+        load_injected_state_dict(agent, ckpt["networks"]["agent"])
+        restore_optimizer(optimizer, agent, ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], {})
+        summary = ckpt["history"]
+    fired = summary["fired"]
     video = VideoRecorder(f"videos/{run_name}") if args.capture_video else None
-    global_step, start_time = 0, time.time()
+    global_step, start_time = start_step, time.time()
     next_obs, next_valid = (torch.as_tensor(a, device=device) for a in envs.reset())
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(summary["iteration"], args.num_iterations + 1):
+        # --- checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop ------------
+        previous_step = max(global_step - args.num_envs * args.num_steps, start_step)
+        if checkpoint_due(args, global_step, previous_step):
+            summary.update(iteration=iteration, global_step=global_step)
+            state = dict(script="ppo_atari_injection.py", args=vars(args), history=summary, rng=rng_state({}))
+            state["optimizer"] = optimizer_state(optimizer, agent)
+            path = save_checkpoint(state, run_name, global_step, args.keep_checkpoints, {"agent": agent})
+            if RUN["stop"] is not None:
+                exit_stopped(global_step, path)
+        adaptive_reason = summary["adaptive_reason"]
         # --- plasticity injection and the interventions, at the rollout boundary ----------------------------------
         if iteration in plan["--inject-at"] or adaptive_reason is not None:
             fresh = target_modules(agent, args.inject_target)
@@ -751,7 +759,7 @@ def train(args: Args) -> dict:
             if adaptive_reason is not None:
                 log["injection/adaptive"] = 1.0
                 print(f"global_step={global_step}, adaptive injection: {adaptive_reason}")
-                adaptive_reason = None
+                summary["adaptive_reason"] = None
             log_event(writer, summary["injections"], global_step, f"injected into {args.inject_target}", log)
         if iteration in plan["--reset-at"]:
             fresh = target_modules(agent, args.reset_target)
@@ -800,7 +808,7 @@ def train(args: Args) -> dict:
         summary["losses"] = ppo_update(agent, optimizer, batch, args, global_step, l2)
         update_time = time.time() - update_start
 
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         print("SPS:", sps)
         scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps}
         scalars.update({"charts/rollout_time": rollout_time, "charts/update_time": update_time})
@@ -813,23 +821,25 @@ def train(args: Args) -> dict:
         summary["timing"].append(dict(timing, samples=len(batch["obs"])))
 
         # --- plasticity metrics on a fixed probe batch (drawn once, without the frozen outputs); adaptive trigger ---
-        if args.metrics_every > 0 and global_step >= next_metrics and len(batch["obs"]) > 0:
-            probe = probe if probe is not None else draw_probe(batch, args.metrics_batch_size, args.seed)
-            metrics = plasticity_metrics(agent, probe, args)
+        if args.metrics_every > 0 and global_step >= summary["next_metrics"] and len(batch["obs"]) > 0:
+            if summary["probe"] is None:
+                summary["probe"] = draw_probe(batch, args.metrics_batch_size, args.seed)
+            metrics = plasticity_metrics(agent, summary["probe"], args)
             for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
             summary["metrics"] = metrics
             if iteration < args.num_iterations:
-                adaptive_reason = adaptive_injection_due(args, global_step, metrics, fired)
-            next_metrics = (global_step // args.metrics_every + 1) * args.metrics_every
+                summary["adaptive_reason"] = adaptive_injection_due(args, global_step, metrics, fired)
+            summary["next_metrics"] = (global_step // args.metrics_every + 1) * args.metrics_every
 
         # --- evaluation -------------------------------------------------------------------------------------------
-        if args.eval_every > 0 and global_step >= next_eval:
+        if args.eval_every > 0 and global_step >= summary["next_eval"]:
+            summary["next_eval"] = (global_step // args.eval_every + 1) * args.eval_every
             scores = evaluate(agent, args, device, args.seed + 10_000 + iteration)
-            writer.add_scalar("eval/episodic_return", float(np.mean(scores)), global_step)
-            summary["evals"].append((global_step, scores))
-            print(f"global_step={global_step}, eval/episodic_return={np.mean(scores):.1f} over {len(scores)} games")
-            next_eval = (global_step // args.eval_every + 1) * args.eval_every
+            if scores:  # empty when a stop request cut the evaluation short
+                writer.add_scalar("eval/episodic_return", float(np.mean(scores)), global_step)
+                summary["evals"].append((global_step, scores))
+                print(f"global_step={global_step}, eval/episodic_return={np.mean(scores):.1f} over {len(scores)} games")
 
     if args.save_model:
         summary["model_path"] = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
@@ -841,6 +851,12 @@ def train(args: Args) -> dict:
         print(f"model saved to {summary['model_path']}")
     envs.close()
     writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
+    if RUN["stop"] is not None:  # asked to stop during the last iteration: the run is complete
+        exit_stopped(global_step, summary.get("model_path") or RUN["checkpoint"])
     return dict(summary, global_step=global_step, run_name=run_name, agent=agent, optimizer=optimizer)
 
 
@@ -1548,10 +1564,13 @@ def read_sb3_zip(path: str) -> dict:
 def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
     """Raw scores of --eval-episodes whole games of the greedy (or, --no-eval-deterministic, sampling) policy."""
     n = min(args.eval_episodes, args.num_envs)
-    envs = AtariEnvs(args.env_id, n, seed, args.noop_max, args.max_episode_frames, args.env_threads)
+    envs = AtariEnvs(args.env_id, n, seed, *env_options(args))
     obs, _ = envs.reset()
     scores = []
     while len(scores) < args.eval_episodes:
+        if RUN["stop"] is not None:  # a stop request skips the evaluation
+            envs.close()
+            return []
         obs = torch.as_tensor(obs, device=device)
         action = agent.get_action_and_value(obs, deterministic=args.eval_deterministic)[0]
         obs, _, _, _, _, info = envs.step(action.cpu().numpy())
