@@ -109,12 +109,13 @@ def test_ctrl_c_and_sigterm_stop_within_seconds_with_a_checkpoint_that_resumes_e
     assert_same_run(run_dir(tmp_cwd, "whole"), run_dir(tmp_cwd, "stopped"))
 
 
-def test_ppo_restores_everything_but_the_games_and_resumes_across_an_injection(tmp_cwd):
+def test_ppo_stops_on_sigterm_restores_everything_but_the_games_and_resumes_across_an_injection(tmp_cwd):
     script = "ppo_atari_injection"
     finish(script, "whole", tmp_cwd)
     proc = start(script, "killed", tmp_cwd)
-    stop_after_first_checkpoint(proc, tmp_cwd, "killed", signal.SIGKILL)
-    proc.wait(timeout=60)
+    stop_after_first_checkpoint(proc, tmp_cwd, "killed", signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err and "Traceback" not in err
     killed = run_dir(tmp_cwd, "killed")
     first = sorted(glob.glob(os.path.join(killed, "checkpoints", "step_*.pt")))[0]
     twin = os.path.join(run_dir(tmp_cwd, "whole"), "checkpoints", os.path.basename(first))
@@ -197,3 +198,29 @@ def test_a_failed_save_names_the_file_and_the_last_checkpoint_and_leaves_no_temp
     with pytest.raises(blocks.UserError, match=r"cannot write .*model.cleanrl_model .* checkpoint runs/r/chec"):
         blocks.atomic_save({"w": torch.zeros(3)}, "runs/r/model.cleanrl_model")
     assert not glob.glob(str(tmp_path / "runs" / "r" / ".tmp-*"))
+
+
+def test_atari_dqn_without_the_buffer_in_checkpoints_resumes_with_new_games_and_refills_before_learning(tmp_cwd):
+    script, exp = "dqn_atari_injection", "atari"
+    flags = "--env-id BreakoutNoFrameskip-v4 --total-timesteps 1200 --learning-starts 300 --buffer-size 2000 "
+    flags += "--inject-at 900 --eval-episodes 0 --metrics-every 0 --checkpoint-every 400 --no-checkpoint-buffer "
+    flags = [*flags.split(), "--no-cuda", "--exp-name", exp]
+    assert run_script(script, *flags, cwd=tmp_cwd).returncode == 0
+    folder = run_dir(tmp_cwd, exp)
+    checkpoint = os.path.join(folder, "checkpoints", "step_000000000400.pt")
+    assert torch.load(checkpoint, weights_only=False)["buffer"] is None
+    proc = run_script(script, *flags, "--resume", checkpoint, cwd=tmp_cwd)  # back to step 400, in the same folder
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [step for step, _ in read_scalars(folder)["losses/td_loss"]]
+    assert [s for s in losses if s >= 400][0] > 400 + 300  # the empty buffer refills for --learning-starts steps
+    assert read_scalars(folder)["injection/count"] == [(900, 1.0)]
+
+
+def test_tracked_run_resumes_the_same_wandb_run(tmp_cwd):
+    script = "iql_pointmass_injection"
+    flags = [*IQL.split(), "--online-steps", "1500", "--no-cuda", "--track", "--exp-name", "tracked"]
+    assert run_script(script, *flags, cwd=tmp_cwd).returncode == 0
+    checkpoint = sorted(glob.glob(os.path.join(run_dir(tmp_cwd, "tracked"), "checkpoints", "*.pt")))[0]
+    assert run_script(script, *flags, "--resume", checkpoint, cwd=tmp_cwd).returncode == 0
+    ids = {os.path.basename(p).rsplit("-", 1)[1] for p in glob.glob(str(tmp_cwd / "wandb" / "offline-run-*"))}
+    assert len(glob.glob(str(tmp_cwd / "wandb" / "offline-run-*"))) == 2 and len(ids) == 1
