@@ -779,7 +779,10 @@ def restore_run(ckpt: dict, q_network, target_network, optimizer, rb, rngs: dict
     if ckpt["buffer"] is not None:
         rb.load_state_dict(ckpt["buffer"])
     set_rng_state(ckpt["rng"], rngs)
-    return ckpt["history"]
+    history, device = ckpt["history"], next(q_network.parameters()).device
+    if history["metrics_probe"] is not None:  # checkpoints load onto the CPU
+        history["metrics_probe"] = tuple(t.to(device) for t in history["metrics_probe"])
+    return history
 
 
 # ---- Training -----------------------------------------------------------------------------------------------------

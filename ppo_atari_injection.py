@@ -725,6 +725,8 @@ def train(args: Args) -> dict:
         restore_optimizer(optimizer, agent, ckpt["optimizer"])
         set_rng_state(ckpt["rng"], {})
         summary = ckpt["history"]
+        if summary["probe"] is not None:  # checkpoints load onto the CPU
+            summary["probe"] = {k: v.to(device) for k, v in summary["probe"].items()}
     fired = summary["fired"]
     video = VideoRecorder(f"videos/{run_name}") if args.capture_video else None
     global_step, start_time = start_step, time.time()
