@@ -29,8 +29,11 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 INJECTION_KEY = "injection/count"
 
@@ -83,6 +86,10 @@ def read_scalars(run_dir: Path, keys) -> dict:
     for f in sorted(run_dir.glob("events.out.tfevents.*")):
         try:
             for ev in EventFileLoader(str(f)).Load():
+                if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START and ev.step > 0:
+                    for series in out.values():  # a resumed run: what the stopped run logged from here is stale
+                        for stale in [st for st in series if st >= ev.step]:
+                            del series[stale]
                 if not ev.HasField("summary"):
                     continue
                 for v in ev.summary.value:
@@ -120,7 +127,7 @@ def value_at(series: dict, step: int):
     return series[max(ok)] if ok else None
 
 
-def collect(paths, keys, only=None) -> list:
+def collect(paths, keys, only=None, optional=()) -> list:
     """Groups: list of dicts (env_id, exp_name, runs=[run with 'scalars'])."""
     runs = find_runs(paths)
     if only:
@@ -145,7 +152,7 @@ def collect(paths, keys, only=None) -> list:
     runs = list(latest.values())
     missing = defaultdict(list)
     for r in runs:
-        r["scalars"], r["tags"] = read_scalars(r["path"], list(keys) + [INJECTION_KEY])
+        r["scalars"], r["tags"] = read_scalars(r["path"], list(dict.fromkeys([*keys, *optional, INJECTION_KEY])))
         for k in keys:
             if not r["scalars"][k]:
                 missing[k].append(r)
@@ -205,7 +212,6 @@ def plot(groups, keys, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 3.6 * len(keys)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -215,28 +221,227 @@ def plot(groups, keys, path: Path) -> None:
             c = colors[i % len(colors)]
             grid = np.array(sorted({s for r in g["runs"] for s in r["scalars"][k]}), dtype=float)
             ys = []
-            for r in g["runs"]:
+            for r in (r for r in g["runs"] if r["scalars"][k]):
                 st = np.array(sorted(r["scalars"][k]), dtype=float)
                 y = np.interp(grid, st, [r["scalars"][k][int(s)] for s in st])
                 y[(grid < st[0]) | (grid > st[-1])] = np.nan
                 ys.append(y)
-            ys = np.array(ys)
-            m, s = np.nanmean(ys, axis=0), np.nanstd(ys, axis=0)
+            m, lo, hi = bootstrap_band(np.array(ys))
             label = (f"{g['env_id']} " if multi_env else "") + f"{g['exp_name']} (n={len(g['runs'])})"
             ax.plot(grid, m, color=c, label=label)
-            ax.fill_between(grid, m - s, m + s, color=c, alpha=0.2, linewidth=0)
+            ax.fill_between(grid, lo, hi, color=c, alpha=0.2, linewidth=0)
             for st in sorted({s for r in g["runs"] for s in r["scalars"][INJECTION_KEY]}):
                 ax.axvline(st, color=c, linestyle="--", linewidth=1, alpha=0.8)
         ax.set_xlabel("global step")
         ax.set_ylabel(k)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0, 0].set_title("mean ± std over seeds; dashed: injection steps")
+    axes[0, 0].set_title("mean over seeds, 95% bootstrap band; dashed: injection steps")
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- honest statistics (rliable) and figures
+# Human-normalised Atari scores (score - random) / (human - random), with the random and human reference scores of
+# Mnih et al. (2015) / Badia et al. (2020) for the games our recipes use.
+ATARI_REFERENCE = {
+    "Alien": (227.8, 7127.7),
+    "Asterix": (210.0, 8503.3),
+    "BeamRider": (363.9, 16926.5),
+    "Breakout": (1.7, 30.5),
+    "Enduro": (0.0, 860.5),
+    "MsPacman": (307.3, 6951.6),
+    "Phoenix": (761.4, 7242.6),
+    "Pong": (-20.7, 14.6),
+    "Qbert": (163.9, 13455.0),
+    "Seaquest": (68.4, 42054.7),
+    "SpaceInvaders": (148.0, 1668.7),
+}
+
+
+def normaliser(env_id: str, key: str):
+    """(label, f) turning raw returns of a known Atari game into human-normalised scores; None otherwise."""
+    m = re.fullmatch(r"(?:ALE/)?([A-Za-z]+?)(?:NoFrameskip-v4|-v5)", env_id)
+    if m is None or m.group(1) not in ATARI_REFERENCE or not key.endswith("episodic_return"):
+        return None
+    random_score, human = ATARI_REFERENCE[m.group(1)]
+    return "human-normalised", lambda x: (np.asarray(x, dtype=float) - random_score) / (human - random_score)
+
+
+def split_complete(groups, key, steps=None, seeds=None):
+    """Complete runs per group, and one line per missing or partial run. A run is partial when its last step of
+    `key` is below `steps` (default: the largest last step of any run of that env); a seed is missing when another
+    group of the env (or --seeds) has it and this group does not."""
+    problems, complete = [], {}
+    for env in sorted({g["env_id"] for g in groups}):
+        env_groups = [g for g in groups if g["env_id"] == env]
+        target = steps or max(max(r["scalars"][key]) for g in env_groups for r in g["runs"])
+        wanted = set(seeds or {r["seed"] for g in env_groups for r in g["runs"]})
+        for g in env_groups:
+            done = [r for r in g["runs"] if max(r["scalars"][key]) >= target]
+            for r in g["runs"]:
+                if r not in done:
+                    problems.append(
+                        f"partial: {env} {g['exp_name']} seed {r['seed']} stops at step "
+                        f"{max(r['scalars'][key])} of {target} ({r['path']})"
+                    )
+            for s in sorted(wanted - {r["seed"] for r in g["runs"]}):
+                problems.append(f"missing: {env} {g['exp_name']} seed {s}")
+            complete[(env, g["exp_name"])] = done
+    return complete, problems
+
+
+def score_matrices(groups, complete, key):
+    """{setup: runs x envs matrix of final values}, over the seeds every env of the setup has complete;
+    Atari returns human-normalised. Returns (matrices, label)."""
+    setups = list(dict.fromkeys(g["exp_name"] for g in groups))
+    envs = sorted({g["env_id"] for g in groups})
+    label, out = key, {}
+    for setup in setups:
+        runs = {env: {r["seed"]: r for r in complete.get((env, setup), [])} for env in envs}
+        seeds = sorted(set.intersection(*(set(v) for v in runs.values())))
+        if not seeds:
+            continue
+        cols = []
+        for env in envs:
+            col = [runs[env][s]["scalars"][key][max(runs[env][s]["scalars"][key])] for s in seeds]
+            norm = normaliser(env, key)
+            if norm is not None:
+                label, col = f"{key} ({norm[0]})", norm[1](col)
+            cols.append(np.asarray(col, dtype=float))
+        out[setup] = np.stack(cols, axis=1)
+    return out, label
+
+
+def iqm_mean_intervals(matrices: dict, reps: int, seed: int = 0) -> dict:
+    """{setup: (iqm, iqm_low, iqm_high, mean, mean_low, mean_high)}: rliable's stratified bootstrap, 95% CIs."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    aggregate = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])  # noqa: E731
+    with warnings.catch_warnings():  # arch's notice about its future default generator
+        warnings.simplefilter("ignore", FutureWarning)
+        point, ci = rly.get_interval_estimates(matrices, aggregate, reps=reps, random_state=np.random.RandomState(seed))
+    return {k: (point[k][0], ci[k][0, 0], ci[k][1, 0], point[k][1], ci[k][0, 1], ci[k][1, 1]) for k in matrices}
+
+
+def improvement(matrices: dict, baseline: str, reps: int, seed: int = 0) -> dict:
+    """{setup: (P(setup > baseline), low, high)}: rliable's probability of improvement with a 95% CI."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    pairs = {s: (m, matrices[baseline]) for s, m in matrices.items() if s != baseline}
+    if not pairs:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        point, ci = rly.get_interval_estimates(
+            pairs, metrics.probability_of_improvement, reps=reps, random_state=np.random.RandomState(seed)
+        )
+    return {k: (float(np.ravel(point[k])[0]), *map(float, np.ravel(ci[k])[:2])) for k in pairs}
+
+
+def steps_to_threshold(series: dict, threshold: float):
+    """First step at which the run's value reaches `threshold` (>=), None if it never does."""
+    return next((s for s in sorted(series) if series[s] >= threshold), None)
+
+
+def area_under_curve(series: dict) -> float:
+    """Mean value over the run: trapezoid area under the curve divided by the steps it spans."""
+    st = np.array(sorted(series), dtype=float)
+    ys = np.array([series[int(s)] for s in st])
+    return float(ys[0]) if len(st) == 1 else float(np.trapezoid(ys, st) / (st[-1] - st[0]))
+
+
+def stats_tables(groups, complete, problems, key, reps, baseline=None, threshold=None) -> tuple:
+    """Markdown: IQM and mean with CIs per setup (all envs together), probability of improvement, speed of
+    learning (AUC; steps to --threshold). Returns (markdown, matrices, intervals, improvements)."""
+    matrices, label = score_matrices(groups, complete, key)
+    if not matrices:
+        return f"no complete runs of {key}", matrices, {}, {}
+    ivals = iqm_mean_intervals(matrices, reps)
+    envs = sorted({g["env_id"] for g in groups})
+    head = "| setup | IQM [95% CI] | mean [95% CI] | runs x envs | AUC (mean over the run) |"
+    lines = [
+        f"**{label}**, final value of complete runs, over {', '.join(envs)}; stratified bootstrap, {reps} "
+        f"resamples (rliable)",
+        "",
+        head + (f" steps to reach {threshold:g} |" if threshold is not None else ""),
+        "|---|---|---|---|---|" + ("---|" if threshold is not None else ""),
+    ]
+    for setup, m in matrices.items():
+        q, ql, qh, mu, ml, mh = ivals[setup]
+        runs = [r for env in envs for r in complete.get((env, setup), [])]
+        aucs = [area_under_curve(r["scalars"][key]) for r in runs]
+        row = [
+            setup,
+            f"{q:.3g} [{ql:.3g}, {qh:.3g}]",
+            f"{mu:.3g} [{ml:.3g}, {mh:.3g}]",
+            f"{m.shape[0]} x {m.shape[1]}",
+            f"{np.mean(aucs):.3g} ± {np.std(aucs):.2g}",
+        ]
+        if threshold is not None:
+            hit = [s for s in (steps_to_threshold(r["scalars"][key], threshold) for r in runs) if s is not None]
+            row.append(
+                f"median {np.median(hit):.0f} ({len(hit)}/{len(runs)} reached)" if hit else f"never (0/{len(runs)})"
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    better = improvement(matrices, baseline, reps) if baseline in matrices else {}
+    if better:
+        lines += ["", f"Probability of improvement over `{baseline}` (P(X > Y), 95% CI):", ""]
+        lines += [f"- `{s}`: {p:.2f} [{lo:.2f}, {hi:.2f}]" for s, (p, lo, hi) in better.items()]
+    lines += ["", "Missing or partial runs (left out of the statistics above):", ""]
+    lines += [f"- {p}" for p in problems] or ["- none"]
+    return "\n".join(lines), matrices, ivals, better
+
+
+def bootstrap_band(ys: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple:
+    """Mean over runs (rows) and its 95% percentile-bootstrap band, per column (NaN: the run has no value)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ys), size=(reps, len(ys)))
+    means = np.nanmean(ys[idx], axis=1)
+    return np.nanmean(ys, axis=0), np.nanpercentile(means, 2.5, axis=0), np.nanpercentile(means, 97.5, axis=0)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)  # never leave a half-written plot
+    os.replace(tmp, path)  # never a half-written figure
+
+
+def plot_aggregates(ivals: dict, better: dict, baseline, label: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = 2 if better else 1
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 0.6 * len(ivals) + 1.6), squeeze=False)
+    names = list(ivals)
+    for i, (what, (p, lo, hi)) in enumerate((("IQM", (0, 1, 2)), ("mean", (3, 4, 5)))):
+        ys = np.arange(len(names)) + (0.15 if i else -0.15)
+        x = np.array([ivals[s][p] for s in names])
+        err = np.array([[x[j] - ivals[s][lo], ivals[s][hi] - x[j]] for j, s in enumerate(names)]).T
+        axes[0, 0].errorbar(x, ys, xerr=err, fmt="o", capsize=4, label=what)
+    axes[0, 0].set_yticks(range(len(names)), names)
+    axes[0, 0].set_xlabel(label)
+    axes[0, 0].legend()
+    axes[0, 0].grid(alpha=0.3)
+    axes[0, 0].set_title("IQM and mean, 95% stratified-bootstrap CIs")
+    if better:
+        names = list(better)
+        x = np.array([better[s][0] for s in names])
+        err = np.array([[x[j] - better[s][1], better[s][2] - x[j]] for j, s in enumerate(names)]).T
+        axes[0, 1].errorbar(x, range(len(names)), xerr=err, fmt="o", capsize=4)
+        axes[0, 1].axvline(0.5, color="grey", linestyle="--")
+        axes[0, 1].set_yticks(range(len(names)), names)
+        axes[0, 1].set_xlim(0, 1)
+        axes[0, 1].set_title(f"P(setup > {baseline})")
+        axes[0, 1].grid(alpha=0.3)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -253,7 +458,23 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--only", nargs="+", metavar="EXP_NAME", help="only these exp_names (setups)")
     ap.add_argument("--precision", type=int, default=2, help="decimals in the table (default 2)")
-    ap.add_argument("--plot", metavar="OUT.png", help="also draw mean ± std curves per group to this image (Agg)")
+    ap.add_argument("--plot", metavar="OUT.png", help="also draw the curves (mean, 95%% bootstrap band) to this image")
+    ap.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write report.md and the figures (curves.png, metrics.png, aggregates.png) into DIR: IQM and mean "
+        "with stratified-bootstrap CIs (rliable), probability of improvement, AUC and steps to --threshold",
+    )
+    ap.add_argument("--baseline", metavar="SETUP", help="probability of improvement of every setup over this one")
+    ap.add_argument("--threshold", type=float, help="report the steps each run takes to reach this value (first key)")
+    ap.add_argument("--steps", type=int, help="the step a complete run reaches (default: the longest run of its env)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="the seeds every setup should have (default: all seen)")
+    ap.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    ap.add_argument(
+        "--metric",
+        action="append",
+        help="plasticity key drawn into metrics.png (repeatable; default the *_mean keys the runs logged)",
+    )
     a = ap.parse_args(argv)
     keys = list(dict.fromkeys(a.key or ["eval/episodic_return"]))
     try:
@@ -267,14 +488,42 @@ def main(argv=None) -> int:
                 raise ReportError(f"--plot {a.plot}: use a .png, .pdf or .svg file name")
             if not p.resolve().parent.is_dir():
                 raise ReportError(f"--plot {a.plot}: folder {p.resolve().parent} does not exist")
-        groups = collect(a.paths, keys, a.only)
+        if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
+            raise ReportError(f"--out {a.out}: not a folder")
+        metrics = a.metric or [f"plasticity/{m}_mean" for m in ("erank_features", "dormant_ratio", "weight_magnitude")]
+        groups = collect(a.paths, keys, a.only, optional=metrics)
+        if a.baseline and a.baseline not in {g["exp_name"] for g in groups}:
+            raise ReportError(f"--baseline {a.baseline}: no such setup")
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(table(groups, keys, a.at_step, a.precision))
+    first = table(groups, keys, a.at_step, a.precision)
+    complete, problems = split_complete(groups, keys[0], a.steps, a.seeds)
+    stats, matrices, ivals, better = stats_tables(groups, complete, problems, keys[0], a.reps, a.baseline, a.threshold)
+    print(first + "\n\n" + stats)
     if a.plot:
         plot(groups, keys, Path(a.plot))
         print(f"\nplot: {a.plot}")
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot(groups, keys, out / "curves.png")
+        figures = ["curves.png"]
+        have = [m for m in metrics if any(r["scalars"].get(m) for g in groups for r in g["runs"])]
+        if have:
+            plot([g for g in groups if any(r["scalars"][have[0]] for r in g["runs"])], have, out / "metrics.png")
+            figures.append("metrics.png")
+        if ivals:
+            plot_aggregates(
+                ivals, better, a.baseline, score_matrices(groups, complete, keys[0])[1], out / "aggregates.png"
+            )
+            figures.append("aggregates.png")
+        command = "python benchmark/report.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        md = [f"# Report\n\n`{command}`\n", first, "", stats, ""] + [f"![{f}]({f})" for f in figures]
+        tmp = out / "report.md.tmp"
+        tmp.write_text("\n".join(md) + "\n")
+        os.replace(tmp, out / "report.md")
+        print(f"\nreport: {out / 'report.md'} ({', '.join(figures)})")
     return 0
 
 

@@ -14,7 +14,9 @@ Setups come from a TOML recipe (`--recipe FILE`), from repeated `--setup NAME="F
 
     script = "dqn_atari_injection.py"      # relative to the repository root, or an absolute path
     seeds = [1, 2, 3]                      # --seeds overrides
-    common = "--env-id CartPole-v1 --no-cuda"
+    envs = ["CartPole-v1"]                 # optional, --envs overrides: each job gets --env-id ENV, and ${env}
+                                           # in any flags is replaced by it (jobs: envs x seeds x setups)
+    common = "--no-cuda"
     [vars]                                 # optional: ${name} placeholders the user must give with --var
     pretrained = "local path of the SB3 zip"
     [setups]                               # name = "flags"; the name becomes --exp-name
@@ -29,6 +31,14 @@ Setup names must be letters, digits, '.', '-', '_' (no '__': it separates the fi
         --setup plain="" --setup inj="--inject-at 5000" --cwd /scratch/exp1
     python benchmark/sweep.py --recipe benchmark/recipes/ppo_spaceinvaders_pretrained.toml \\
         --var pretrained=/data/ppo-SpaceInvadersNoFrameskip-v4.zip
+
+Launchers (`--launcher`): `local` (default) runs the jobs as subprocesses here. `slurm` submits them as one
+SLURM array job through submitit (`--partition`, `--gpus`, `--cpus`, `--mem-gb`, `--time` minutes, at most `--jobs`
+at a time); `submitit-local` runs the same submitit code path on this machine (for tests and dry runs of a
+cluster set-up). Under submitit a job that is preempted or reaches its time limit forwards SIGTERM to the script
+(which writes a checkpoint) and is requeued with `--resume auto` appended, so it continues from that checkpoint:
+give the recipe a `--checkpoint-every` for long runs. Each job sets WANDB_RUN_GROUP (the recipe or script name)
+and WANDB_TAGS (setup, env), so `--track` runs are grouped and tagged by setup on the wandb dashboard.
 """
 
 import argparse
@@ -60,12 +70,14 @@ def load_recipe(path: Path) -> dict:
         rec = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SweepError(f"--recipe {path}: not valid TOML ({e})")
-    unknown = set(rec) - {"script", "seeds", "common", "setups", "vars", "description"}
+    unknown = set(rec) - {"script", "seeds", "envs", "common", "setups", "vars", "description"}
     if unknown:
         raise SweepError(
-            f"--recipe {path}: unknown keys {sorted(unknown)} (allowed: description, script, seeds, "
+            f"--recipe {path}: unknown keys {sorted(unknown)} (allowed: description, script, seeds, envs, "
             "common, vars, setups)"
         )
+    if not isinstance(rec.get("envs", []), list) or not all(isinstance(e, str) for e in rec.get("envs", [])):
+        raise SweepError(f"--recipe {path}: envs must be a list of env ids")
     if not isinstance(rec.get("setups", {}), dict) or not all(
         isinstance(v, str) for v in rec.get("setups", {}).values()
     ):
@@ -97,6 +109,8 @@ def split_flags(where: str, flags: str) -> list:
 def substitute(where: str, text: str, values: dict, described: dict) -> str:
     def rep(m):
         k = m.group(1)
+        if k == "env":  # replaced per job
+            return m.group(0)
         if k not in values:
             hint = f" ({described[k]})" if k in described else ""
             raise SweepError(f"{where} uses ${{{k}}}: give it with --var {k}=VALUE{hint}")
@@ -174,19 +188,92 @@ def build_jobs(a) -> tuple:
             if any(t == flag or t.startswith(flag + "=") for t in toks):
                 raise SweepError(f"{where}: must not contain {flag} (the sweep sets it per job)")
         parsed[name] = toks
+    envs = a.envs if a.envs is not None else rec.get("envs") or [None]
+    if envs != [None] and any(t == "--env-id" or t.startswith("--env-id=") for t in common + extra):
+        raise SweepError("--envs: the recipe's envs (or --envs) set --env-id; remove it from common / --common")
     jobs = []
     for seed in seeds:  # seed-major: a partial sweep has every setup for its first seeds
-        for name, toks in parsed.items():
-            cmd = [a.python, str(spath), *common, *toks, *extra, "--exp-name", name, "--seed", str(seed)]
-            jobs.append({"setup": name, "seed": seed, "cmd": cmd})
+        for env in envs:
+            for name, toks in parsed.items():
+                flags = [*common, *toks, *extra] + (["--env-id", env] if env else [])
+                flags = [t.replace("${env}", env) for t in flags] if env else flags
+                if any("${env}" in t for t in flags):
+                    raise SweepError(f"setup {name} uses ${{env}}, but the recipe has no envs (give --envs)")
+                cmd = [a.python, str(spath), *flags, "--exp-name", name, "--seed", str(seed)]
+                jobs.append({"setup": name, "seed": seed, "env": env, "cmd": cmd})
     return spath, jobs
 
 
-def job_env() -> dict:
+def job_env(job: dict = None, group: str = "") -> dict:
+    """One thread per job; wandb group (the sweep's name) and tags (setup, env) for --track runs."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.setdefault("MPLBACKEND", "Agg")
+    if job is not None:
+        env["WANDB_RUN_GROUP"] = group
+        env["WANDB_TAGS"] = ",".join(t for t in (job["setup"], job.get("env")) if t)
     return env
+
+
+def with_resume(cmd: list) -> list:
+    """The command a requeued job runs: the same, continuing from its newest checkpoint."""
+    return cmd if "--resume" in cmd else [*cmd, "--resume", "auto"]
+
+
+class ScriptJob:
+    """A submitit job running one script command. On preemption or timeout submitit calls `checkpoint`: the
+    script gets SIGTERM (it writes a checkpoint and exits), and the job is requeued with `--resume auto`."""
+
+    def __init__(self):
+        self.proc = None
+
+    def __call__(self, cmd: list, cwd: str, env: dict, stdout: str, stderr: str) -> int:
+        with open(stdout, "a") as fo, open(stderr, "a") as fe:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
+            return self.proc.wait()
+
+    def checkpoint(self, cmd: list, cwd: str, env: dict, stdout: str, stderr: str):
+        import submitit
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return submitit.helpers.DelayedSubmission(ScriptJob(), with_resume(cmd), cwd, env, stdout, stderr)
+
+
+def run_submitit(jobs: list, cwd: Path, out: Path, a, group: str) -> list:
+    """Submit every job as one array (SLURM) or run them through submitit's local executor; wait for all."""
+    import submitit
+
+    cluster = "slurm" if a.launcher == "slurm" else "local"
+    executor = submitit.AutoExecutor(folder=str(out / "submitit"), cluster=cluster)
+    params = dict(timeout_min=a.time, cpus_per_task=a.cpus, gpus_per_node=a.gpus, mem_gb=a.mem_gb, name=group)
+    if cluster == "slurm":
+        params.update(slurm_partition=a.partition, slurm_array_parallelism=a.jobs)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    handles = []
+    with executor.batch():  # one SLURM array job
+        for job in jobs:
+            stem = f"{job['setup']}__{job.get('env') or 'env'}__{job['seed']}".replace("/", "_")
+            job["stdout"], job["stderr"] = str(out / f"{stem}.out"), str(out / f"{stem}.err")
+            args = (job["cmd"], str(cwd), job_env(job, group), job["stdout"], job["stderr"])
+            handles.append((job, executor.submit(ScriptJob(), *args)))
+    for job, handle in handles:
+        t0 = time.time()
+        try:
+            job["returncode"] = handle.result()
+        except Exception as e:  # the job itself failed (killed, not scheduled, ...)
+            job["returncode"], job["last_stderr"] = -1, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        job["wall_s"], job["submitit_id"] = round(time.time() - t0, 2), handle.job_id
+        if job["returncode"] != 0 and "last_stderr" not in job:
+            job["last_stderr"] = last_line(Path(job["stderr"]))
+        print(
+            f"{'done' if job['returncode'] == 0 else 'FAILED'} {job['setup']} seed {job['seed']} (job {handle.job_id})"
+        )
+    return [j for j, _ in handles]
 
 
 def last_line(path: Path) -> str:
@@ -198,8 +285,7 @@ def last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def run_jobs(jobs: list, cwd: Path, out: Path, n_parallel: int, quiet: bool = False) -> list:
-    env = job_env()
+def run_jobs(jobs: list, cwd: Path, out: Path, n_parallel: int, quiet: bool = False, group: str = "") -> list:
     pending = list(jobs)
     running = []  # (job, Popen, files, t0)
     done = []
@@ -213,11 +299,17 @@ def run_jobs(jobs: list, cwd: Path, out: Path, n_parallel: int, quiet: bool = Fa
         while pending or running:
             while pending and len(running) < n_parallel:
                 job = pending.pop(0)
-                stem = f"{job['setup']}__{job['seed']}"
+                stem = f"{job['setup']}__{job.get('env') or 'env'}__{job['seed']}".replace("/", "_")
                 job["stdout"], job["stderr"] = str(out / f"{stem}.out"), str(out / f"{stem}.err")
                 fo, fe = open(job["stdout"], "w"), open(job["stderr"], "w")
                 p = subprocess.Popen(
-                    job["cmd"], cwd=cwd, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True
+                    job["cmd"],
+                    cwd=cwd,
+                    env=job_env(job, group),
+                    stdout=fo,
+                    stderr=fe,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
                 )
                 running.append((job, p, (fo, fe), time.time()))
                 log(f"start {job['setup']} seed {job['seed']} (pid {p.pid})")
@@ -289,6 +381,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these setups (of the recipe / --setup)")
     ap.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the recipe's, else 1)")
+    ap.add_argument("--envs", nargs="+", metavar="ENV_ID", help="env ids, one --env-id per job (default: the recipe's)")
     ap.add_argument("--common", default="", help="flags appended to every job, after the setup's (they win)")
     ap.add_argument(
         "--var",
@@ -306,6 +399,17 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--python", default=sys.executable, help="Python interpreter of the jobs (default: this one)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit; nothing is run or written")
+    ap.add_argument(
+        "--launcher",
+        choices=["local", "submitit-local", "slurm"],
+        default="local",
+        help="local subprocesses (default), submitit's local executor, or a SLURM array job through submitit",
+    )
+    ap.add_argument("--partition", help="SLURM partition (--launcher slurm)")
+    ap.add_argument("--gpus", type=int, help="GPUs per job (submitit)")
+    ap.add_argument("--cpus", type=int, default=1, help="CPUs per job (submitit, default 1)")
+    ap.add_argument("--mem-gb", type=float, help="memory per job in GB (submitit; DQN Atari needs about 10)")
+    ap.add_argument("--time", type=int, default=60, help="time limit per job in minutes (submitit, default 60)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     a = ap.parse_args(argv)
     try:
@@ -332,14 +436,20 @@ def main(argv=None) -> int:
         flush=True,
     )
     t0 = time.time()
-    done = run_jobs(jobs, cwd, out, a.jobs, quiet=a.quiet)
+    if a.launcher == "local":
+        done = run_jobs(jobs, cwd, out, a.jobs, quiet=a.quiet, group=name)
+    else:
+        done = run_submitit(jobs, cwd, out, a, group=name)
     info = {
         "script": str(spath),
         "cwd": str(cwd),
         "recipe": a.recipe,
         "wall_s": round(time.time() - t0, 2),
         "jobs": [
-            {k: j.get(k) for k in ("setup", "seed", "cmd", "returncode", "wall_s", "stdout", "stderr", "last_stderr")}
+            {
+                k: j.get(k)
+                for k in ("setup", "seed", "env", "cmd", "returncode", "wall_s", "stdout", "stderr", "last_stderr")
+            }
             for j in done
         ],
     }
