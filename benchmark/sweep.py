@@ -215,6 +215,11 @@ def job_env(job: dict = None, group: str = "") -> dict:
     return env
 
 
+def log_stem(job: dict) -> str:
+    """<setup>[__<env>]__<seed>: the name of a job's .out/.err logs."""
+    return "__".join([job["setup"], *([job["env"].replace("/", "_")] if job.get("env") else []), str(job["seed"])])
+
+
 def with_resume(cmd: list) -> list:
     """The command a requeued job runs: the same, continuing from its newest checkpoint."""
     return cmd if "--resume" in cmd else [*cmd, "--resume", "auto"]
@@ -257,7 +262,7 @@ def run_submitit(jobs: list, cwd: Path, out: Path, a, group: str) -> list:
     handles = []
     with executor.batch():  # one SLURM array job
         for job in jobs:
-            stem = f"{job['setup']}__{job.get('env') or 'env'}__{job['seed']}".replace("/", "_")
+            stem = log_stem(job)
             job["stdout"], job["stderr"] = str(out / f"{stem}.out"), str(out / f"{stem}.err")
             args = (job["cmd"], str(cwd), job_env(job, group), job["stdout"], job["stderr"])
             handles.append((job, executor.submit(ScriptJob(), *args)))
@@ -299,7 +304,7 @@ def run_jobs(jobs: list, cwd: Path, out: Path, n_parallel: int, quiet: bool = Fa
         while pending or running:
             while pending and len(running) < n_parallel:
                 job = pending.pop(0)
-                stem = f"{job['setup']}__{job.get('env') or 'env'}__{job['seed']}".replace("/", "_")
+                stem = log_stem(job)
                 job["stdout"], job["stderr"] = str(out / f"{stem}.out"), str(out / f"{stem}.err")
                 fo, fe = open(job["stdout"], "w"), open(job["stderr"], "w")
                 p = subprocess.Popen(

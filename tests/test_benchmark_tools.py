@@ -35,9 +35,16 @@ def dry_commands(stdout):
     return [shlex.split(ln) for ln in lines]
 
 
-def table_rows(stdout):
-    """Markdown table -> list of {column: cell}."""
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+def table_rows(stdout, which=0):
+    """The `which`-th Markdown table of the output -> list of {column: cell}."""
+    tables, current = [], []
+    for ln in stdout.splitlines() + [""]:
+        if ln.startswith("|"):
+            current.append(ln)
+        elif current:
+            tables.append(current)
+            current = []
+    lines = tables[which]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(head, [c.strip() for c in ln.strip("|").split("|")])) for ln in lines[2:]]
 
@@ -311,3 +318,149 @@ def test_report_errors_are_clear(tmp_cwd, args, msg):
     (tmp_cwd / "empty" / "not_a_run").mkdir(parents=True)
     r = run(REPORT, *args, cwd=tmp_cwd)
     assert r.returncode == 2 and r.stderr.startswith(msg) and r.stderr.count("\n") == 1 and r.stdout == ""
+
+
+# ---------------------------------------------------------------- envs x seeds x setups, submitit, requeue
+
+
+def test_envs_seeds_and_setups_expand_into_one_command_each(tmp_cwd):
+    recipe = tmp_cwd / "r.toml"
+    recipe.write_text(
+        'script = "dqn_atari_injection.py"\nseeds = [1, 2]\nenvs = ["CartPole-v1", "Acrobot-v1"]\n'
+        'common = "--no-cuda"\n[setups]\nplain = ""\ntagged = "--wandb-project-name p-${env}"\n'
+    )
+    r = run(SWEEP, "--recipe", recipe, "--dry-run", cwd=tmp_cwd)
+    assert r.returncode == 0, r.stderr
+    cmds = dry_commands(r.stdout)
+    got = [(c[c.index("--env-id") + 1], c[c.index("--exp-name") + 1], c[c.index("--seed") + 1]) for c in cmds]
+    assert got == [
+        (e, s, str(seed)) for seed in (1, 2) for e in ("CartPole-v1", "Acrobot-v1") for s in ("plain", "tagged")
+    ]
+    assert [c[c.index("--wandb-project-name") + 1] for c in cmds if "tagged" in c] == [
+        "p-CartPole-v1",
+        "p-Acrobot-v1",
+    ] * 2
+    r = run(SWEEP, "--recipe", recipe, "--envs", "LunarLander-v3", "--dry-run", cwd=tmp_cwd)
+    assert {c[c.index("--env-id") + 1] for c in dry_commands(r.stdout)} == {"LunarLander-v3"}
+
+
+def test_submitit_local_executor_runs_the_grid_with_wandb_groups(tmp_cwd):
+    r = run(
+        SWEEP,
+        "--script",
+        "dqn_atari_injection.py",
+        "--setup",
+        "plain=",
+        "--setup",
+        "inj=--inject-at 400",
+        "--seeds",
+        3,
+        "--common",
+        TINY,
+        "--launcher",
+        "submitit-local",
+        "--time",
+        10,
+        cwd=tmp_cwd,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2/2 jobs succeeded" in r.stdout
+    runs = sorted(p.name.split("__")[:3] for p in (tmp_cwd / "runs").iterdir() if not p.name.startswith("_"))
+    assert runs == [["CartPole-v1", "inj", "3"], ["CartPole-v1", "plain", "3"]]
+    (summary,) = (tmp_cwd / "runs" / "_sweeps").glob("*/summary.json")
+    assert [j["returncode"] for j in json.loads(summary.read_text())["jobs"]] == [0, 0]
+    sweep = load_script_path(SWEEP)
+    env = sweep.job_env({"setup": "inj", "env": "CartPole-v1"}, "my_recipe")
+    assert env["WANDB_RUN_GROUP"] == "my_recipe" and env["WANDB_TAGS"] == "inj,CartPole-v1"
+
+
+def load_script_path(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem + "_mod", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_requeued_job_gets_sigterm_then_resumes_with_resume_auto(tmp_cwd):
+    import threading
+    import time
+
+    sweep = load_script_path(SWEEP)
+    child = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\ntime.sleep(60)"
+    cmd = [sys.executable, "-c", child, "--seed", "1"]
+    job = sweep.ScriptJob()
+    out, err = str(tmp_cwd / "o"), str(tmp_cwd / "e")
+    worker = threading.Thread(target=lambda: job(cmd, str(tmp_cwd), dict(os.environ), out, err))
+    worker.start()
+    while job.proc is None:
+        time.sleep(0.01)
+    delayed = job.checkpoint(cmd, str(tmp_cwd), dict(os.environ), out, err)
+    worker.join(timeout=30)
+    assert job.proc.returncode == 143  # the script got SIGTERM (and would have written a checkpoint)
+    assert delayed.args[0] == [*cmd, "--resume", "auto"]
+    assert sweep.with_resume(delayed.args[0]) == delayed.args[0]  # requeued again: --resume is not repeated
+
+
+# ---------------------------------------------------------------- report: rliable statistics, missing runs
+
+
+def independent_iqm(x):
+    x = np.sort(np.asarray(x, dtype=float))
+    k = len(x) // 4  # n divisible by 4 in these tests: drop the lowest and highest quarter
+    return x[k : len(x) - k].mean()
+
+
+def test_report_iqm_interval_improvement_and_threshold_match_an_independent_computation(tmp_cwd):
+    runs = tmp_cwd / "runs"
+    finals = {"base": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 100.0], "new": [3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]}
+    for setup, values in finals.items():
+        for seed, v in enumerate(values, 1):
+            write_run(runs, f"CartPole-v1__{setup}__{seed}__100", {"eval/episodic_return": [(10, 0.0), (20, v)]})
+    r = run(REPORT, "runs", "--baseline", "base", "--threshold", 6, "--reps", 4000, "--out", "rep", cwd=tmp_cwd)
+    assert r.returncode == 0, r.stderr
+    rows = {row["setup"]: row for row in table_rows(r.stdout, 1)}
+    rng = np.random.default_rng(1)
+    for setup, values in finals.items():
+        iqm = float(rows[setup]["IQM [95% CI]"].split()[0])
+        low, high = (float(x) for x in rows[setup]["IQM [95% CI]"].split("[")[1].rstrip("]").split(","))
+        assert iqm == pytest.approx(independent_iqm(values), rel=1e-3)
+        boot = [independent_iqm(rng.choice(values, len(values))) for _ in range(4000)]
+        assert low == pytest.approx(np.percentile(boot, 2.5), abs=0.6) and high == pytest.approx(
+            np.percentile(boot, 97.5), abs=0.6
+        )
+        assert float(rows[setup]["mean [95% CI]"].split()[0]) == pytest.approx(np.mean(values), rel=1e-3)
+        reached = sum(v >= 6 for v in values)
+        assert rows[setup]["steps to reach 6"] == f"median 20 ({reached}/8 reached)"
+    # P(new > base) over all pairs, ties count half
+    p = np.mean([(a > b) + 0.5 * (a == b) for a in finals["new"] for b in finals["base"]])
+    assert f"- `new`: {p:.2f} [" in r.stdout
+    for f in ("report.md", "curves.png", "aggregates.png"):
+        assert (tmp_cwd / "rep" / f).is_file(), f
+    assert "![aggregates.png](aggregates.png)" in (tmp_cwd / "rep" / "report.md").read_text()
+
+
+def test_report_lists_missing_and_partial_runs_and_leaves_them_out(tmp_cwd):
+    runs = tmp_cwd / "runs"
+    for seed in (1, 2, 3):
+        write_run(runs, f"CartPole-v1__a__{seed}__100", {"eval/episodic_return": [(10, 1.0), (20, float(seed))]})
+    write_run(runs, "CartPole-v1__b__1__100", {"eval/episodic_return": [(10, 1.0), (20, 5.0)]})
+    write_run(runs, "CartPole-v1__b__2__100", {"eval/episodic_return": [(10, 50.0)]})  # stopped at step 10
+    r = run(REPORT, "runs", cwd=tmp_cwd)
+    assert r.returncode == 0, r.stderr
+    assert "- partial: CartPole-v1 b seed 2 stops at step 10 of 20" in r.stdout
+    assert "- missing: CartPole-v1 b seed 3" in r.stdout
+    rows = {row["setup"]: row for row in table_rows(r.stdout, 1)}
+    assert rows["b"]["runs x envs"] == "1 x 1" and rows["b"]["mean [95% CI]"].startswith("5 [")
+    assert rows["a"]["runs x envs"] == "3 x 1"
+
+
+def test_report_human_normalises_atari_returns(tmp_cwd):
+    runs = tmp_cwd / "runs"
+    for seed, v in ((1, 1.7), (2, 30.5)):  # Breakout's random and human reference scores
+        write_run(runs, f"BreakoutNoFrameskip-v4__a__{seed}__100", {"charts/episodic_return": [(5, v)]})
+    r = run(REPORT, "runs", "--key", "charts/episodic_return", cwd=tmp_cwd)
+    assert r.returncode == 0, r.stderr
+    assert "charts/episodic_return (human-normalised)" in r.stdout
+    assert table_rows(r.stdout, 1)[0]["mean [95% CI]"].startswith("0.5 [")
