@@ -96,13 +96,16 @@ def test_every_recipe_gives_commands_its_script_accepts(tmp_cwd):
         r = run(SWEEP, "--recipe", recipe, "--dry-run", *extra, cwd=tmp_cwd)
         assert r.returncode == 0, (recipe.name, r.stderr)
         cmds = dry_commands(r.stdout)
-        assert len(cmds) == len(rec["setups"]) * len(rec["seeds"])
+        assert len(cmds) == len(rec["setups"]) * len(rec["seeds"]) * len(rec.get("envs", [None]))
         m = load_script(Path(rec["script"]).stem)
         for c in cmds:
             args = tyro.cli(m.Args, args=c[4:])  # every flag of the recipe exists in the script
             assert args.exp_name in rec["setups"] and args.seed in rec["seeds"]
+            assert args.env_id in rec.get("envs", [args.env_id])
             if "vars" in rec:
                 assert args.pretrained == "/data/ppo-SpaceInvaders.zip"
+            elif args.env_id.endswith("NoFrameskip-v4") and hasattr(args, "pretrained") and args.pretrained:
+                assert args.pretrained == f"sb3/ppo-{args.env_id}"
     phoenix = dry_commands(run(SWEEP, "--recipe", RECIPES / "dqn_phoenix.toml", "--dry-run", cwd=tmp_cwd).stdout)
     inj = {c[c.index("--exp-name") + 1]: tyro.cli(load_script("dqn_atari_injection").Args, args=c[4:]) for c in phoenix}
     assert {k: a.inject_at for k, a in inj.items()} == {
