@@ -89,6 +89,22 @@ def test_sigkill_then_resume_auto_continues_exactly_across_an_injection(tmp_cwd,
     assert not glob.glob(os.path.join(killed, "**", ".tmp-*"), recursive=True)
 
 
+@pytest.mark.parametrize("script, step", [("dqn_atari_injection", 4000), ("iql_pointmass_injection", 3000)])
+def test_resuming_after_an_injection_reproduces_the_rest_of_the_run(tmp_cwd, script, step):
+    """Back to a checkpoint written after the injection: the injected network, its optimizer and the rest continue
+    as they did; the run folder ends up with the same logs and model as before."""
+    finish(script, "run", tmp_cwd)
+    folder = run_dir(tmp_cwd, "run")
+    before, weights = read_scalars(folder), model(folder)
+    assert before["injection/count"][0][0] < step
+    finish(script, "run", tmp_cwd, "--resume", os.path.join(folder, "checkpoints", f"step_{step:012d}.pt"))
+    after = read_scalars(folder)
+    for key in before:
+        if key not in TIMING:
+            assert after[key] == before[key], key
+    assert all(torch.equal(v, model(folder)[k]) for k, v in weights.items())
+
+
 @pytest.mark.parametrize(
     "script, sig", [("dqn_atari_injection", signal.SIGINT), ("iql_pointmass_injection", signal.SIGTERM)]
 )
