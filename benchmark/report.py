@@ -86,10 +86,6 @@ def read_scalars(run_dir: Path, keys) -> dict:
     for f in sorted(run_dir.glob("events.out.tfevents.*")):
         try:
             for ev in EventFileLoader(str(f)).Load():
-                if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START and ev.step > 0:
-                    for series in out.values():  # a resumed run: what the stopped run logged from here is stale
-                        for stale in [st for st in series if st >= ev.step]:
-                            del series[stale]
                 if not ev.HasField("summary"):
                     continue
                 for v in ev.summary.value:

@@ -111,7 +111,8 @@ def atomic_save(obj, path: str) -> None:
 
 
 # ---- Checkpoints: `--checkpoint-every`, `--resume`, and a checkpoint when Ctrl-C or SIGTERM stops the run ----------
-RUN = {"stop": None, "checkpoint": None}  # the signal that asked the run to stop; the newest good checkpoint
+RUN = {"stop": None, "checkpoint": None, "writer": None}  # the signal that asked the run to stop; the newest good
+# checkpoint; the run's TensorBoard writer (flushed before each checkpoint)
 # flags that may change when a run resumes; any other change is refused unless --resume-allow-changes
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
 RESUME_FREE |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
@@ -164,7 +165,9 @@ def save_checkpoint(state: dict, run_name: str, step: int, keep: int, networks: 
             raise UserError(f"{name} has non-finite weights ({bad[0]}) at global step {step}{last}")
     folder = os.path.join("runs", run_name, "checkpoints")
     path = os.path.join(folder, f"step_{step:012d}.pt")
-    state = dict(state, run_name=run_name, global_step=step)
+    if RUN["writer"] is not None:  # the events logged so far reach the disk before the checkpoint does
+        RUN["writer"].flush()
+    state = dict(state, run_name=run_name, global_step=step, log_time=time.time())
     atomic_save(dict(state, networks={k: v.state_dict() for k, v in networks.items()}), path)
     for old in checkpoint_paths(folder)[:-keep]:
         os.remove(old)
@@ -248,9 +251,34 @@ def restore_optimizer(optimizer, model, saved: dict) -> None:
     optimizer.load_state_dict(saved["state_dict"])
 
 
+def drop_events_after(folder: str, log_time: float) -> None:
+    """Rewrite the TensorBoard event files in `folder` without the events logged after `log_time` (by wall clock:
+    a step's events can come on both sides of its checkpoint). Each file is replaced atomically."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))):
+        events = list(RawEventFileLoader(path).Load())  # the records as written
+        kept = [e for e in events if Event.FromString(e).wall_time < log_time]
+        if not kept:
+            os.remove(path)
+        elif len(kept) < len(events):
+            tmp = os.path.join(folder, ".tmp-events")
+            with open(tmp, "wb") as f:
+                records = RecordWriter(f)
+                for e in kept:
+                    records.write(e)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+
 def open_logs(args, run_name: str, ckpt=None):
     """TensorBoard writer for runs/<run_name> (and wandb with --track, same run id on resume). On resume the events
     logged after the checkpoint (by the run that was stopped) are dropped, so the curves continue seamlessly."""
+    if ckpt is not None:
+        drop_events_after(os.path.join("runs", run_name), ckpt["log_time"])
     if args.track:
         import wandb
 
@@ -265,7 +293,7 @@ def open_logs(args, run_name: str, ckpt=None):
             resume="allow",
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=ckpt["global_step"] if ckpt else None)
+    writer = RUN["writer"] = SummaryWriter(f"runs/{run_name}")
     atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
     if ckpt is None:
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())

@@ -150,6 +150,11 @@ def test_ppo_stops_on_sigterm_restores_everything_but_the_games_and_resumes_acro
         finish(script, "killed", cwd, "--resume", "auto")
     assert_same_run(killed, run_dir(again, "killed"))
     assert read_scalars(killed)["injection/count"] == [(640, 1.0)]
+    # every iteration's losses logged once (none lost or repeated around the checkpoint), equal up to it
+    resumed, whole = (read_scalars(d)["losses/value_loss"] for d in (killed, run_dir(tmp_cwd, "whole")))
+    assert [s for s, _ in resumed] == [s for s, _ in whole]
+    stop = a["global_step"]
+    assert [x for x in resumed if x[0] <= stop] == [x for x in whole if x[0] <= stop] and stop in dict(whole)
 
 
 def test_a_corrupt_checkpoint_is_named_and_the_previous_one_still_resumes(tmp_cwd):
