@@ -205,14 +205,24 @@ def build_jobs(a) -> tuple:
 
 
 def job_env(job: dict = None, group: str = "") -> dict:
-    """One thread per job; wandb group (the sweep's name) and tags (setup, env) for --track runs."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.setdefault("MPLBACKEND", "Agg")
+    """The variables a job adds to the environment of the machine it runs on: one thread per job; wandb group (the
+    sweep's name) and tags (setup, env) for --track runs."""
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if job is not None:
         env["WANDB_RUN_GROUP"] = group
         env["WANDB_TAGS"] = ",".join(t for t in (job["setup"], job.get("env")) if t)
     return env
+
+
+def node_env(extra: dict) -> dict:
+    """This machine's environment (a cluster node keeps its own CUDA_VISIBLE_DEVICES and SLURM_*) plus `extra`."""
+    return {"MPLBACKEND": "Agg", **os.environ, **extra}
+
+
+def ignore_usr2() -> None:
+    """SLURM signals every process of a job with USR2 before its time limit (submitit's cue to requeue): the
+    script ignores it, and stops with a checkpoint on the SIGTERM that ScriptJob.checkpoint sends it."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def log_stem(job: dict) -> str:
@@ -233,8 +243,10 @@ class ScriptJob:
         self.proc = None
 
     def __call__(self, cmd: list, cwd: str, env: dict, stdout: str, stderr: str) -> int:
+        """Run `cmd` on the node, with `env` (job_env) added to the node's own environment."""
         with open(stdout, "a") as fo, open(stderr, "a") as fe:
-            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
+            io = dict(stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=node_env(env), preexec_fn=ignore_usr2, **io)
             return self.proc.wait()
 
     def checkpoint(self, cmd: list, cwd: str, env: dict, stdout: str, stderr: str):
@@ -310,7 +322,7 @@ def run_jobs(jobs: list, cwd: Path, out: Path, n_parallel: int, quiet: bool = Fa
                 p = subprocess.Popen(
                     job["cmd"],
                     cwd=cwd,
-                    env=job_env(job, group),
+                    env=node_env(job_env(job, group)),
                     stdout=fo,
                     stderr=fe,
                     stdin=subprocess.DEVNULL,

@@ -4,6 +4,7 @@
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tomllib
@@ -386,20 +387,28 @@ def load_script_path(path):
     return mod
 
 
-def test_a_requeued_job_gets_sigterm_then_resumes_with_resume_auto(tmp_cwd):
+def test_a_requeued_job_ignores_usr2_gets_sigterm_then_resumes_with_resume_auto(tmp_cwd, monkeypatch):
     import threading
     import time
 
     sweep = load_script_path(SWEEP)
-    child = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\ntime.sleep(60)"
+    child = "import os, signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+    child += "print(os.environ['NODE_ONLY'], os.environ['WANDB_RUN_GROUP'], flush=True)\ntime.sleep(60)"
     cmd = [sys.executable, "-c", child, "--seed", "1"]
     job = sweep.ScriptJob()
     out, err = str(tmp_cwd / "o"), str(tmp_cwd / "e")
-    worker = threading.Thread(target=lambda: job(cmd, str(tmp_cwd), dict(os.environ), out, err))
+    env = sweep.job_env({"setup": "inj"}, "grp")  # made where the sweep runs; the node adds its own variables
+    monkeypatch.setenv("NODE_ONLY", "gpu3")
+    worker = threading.Thread(target=lambda: job(cmd, str(tmp_cwd), env, out, err))
     worker.start()
-    while job.proc is None:
+    while job.proc is None or not open(out).read():
+        assert job.proc is None or job.proc.poll() is None, open(err).read()
         time.sleep(0.01)
-    delayed = job.checkpoint(cmd, str(tmp_cwd), dict(os.environ), out, err)
+    assert open(out).read().split() == ["gpu3", "grp"]
+    job.proc.send_signal(signal.SIGUSR2)  # SLURM's warning before the time limit reaches every process of a job
+    time.sleep(0.5)
+    assert job.proc.poll() is None
+    delayed = job.checkpoint(cmd, str(tmp_cwd), env, out, err)
     worker.join(timeout=30)
     assert job.proc.returncode == 143  # the script got SIGTERM (and would have written a checkpoint)
     assert delayed.args[0] == [*cmd, "--resume", "auto"]
