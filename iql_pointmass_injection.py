@@ -1296,6 +1296,7 @@ def find_checkpoint(args, script: str):
     """The checkpoint `--resume` names, loaded and checked (None: a new run). `auto`: the newest checkpoint of the
     newest run folder of this env, exp-name and seed that has one (a new run when there is none); a run folder:
     its newest checkpoint; or a checkpoint file. Stray temporary files of killed saves in that run are removed."""
+    RUN.update(stop=None, checkpoint=None, writer=None)  # a new train() call: nothing of an earlier one
     if args.resume is None:
         return None
     if args.resume == "auto":

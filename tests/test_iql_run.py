@@ -214,3 +214,24 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_cwd, monkeypatch):
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     assert [e.step for e in acc.Scalars("losses/q_loss")] == [0, 1, 2]
+
+
+def test_non_finite_loss_names_the_last_checkpoint_which_still_resumes(tmp_cwd, monkeypatch):
+    real, calls = m.IQLAgent.update, []
+
+    def poisoned(self, batch, **kw):
+        stats = real(self, batch, **kw)
+        calls.append(1)
+        if len(calls) == 11:
+            stats["losses/q_loss"] = torch.tensor(float("inf"))
+        return stats
+
+    args = dict(hidden_sizes=[8], batch_size=16, dataset_steps=100, offline_steps=8, online_steps=8, cuda=False)
+    args.update(dataset_kind="random", metrics_every=0, eval_every=100, eval_episodes=1, checkpoint_every=4)
+    monkeypatch.setattr(m.IQLAgent, "update", poisoned)
+    with pytest.raises(m.UserError, match=r"q_loss became non-finite \(inf\) at global step 10; the last good ch") as e:
+        m.train(m.Args(**args))
+    last = str(e.value).split("the last good checkpoint is ")[1].split(";")[0]
+    assert last.endswith("step_000000000008.pt") and os.path.isfile(last)
+    monkeypatch.setattr(m.IQLAgent, "update", real)
+    assert m.train(m.Args(**args, resume=last))["global_step"] == 16
