@@ -123,6 +123,9 @@ def value_at(series: dict, step: int):
     return series[max(ok)] if ok else None
 
 
+NOT_STARTED = []  # collect(): runs without some --key while others have it (listed with the missing/partial runs)
+
+
 def collect(paths, keys, only=None, optional=()) -> list:
     """Groups: list of dicts (env_id, exp_name, runs=[run with 'scalars'])."""
     runs = find_runs(paths)
@@ -152,7 +155,15 @@ def collect(paths, keys, only=None, optional=()) -> list:
         for k in keys:
             if not r["scalars"][k]:
                 missing[k].append(r)
+    NOT_STARTED.clear()
     for k, rs in missing.items():
+        if len(rs) < len(runs):  # runs still in progress, or that died before logging it: listed, left out
+            NOT_STARTED.extend(
+                f"partial: {r['env_id']} {r['exp_name']} seed {r['seed']} has no {k} ({r['path']})" for r in rs
+            )
+            print("\n".join(NOT_STARTED[-len(rs) :]), file=sys.stderr)
+            runs = [r for r in runs if r not in rs]
+            continue
         have = sorted(t for t in rs[0]["tags"] if not t.startswith("plasticity/"))
         names = ", ".join(str(r["path"]) for r in rs[:5]) + (f" and {len(rs) - 5} more" if len(rs) > 5 else "")
         raise ReportError(
@@ -268,7 +279,7 @@ def split_complete(groups, key, steps=None, seeds=None):
     """Complete runs per group, and one line per missing or partial run. A run is partial when its last step of
     `key` is below `steps` (default: the largest last step of any run of that env); a seed is missing when another
     group of the env (or --seeds) has it and this group does not."""
-    problems, complete = [], {}
+    problems, complete = list(NOT_STARTED), {}
     for env in sorted({g["env_id"] for g in groups}):
         env_groups = [g for g in groups if g["env_id"] == env]
         target = steps or max(max(r["scalars"][key]) for g in env_groups for r in g["runs"])

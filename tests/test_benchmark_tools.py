@@ -303,8 +303,10 @@ def test_report_partial_key_duplicates_and_env_ids_with_slash(tmp_cwd):
     assert ph["eval/success_rate final"] == "3.00 ± 0.00" and ph["eval/success_rate @12"] == "2.00 ± 0.00"
 
     write_run(runs, "PointmassHard-v0__b__1__100", {"eval/episodic_return": [(10, -50.0)]})
-    r = run(REPORT, "runs", "--key", "eval/success_rate", cwd=tmp_cwd)
-    assert r.returncode == 2 and "missing in 1 of 4 runs: runs/PointmassHard-v0__b__1__100 " in r.stderr
+    r = run(REPORT, "runs", "--key", "eval/success_rate", cwd=tmp_cwd)  # a run without the key: listed, left out
+    assert r.returncode == 0 and "- partial: PointmassHard-v0 b seed 1 has no eval/success_rate" in r.stdout
+    r = run(REPORT, "runs", "--key", "eval/succes_rate", cwd=tmp_cwd)  # a key no run has: a typo
+    assert r.returncode == 2 and "--key eval/succes_rate: missing in 4 of 4 runs" in r.stderr
     r = run(REPORT, "runs", "--key", "eval/success_rate", "--only", "a", cwd=tmp_cwd)
     assert r.returncode == 0 and len(table_rows(r.stdout)) == 2
 
@@ -459,9 +461,11 @@ def test_report_lists_missing_and_partial_runs_and_leaves_them_out(tmp_cwd):
         write_run(runs, f"CartPole-v1__a__{seed}__100", {"eval/episodic_return": [(10, 1.0), (20, float(seed))]})
     write_run(runs, "CartPole-v1__b__1__100", {"eval/episodic_return": [(10, 1.0), (20, 5.0)]})
     write_run(runs, "CartPole-v1__b__2__100", {"eval/episodic_return": [(10, 50.0)]})  # stopped at step 10
+    write_run(runs, "CartPole-v1__c__1__100", {"losses/td_loss": [(5, 1.0)]})  # still running: no evaluation yet
     r = run(REPORT, "runs", cwd=tmp_cwd)
     assert r.returncode == 0, r.stderr
     assert "- partial: CartPole-v1 b seed 2 stops at step 10 of 20" in r.stdout
+    assert "- partial: CartPole-v1 c seed 1 has no eval/episodic_return (runs/CartPole-v1__c__1__100)" in r.stdout
     assert "- missing: CartPole-v1 b seed 3" in r.stdout
     rows = {row["setup"]: row for row in table_rows(r.stdout, 1)}
     assert rows["b"]["runs x envs"] == "1 x 1" and rows["b"]["mean [95% CI]"].startswith("5 [")
