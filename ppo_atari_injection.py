@@ -1508,7 +1508,7 @@ def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
     agent = Agent(n_actions, args.share_features_extractor, args.layer_norm, args.activation).to(device)
     if zip_info is not None:
         agent.load_state_dict(zip_info["state_dict"])
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
     if zip_info is None or not args.pretrained_load_optimizer:
         return agent, optimizer
     # SB3's Adam indexes policy.parameters(): the same tensors in the same order as agent.parameters() (SB3 lists an

@@ -1,13 +1,15 @@
 """Short fixed-seed runs of the three scripts, reduced to the numbers they log.
 
-`python tests/fixed_seed_runs.py --write` records the reference in tests/data/fixed_seed_reference.json
-(it was recorded from the scripts as they were before the lean-scripts restructure, commit 9e55942);
-tests/test_fixed_seed_numbers.py runs the same commands and compares. Each run includes an injection
-and plasticity metrics. Wall-clock keys (charts/SPS, ...) are left out.
+`python tests/fixed_seed_runs.py --write` records the reference of this kind of CPU (float kernels round
+differently on Intel and AMD CPUs) in tests/data/: both were recorded from the scripts as they were before the
+lean-scripts restructure (commit 9e55942, with this file as of 7e3049a), fixed_seed_reference.json on an Intel Xeon
+and fixed_seed_reference_amd.json on an AMD EPYC. tests/test_fixed_seed_numbers.py runs the same commands and
+compares. Each run includes an injection and plasticity metrics. Wall-clock keys (charts/SPS, ...) are left out.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -16,7 +18,22 @@ from pathlib import Path
 from conftest import read_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = ROOT / "tests" / "data" / "fixed_seed_reference.json"
+
+
+def cpu_vendor() -> str:
+    """GenuineIntel, AuthenticAMD, ... (from /proc/cpuinfo; 'unknown' elsewhere)."""
+    try:
+        found = re.search(r"vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text())
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
+
+
+REFERENCES = {
+    "GenuineIntel": ROOT / "tests" / "data" / "fixed_seed_reference.json",
+    "AuthenticAMD": ROOT / "tests" / "data" / "fixed_seed_reference_amd.json",
+}
+REFERENCE = REFERENCES.get(cpu_vendor())  # None: no reference recorded on this kind of CPU
 
 RUNS = {
     "dqn_cartpole": (
@@ -70,7 +87,8 @@ def run(name: str) -> dict:
 if __name__ == "__main__":
     results = {name: run(name) for name in RUNS}
     if "--write" in sys.argv:
-        REFERENCE.parent.mkdir(exist_ok=True)
+        if REFERENCE is None:
+            sys.exit(f"no reference file for {cpu_vendor()} CPUs: add one to REFERENCES")
         REFERENCE.write_text(json.dumps(results, indent=0, sort_keys=True) + "\n")
     for name, tags in results.items():
         print(name, len(tags), "keys:", ", ".join(k for k in tags if "/" in k and k.count("/") == 1)[:400])
