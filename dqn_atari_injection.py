@@ -1002,6 +1002,8 @@ def check_steps(flag: str, steps, total: int) -> list:
 def check_finite(value: torch.Tensor, name: str, step: int) -> None:
     """Stop with a clear message when a loss turns NaN or inf (files already written stay as they were)."""
     if not bool(torch.isfinite(value).all()):
+        if RUN["writer"] is not None:  # what was logged up to here reaches the disk
+            RUN["writer"].flush()
         last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
         raise UserError(
             f"{name} became non-finite ({float(value.detach().float().mean())}) at global step {step}{last}; "
