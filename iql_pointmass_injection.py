@@ -645,8 +645,13 @@ def _inject_into(model: nn.Module, path: str, fresh: nn.Module, keep_trainable: 
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
-    """One fresh draw of the (original) head with each layer's own init, `reset_parameters`."""
+    """One fresh draw of `module` as it was before any injection (every injected head inside back to its original
+    head), with each layer's own init, `reset_parameters`."""
     fresh = copy.deepcopy(module.terms[0] if isinstance(module, InjectedModule) else module)
+    for parent in list(fresh.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, InjectedModule):
+                setattr(parent, name, child.terms[0])
     for m in fresh.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
@@ -1566,23 +1571,9 @@ def plasticity_keys(model: nn.Module, with_grads: bool = True, prefix: str = "pl
 # L2 schedules and an adaptive injection trigger; and the cross-flag checks of the shared flags (flags block).
 # Targets (DQN/IQL target networks) get the same new values. Pass make_fresh={path: factory} when the network
 # has its own init (e.g. orthogonal), since `reset_parameters` gives PyTorch's default init.
-# Uses copy (injection block) and math (flags block).
+# Uses fresh_copy and InjectedModule (injection block) and math (flags block).
 import difflib
 import re
-
-
-def fresh_uninjected(module: nn.Module) -> nn.Module:
-    """A fresh draw of `module` (each layer's `reset_parameters`), every InjectedModule inside replaced by its
-    original head: the network as it was before any injection."""
-    fresh = copy.deepcopy(module.terms[0] if isinstance(module, InjectedModule) else module)
-    for parent in list(fresh.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, InjectedModule):
-                setattr(parent, name, child.terms[0])
-    for m in fresh.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return fresh
 
 
 def _trainable_with_fresh(model: nn.Module, path: str, make_fresh) -> list:
@@ -1590,7 +1581,7 @@ def _trainable_with_fresh(model: nn.Module, path: str, make_fresh) -> list:
     fresh value is the same-named parameter of the un-injected network (`terms.K.` levels dropped)."""
     sub = model.get_submodule(path)
     factory = (make_fresh or {}).get(path)
-    fresh = dict((factory() if factory else fresh_uninjected(sub)).named_parameters())
+    fresh = dict((factory() if factory else fresh_copy(sub)).named_parameters())
     out = []
     for name, p in sub.named_parameters():
         canonical = re.sub(r"(^|\.)terms\.\d+\.", r"\1", name)

@@ -80,8 +80,13 @@ def _inject_into(model: nn.Module, path: str, fresh: nn.Module, keep_trainable: 
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
-    """One fresh draw of the (original) head with each layer's own init, `reset_parameters`."""
+    """One fresh draw of `module` as it was before any injection (every injected head inside back to its original
+    head), with each layer's own init, `reset_parameters`."""
     fresh = copy.deepcopy(module.terms[0] if isinstance(module, InjectedModule) else module)
+    for parent in list(fresh.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, InjectedModule):
+                setattr(parent, name, child.terms[0])
     for m in fresh.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()

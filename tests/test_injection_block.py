@@ -158,6 +158,17 @@ def test_whole_network_custom_fresh_and_tuple_output(blk):
         blk.inject_plasticity(Net(), [""], x)
 
 
+def test_injecting_around_an_injected_head_draws_the_original_architecture(blk):
+    """A fresh copy of a network whose head was injected is the network as built, not a sum of random terms."""
+    wrapper, x = Wrapper(), torch.randn(8, 4)
+    blk.inject_plasticity(wrapper, ["net.head"], x)
+    fresh = blk.fresh_copy(wrapper.net)
+    assert not any(isinstance(m, blk.InjectedModule) for m in fresh.modules())
+    assert [n for n, _ in fresh.named_parameters()] == [n for n, _ in Net().named_parameters()]
+    log = blk.inject_plasticity(wrapper, ["net"], x)  # the whole network, around the injected head
+    assert log["injection/output_change"] == 0.0 and log["injection/count"] == 1.0
+
+
 def test_reload_of_an_injected_model_computes_the_same_function(blk, tmp_path):
     net, _, opt, x = setup()
     blk.inject_plasticity(net, ["head"], x, optimizers=[opt])
