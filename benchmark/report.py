@@ -451,6 +451,48 @@ def plot_aggregates(ivals: dict, better: dict, baseline, label: str, path: Path)
     save_figure(fig, path)
 
 
+def plot_speed(complete: dict, key: str, threshold, path: Path) -> None:
+    """How fast each setup learns, over its complete runs (all envs): the area under the curve (mean value over
+    the run) with a 95% bootstrap interval, and with --threshold the fraction of runs that have reached it by each
+    step (time to threshold)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = defaultdict(list)
+    for (_, setup), rs in complete.items():
+        runs[setup] += rs
+    runs = {s: rs for s, rs in runs.items() if rs}
+    n = 1 if threshold is None else 2
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, max(3.5, 0.5 * len(runs) + 1.6)), squeeze=False)
+    ax = axes[0, -1]
+    for i, rs in enumerate(runs.values()):
+        mean, lo, hi = (
+            float(v[0]) for v in bootstrap_band(np.array([[area_under_curve(r["scalars"][key])] for r in rs]))
+        )
+        ax.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", capsize=4, color=f"C{i}")
+    ax.set_yticks(range(len(runs)), list(runs))
+    ax.set_xlabel(f"{key}, mean over the run (AUC)")
+    ax.set_title("area under the curve, 95% bootstrap CI")
+    ax.grid(alpha=0.3)
+    if threshold is not None:
+        ax = axes[0, 0]
+        steps = sorted({st for rs in runs.values() for r in rs for st in r["scalars"][key]})
+        for i, (setup, rs) in enumerate(runs.items()):
+            hit = [steps_to_threshold(r["scalars"][key], threshold) for r in rs]
+            reached = [np.mean([h is not None and h <= t for h in hit]) for t in steps]
+            ax.step(steps, reached, where="post", label=setup, color=f"C{i}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"fraction of runs with {key} >= {threshold:g}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("time to threshold")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", default=["runs"], help="run folders or folders of runs (default: runs)")
@@ -525,6 +567,8 @@ def main(argv=None) -> int:
                 ivals, better, a.baseline, score_matrices(groups, complete, keys[0])[1], out / "aggregates.png"
             )
             figures.append("aggregates.png")
+            plot_speed(complete, keys[0], a.threshold, out / "speed.png")
+            figures.append("speed.png")
         command = "python benchmark/report.py " + " ".join(argv if argv is not None else sys.argv[1:])
         md = [f"# Report\n\n`{command}`\n", first, "", stats, ""] + [f"![{f}]({f})" for f in figures]
         tmp = out / "report.md.tmp"

@@ -450,9 +450,9 @@ def test_report_iqm_interval_improvement_and_threshold_match_an_independent_comp
     # P(new > base) over all pairs, ties count half
     p = np.mean([(a > b) + 0.5 * (a == b) for a in finals["new"] for b in finals["base"]])
     assert f"- `new`: {p:.2f} [" in r.stdout
-    for f in ("report.md", "curves.png", "aggregates.png"):
+    for f in ("report.md", "curves.png", "aggregates.png", "speed.png"):  # speed: AUC and time to threshold
         assert (tmp_cwd / "rep" / f).is_file(), f
-    assert "![aggregates.png](aggregates.png)" in (tmp_cwd / "rep" / "report.md").read_text()
+        assert f == "report.md" or f"![{f}]({f})" in (tmp_cwd / "rep" / "report.md").read_text()
 
 
 def test_report_lists_missing_and_partial_runs_and_leaves_them_out(tmp_cwd):
