@@ -1080,6 +1080,8 @@ def find_checkpoint(args, script: str):
         raise UserError(f"--resume: {path} is truncated or corrupt ({type(e).__name__}){older}") from None
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         raise UserError(f"--resume: {path} is not a checkpoint of {script}")
+    if "log_time" not in ckpt:
+        raise UserError(f"--resume: {path} was written by an older version of {script}; start a new run")
     changed = [k for k, v in ckpt["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
     if changed and not args.resume_allow_changes:
         diff = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (now {getattr(args, k)!r})" for k in changed)

@@ -186,6 +186,11 @@ def test_resume_refuses_changed_settings_unless_allowed_and_rejects_bad_paths(tm
     other = sorted(glob.glob(os.path.join(run_dir(tmp_cwd, "run"), "checkpoints", "*.pt")))[-1]
     proc = run_script("iql_pointmass_injection", "--no-cuda", "--resume", other, cwd=tmp_cwd)
     assert proc.returncode == 1 and "not a checkpoint of iql_pointmass_injection.py" in proc.stderr
+    old = torch.load(other, weights_only=False)
+    del old["log_time"]  # as written before resumes rewrote the event files
+    torch.save(old, other)
+    proc = run_script(script, *DQN.split(), "--no-cuda", "--exp-name", "run", "--resume", other, cwd=tmp_cwd)
+    assert proc.returncode == 1 and "written by an older version" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_checkpoints_keep_the_newest_k_and_never_save_non_finite_weights(tmp_path, monkeypatch):
