@@ -123,11 +123,9 @@ def value_at(series: dict, step: int):
     return series[max(ok)] if ok else None
 
 
-NOT_STARTED = []  # collect(): runs without some --key while others have it (listed with the missing/partial runs)
-
-
-def collect(paths, keys, only=None, optional=()) -> list:
-    """Groups: list of dicts (env_id, exp_name, runs=[run with 'scalars'])."""
+def collect(paths, keys, only=None, optional=()) -> tuple:
+    """Groups: list of dicts (env_id, exp_name, runs=[run with 'scalars']); and one line per run left out because it
+    has not logged a --key that other runs have (still running, or died early)."""
     runs = find_runs(paths)
     if only:
         have = {r["exp_name"] for r in runs}
@@ -155,14 +153,16 @@ def collect(paths, keys, only=None, optional=()) -> list:
         for k in keys:
             if not r["scalars"][k]:
                 missing[k].append(r)
-    NOT_STARTED.clear()
+    not_started = []
     for k, rs in missing.items():
-        if len(rs) < len(runs):  # runs still in progress, or that died before logging it: listed, left out
-            NOT_STARTED.extend(
-                f"partial: {r['env_id']} {r['exp_name']} seed {r['seed']} has no {k} ({r['path']})" for r in rs
-            )
-            print("\n".join(NOT_STARTED[-len(rs) :]), file=sys.stderr)
+        rs = [r for r in rs if r in runs]  # a run without two keys is left out once
+        if rs and len(rs) < len(runs):  # runs still in progress, or that died before logging it: listed, left out
+            lines = [f"partial: {r['env_id']} {r['exp_name']} seed {r['seed']} has no {k} ({r['path']})" for r in rs]
+            print("\n".join(lines), file=sys.stderr)
+            not_started += lines
             runs = [r for r in runs if r not in rs]
+            continue
+        if not rs:
             continue
         have = sorted(t for t in rs[0]["tags"] if not t.startswith("plasticity/"))
         names = ", ".join(str(r["path"]) for r in rs[:5]) + (f" and {len(rs) - 5} more" if len(rs) > 5 else "")
@@ -175,7 +175,8 @@ def collect(paths, keys, only=None, optional=()) -> list:
         groups[(r["env_id"], r["exp_name"])].append(r)
     # order: by env, then by the start time of the group's first run (a sweep's setup order), then name
     order = sorted(groups, key=lambda g: (g[0], min(r["time"] for r in groups[g]), g[1]))
-    return [dict(env_id=g[0], exp_name=g[1], runs=sorted(groups[g], key=lambda r: r["seed"])) for g in order]
+    grouped = [dict(env_id=g[0], exp_name=g[1], runs=sorted(groups[g], key=lambda r: r["seed"])) for g in order]
+    return grouped, not_started
 
 
 def injection_cell(runs) -> str:
@@ -279,7 +280,7 @@ def split_complete(groups, key, steps=None, seeds=None):
     """Complete runs per group, and one line per missing or partial run. A run is partial when its last step of
     `key` is below `steps` (default: the largest last step of any run of that env); a seed is missing when another
     group of the env (or --seeds) has it and this group does not."""
-    problems, complete = list(NOT_STARTED), {}
+    problems, complete = [], {}
     for env in sorted({g["env_id"] for g in groups}):
         env_groups = [g for g in groups if g["env_id"] == env]
         target = steps or max(max(r["scalars"][key]) for g in env_groups for r in g["runs"])
@@ -540,7 +541,7 @@ def main(argv=None) -> int:
         if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
             raise ReportError(f"--out {a.out}: not a folder")
         metrics = a.metric or [f"plasticity/{m}_mean" for m in ("erank_features", "dormant_ratio", "weight_magnitude")]
-        groups = collect(a.paths, keys, a.only, optional=metrics)
+        groups, not_started = collect(a.paths, keys, a.only, optional=metrics)
         if a.baseline and a.baseline not in {g["exp_name"] for g in groups}:
             raise ReportError(f"--baseline {a.baseline}: no such setup")
     except ReportError as e:
@@ -548,6 +549,7 @@ def main(argv=None) -> int:
         return 2
     first = table(groups, keys, a.at_step, a.precision)
     complete, problems = split_complete(groups, keys[0], a.steps, a.seeds)
+    problems = not_started + problems
     stats, matrices, ivals, better = stats_tables(groups, complete, problems, keys[0], a.reps, a.baseline, a.threshold)
     print(first + "\n\n" + stats)
     if a.plot:
