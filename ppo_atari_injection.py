@@ -434,11 +434,10 @@ def flatten_rollout(buf: dict, advantages, returns) -> dict:
 
 
 # ==== BEGIN SHARED BLOCK: injection (shared_blocks/injection.py; sync: tools/sync_blocks.py) ====
-# Plasticity injection (Nikishin et al., NeurIPS 2023). SELF-CONTAINED: copy this block as it is into your
-# own script; it needs only torch. At step t, the sub-module h at `path` becomes
-#     h_θ(x) + h_θ'1(x) − h_θ'2(x)      θ frozen, θ'1 = θ'2 one fresh draw, θ'1 trainable, θ'2 frozen,
-# so the output is bit-for-bit unchanged and the number of trainable parameters is the same. Calling it
-# again freezes the head as it is and adds a new pair. Gradients of every term still reach a shared encoder.
+# Plasticity injection (Nikishin et al., NeurIPS 2023). SELF-CONTAINED: copy this block into your script (torch only).
+# inject_plasticity makes the sub-module h at each path compute h_θ(x) + h_θ'1(x) − h_θ'2(x): θ frozen, θ'1 = θ'2 one
+# fresh draw, θ'1 trainable, θ'2 frozen. The output is bit-for-bit unchanged, the trainable-parameter count the same,
+# gradients still reach a shared encoder; a second call freezes the head as it is and adds a new pair.
 #     log = inject_plasticity(q_network, ["head"], probe_obs, targets=[target_network], sync_targets=True,
 #                             optimizers=[optimizer])   # then log each value; train on as before
 # Reload a saved injected model into a freshly built one with load_injected_state_dict(model, state_dict).
@@ -516,8 +515,7 @@ def _inject_into(model: nn.Module, path: str, fresh: nn.Module, keep_trainable: 
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
-    """One fresh draw of `module` as it was before any injection (every injected head inside back to its original
-    head), with each layer's own init, `reset_parameters`."""
+    """A fresh draw (each layer's `reset_parameters`) of `module` as it was before any injection."""
     fresh = copy.deepcopy(module.terms[0] if isinstance(module, InjectedModule) else module)
     for parent in list(fresh.modules()):
         for name, child in list(parent.named_children()):
@@ -548,16 +546,13 @@ def inject_plasticity(
     third_term=True,
     make_fresh=None,
 ) -> dict:
-    """Inject into each sub-module `model.<path>` in place and return the values to log (injection/...).
+    """Inject into each sub-module `model.<path>` in place; returns the values to log (injection/...).
 
-    probe:        a batch of real inputs (e.g. replay observations) to check the output on; `model(probe)` may
-                  return a tensor or a tuple of tensors.
-    targets:      networks that mirror `model` (DQN/IQL target nets): they get the SAME fresh values.
-    sync_targets: first copy `model` into `targets` (a hard target update), so both agree after injection.
-    optimizers:   the new θ'1 join the param group of the head they replace; frozen parameters leave with their
-                  state; the encoder keeps its Adam moments unless `reset_optimizer`.
-    ablations:    keep_trainable=True (all terms train); third_term=False (no −h_θ'2: the output jumps).
-    make_fresh:   {path: () -> module} for heads whose init is not their layers' `reset_parameters`.
+    probe: real inputs (e.g. replay observations) to check the output on; model(probe): a tensor or a tuple of them.
+    targets: networks mirroring `model` (target nets) get the SAME fresh values; sync_targets: copy `model` into them
+    first. optimizers: each θ'1 joins its head's param group, frozen parameters leave with their state, the encoder
+    keeps its Adam moments unless reset_optimizer. Ablations: keep_trainable (all terms train), third_term=False (no
+    −h_θ'2: the output jumps). make_fresh: {path: () -> module} for heads not initialised by `reset_parameters`.
     """
     count = lambda trainable_only: sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
     before, trainable_before = _output(model, probe), count(True)
@@ -1182,14 +1177,12 @@ def open_logs(args, run_name: str, ckpt=None):
 #     for k, v in measure_plasticity(q_network, probe_obs, loss_fn=loss_fn, tau=args.dormant_tau).items():
 #         writer.add_scalar(k, v, global_step)   # loss_fn(model) -> scalar training loss on the probe (optional)
 # One no_grad forward and, with loss_fn, one torch.autograd.grad: .grad, the optimizer, modes and RNG are untouched.
-# Every Linear/Conv layer is measured; it is *hidden* when the next module in registration order (past norms, Dropout,
-# Identity) is an activation module of its own (F.relu is invisible), whose output are its features. Units are a
-# Linear layer's outputs and a conv layer's channels (conv features: a (B*H*W) x C matrix; feature_norm: L2 norm of
-# each sample's whole flattened map). Keys: <prefix>/<role>/<layer>/<metric>, role `trainable` or `frozen` by
-# weight.requires_grad (after an injection `head.terms.0.*` is the frozen original head), metric weight_magnitude,
-# erank_weights; for hidden layers erank_features, dormant_ratio, feature_norm; with loss_fn, for trainable layers,
-# updated_units_pct, grad_norm. Also <prefix>/<metric>_mean over trainable layers, <prefix>/frozen/<metric>_mean over
-# frozen ones, and with loss_fn <prefix>/grad_norm (global L2 norm of the trainable parameters' gradient).
+# Every Linear/Conv layer is measured; it is *hidden* when the next module (past norms, Dropout, Identity) is an
+# activation module (F.relu is invisible), whose output are its features: a Linear layer's units, a conv's channels.
+# Keys: plasticity/<role>/<layer>/<metric>, role `trainable` or `frozen` (after an injection `head.terms.0.*` is the
+# frozen original head); metric weight_magnitude, erank_weights, for hidden layers erank_features, dormant_ratio,
+# feature_norm, and with loss_fn for trainable layers updated_units_pct, grad_norm. Also plasticity/<metric>_mean
+# (trainable layers), plasticity/frozen/<metric>_mean, and with loss_fn plasticity/grad_norm (all trainable params).
 import torch
 from torch import nn
 
@@ -1259,15 +1252,14 @@ def hidden_layers(model: nn.Module) -> dict:
     return out
 
 
-def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025, forward=None, prefix="plasticity") -> dict:
-    """{key: float} as in the header. probe_inputs: what `forward(model, probe_inputs)` (default `model(...)`) takes.
-    loss_fn(model) -> scalar: the loss on the probe batch (over actions/targets), must not call .backward()."""
+def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
+    """{key: float} as in the header. loss_fn(model) -> scalar: the loss on the probe batch, without .backward()."""
     feats = {}
     keep = lambda n: lambda _m, _in, out: None if n in feats else feats.update({n: out.detach()})  # 1st call wins
     handles = [act.register_forward_hook(keep(n)) for n, (_, act) in hidden_layers(model).items()]
     try:
         with torch.no_grad():
-            forward(model, probe_inputs) if forward is not None else model(probe_inputs)
+            model(probe_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -1279,7 +1271,7 @@ def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025, forward=Non
             gs = torch.autograd.grad(loss, params, allow_unused=True) if params else []
         grads = {id(p): g for p, g in zip(params, gs)}
         present = [g.detach().float().pow(2).sum() for g in gs if g is not None]
-        vals[f"{prefix}/grad_norm"] = torch.stack(present).sum().sqrt() if present else torch.zeros(())
+        vals["plasticity/grad_norm"] = torch.stack(present).sum().sqrt() if present else torch.zeros(())
     per_role = {"trainable": {}, "frozen": {}}
     for name, layer in weight_layers(model).items():
         w = layer.weight.detach()
@@ -1295,24 +1287,24 @@ def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025, forward=Non
             parts = [g.detach().float().pow(2).sum() for g in (gw, gb) if g is not None]
             m["grad_norm"] = torch.stack(parts).sum().sqrt() if parts else torch.zeros(())
         for metric, v in m.items():
-            vals[f"{prefix}/{role}/{name}/{metric}"] = v
+            vals[f"plasticity/{role}/{name}/{metric}"] = v
             per_role[role].setdefault(metric, []).append(v)
     dev = next(model.parameters()).device
-    for role, head in (("trainable", prefix), ("frozen", f"{prefix}/frozen")):
+    for role, head in (("trainable", "plasticity"), ("frozen", "plasticity/frozen")):
         for metric, vs in per_role[role].items():
             vals[f"{head}/{metric}_mean"] = torch.stack([v.to(dev, torch.float64) for v in vs]).mean()
     numbers = torch.stack([v.detach().to(dev, torch.float64) for v in vals.values()]).cpu().tolist()  # one transfer
     return dict(zip(vals, numbers))
 
 
-def plasticity_keys(model: nn.Module, with_grads: bool = True, prefix: str = "plasticity") -> set:
+def plasticity_keys(model: nn.Module, with_grads: bool = True) -> set:
     """The `_mean` keys (and grad_norm) that measure_plasticity returns for `model` as it is now."""
     features = ["erank_features", "dormant_ratio", "feature_norm"] if hidden_layers(model) else []
     grads = ["updated_units_pct", "grad_norm"] if with_grads else []
     if not any(layer.weight.requires_grad for layer in weight_layers(model).values()):
         return set()
-    keys = {f"{prefix}/{m}_mean" for m in ["weight_magnitude", "erank_weights", *features, *grads]}
-    return keys | ({f"{prefix}/grad_norm"} if with_grads else set())
+    keys = {f"plasticity/{m}_mean" for m in ["weight_magnitude", "erank_weights", *features, *grads]}
+    return keys | ({"plasticity/grad_norm"} if with_grads else set())
 
 
 # ==== END SHARED BLOCK: plasticity ====
@@ -1402,23 +1394,16 @@ def l2_penalty(module: nn.Module) -> torch.Tensor:
 
 
 def adaptive_injection_due(args, step: int, metrics: dict, fired: list, start_step: int = 0):
-    """The adaptive trigger (--adaptive-inject-*): when metrics[metric] crosses the threshold (at most
-    --adaptive-inject-max-count times, --adaptive-inject-min-gap steps apart, from start_step on), append `step`
-    to `fired` (keep it in checkpoints) and return the reason to log, e.g. "plasticity/erank_mean=3.1 < 4 at step
-    500"; else None."""
+    """The adaptive trigger (--adaptive-inject-*, the metric checked by check_intervention_args): when the metric
+    crosses the threshold (at most --adaptive-inject-max-count times, --adaptive-inject-min-gap steps apart, from
+    start_step on), append `step` to `fired` (keep it in checkpoints) and return the reason to log; else None."""
     metric, threshold = args.adaptive_inject_metric, args.adaptive_inject_threshold
-    if threshold is None:
+    if threshold is None or step < start_step or len(fired) >= args.adaptive_inject_max_count:
         return None
-    if metric not in metrics:
-        close = difflib.get_close_matches(metric, list(metrics), n=3)
-        raise UserError(f"--adaptive-inject-metric '{metric}' is not a measured metric; did you mean {close}?")
-    if step < start_step or len(fired) >= args.adaptive_inject_max_count:
+    below, value = args.adaptive_inject_direction == "below", float(metrics[metric])
+    if value >= threshold if below else value <= threshold:
         return None
-    below = args.adaptive_inject_direction == "below"
-    value = float(metrics[metric])
-    if (fired and step - fired[-1] < args.adaptive_inject_min_gap) or (
-        value >= threshold if below else value <= threshold
-    ):
+    if fired and step - fired[-1] < args.adaptive_inject_min_gap:
         return None
     fired.append(int(step))
     return f"{metric}={value:.6g} {'<' if below else '>'} {threshold:.6g} at step {step}"

@@ -1,8 +1,7 @@
-# Plasticity injection (Nikishin et al., NeurIPS 2023). SELF-CONTAINED: copy this block as it is into your
-# own script; it needs only torch. At step t, the sub-module h at `path` becomes
-#     h_θ(x) + h_θ'1(x) − h_θ'2(x)      θ frozen, θ'1 = θ'2 one fresh draw, θ'1 trainable, θ'2 frozen,
-# so the output is bit-for-bit unchanged and the number of trainable parameters is the same. Calling it
-# again freezes the head as it is and adds a new pair. Gradients of every term still reach a shared encoder.
+# Plasticity injection (Nikishin et al., NeurIPS 2023). SELF-CONTAINED: copy this block into your script (torch only).
+# inject_plasticity makes the sub-module h at each path compute h_θ(x) + h_θ'1(x) − h_θ'2(x): θ frozen, θ'1 = θ'2 one
+# fresh draw, θ'1 trainable, θ'2 frozen. The output is bit-for-bit unchanged, the trainable-parameter count the same,
+# gradients still reach a shared encoder; a second call freezes the head as it is and adds a new pair.
 #     log = inject_plasticity(q_network, ["head"], probe_obs, targets=[target_network], sync_targets=True,
 #                             optimizers=[optimizer])   # then log each value; train on as before
 # Reload a saved injected model into a freshly built one with load_injected_state_dict(model, state_dict).
@@ -80,8 +79,7 @@ def _inject_into(model: nn.Module, path: str, fresh: nn.Module, keep_trainable: 
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
-    """One fresh draw of `module` as it was before any injection (every injected head inside back to its original
-    head), with each layer's own init, `reset_parameters`."""
+    """A fresh draw (each layer's `reset_parameters`) of `module` as it was before any injection."""
     fresh = copy.deepcopy(module.terms[0] if isinstance(module, InjectedModule) else module)
     for parent in list(fresh.modules()):
         for name, child in list(parent.named_children()):
@@ -112,16 +110,13 @@ def inject_plasticity(
     third_term=True,
     make_fresh=None,
 ) -> dict:
-    """Inject into each sub-module `model.<path>` in place and return the values to log (injection/...).
+    """Inject into each sub-module `model.<path>` in place; returns the values to log (injection/...).
 
-    probe:        a batch of real inputs (e.g. replay observations) to check the output on; `model(probe)` may
-                  return a tensor or a tuple of tensors.
-    targets:      networks that mirror `model` (DQN/IQL target nets): they get the SAME fresh values.
-    sync_targets: first copy `model` into `targets` (a hard target update), so both agree after injection.
-    optimizers:   the new θ'1 join the param group of the head they replace; frozen parameters leave with their
-                  state; the encoder keeps its Adam moments unless `reset_optimizer`.
-    ablations:    keep_trainable=True (all terms train); third_term=False (no −h_θ'2: the output jumps).
-    make_fresh:   {path: () -> module} for heads whose init is not their layers' `reset_parameters`.
+    probe: real inputs (e.g. replay observations) to check the output on; model(probe): a tensor or a tuple of them.
+    targets: networks mirroring `model` (target nets) get the SAME fresh values; sync_targets: copy `model` into them
+    first. optimizers: each θ'1 joins its head's param group, frozen parameters leave with their state, the encoder
+    keeps its Adam moments unless reset_optimizer. Ablations: keep_trainable (all terms train), third_term=False (no
+    −h_θ'2: the output jumps). make_fresh: {path: () -> module} for heads not initialised by `reset_parameters`.
     """
     count = lambda trainable_only: sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
     before, trainable_before = _output(model, probe), count(True)

@@ -83,23 +83,16 @@ def l2_penalty(module: nn.Module) -> torch.Tensor:
 
 
 def adaptive_injection_due(args, step: int, metrics: dict, fired: list, start_step: int = 0):
-    """The adaptive trigger (--adaptive-inject-*): when metrics[metric] crosses the threshold (at most
-    --adaptive-inject-max-count times, --adaptive-inject-min-gap steps apart, from start_step on), append `step`
-    to `fired` (keep it in checkpoints) and return the reason to log, e.g. "plasticity/erank_mean=3.1 < 4 at step
-    500"; else None."""
+    """The adaptive trigger (--adaptive-inject-*, the metric checked by check_intervention_args): when the metric
+    crosses the threshold (at most --adaptive-inject-max-count times, --adaptive-inject-min-gap steps apart, from
+    start_step on), append `step` to `fired` (keep it in checkpoints) and return the reason to log; else None."""
     metric, threshold = args.adaptive_inject_metric, args.adaptive_inject_threshold
-    if threshold is None:
+    if threshold is None or step < start_step or len(fired) >= args.adaptive_inject_max_count:
         return None
-    if metric not in metrics:
-        close = difflib.get_close_matches(metric, list(metrics), n=3)
-        raise UserError(f"--adaptive-inject-metric '{metric}' is not a measured metric; did you mean {close}?")
-    if step < start_step or len(fired) >= args.adaptive_inject_max_count:
+    below, value = args.adaptive_inject_direction == "below", float(metrics[metric])
+    if value >= threshold if below else value <= threshold:
         return None
-    below = args.adaptive_inject_direction == "below"
-    value = float(metrics[metric])
-    if (fired and step - fired[-1] < args.adaptive_inject_min_gap) or (
-        value >= threshold if below else value <= threshold
-    ):
+    if fired and step - fired[-1] < args.adaptive_inject_min_gap:
         return None
     fired.append(int(step))
     return f"{metric}={value:.6g} {'<' if below else '>'} {threshold:.6g} at step {step}"

@@ -2,14 +2,12 @@
 #     for k, v in measure_plasticity(q_network, probe_obs, loss_fn=loss_fn, tau=args.dormant_tau).items():
 #         writer.add_scalar(k, v, global_step)   # loss_fn(model) -> scalar training loss on the probe (optional)
 # One no_grad forward and, with loss_fn, one torch.autograd.grad: .grad, the optimizer, modes and RNG are untouched.
-# Every Linear/Conv layer is measured; it is *hidden* when the next module in registration order (past norms, Dropout,
-# Identity) is an activation module of its own (F.relu is invisible), whose output are its features. Units are a
-# Linear layer's outputs and a conv layer's channels (conv features: a (B*H*W) x C matrix; feature_norm: L2 norm of
-# each sample's whole flattened map). Keys: <prefix>/<role>/<layer>/<metric>, role `trainable` or `frozen` by
-# weight.requires_grad (after an injection `head.terms.0.*` is the frozen original head), metric weight_magnitude,
-# erank_weights; for hidden layers erank_features, dormant_ratio, feature_norm; with loss_fn, for trainable layers,
-# updated_units_pct, grad_norm. Also <prefix>/<metric>_mean over trainable layers, <prefix>/frozen/<metric>_mean over
-# frozen ones, and with loss_fn <prefix>/grad_norm (global L2 norm of the trainable parameters' gradient).
+# Every Linear/Conv layer is measured; it is *hidden* when the next module (past norms, Dropout, Identity) is an
+# activation module (F.relu is invisible), whose output are its features: a Linear layer's units, a conv's channels.
+# Keys: plasticity/<role>/<layer>/<metric>, role `trainable` or `frozen` (after an injection `head.terms.0.*` is the
+# frozen original head); metric weight_magnitude, erank_weights, for hidden layers erank_features, dormant_ratio,
+# feature_norm, and with loss_fn for trainable layers updated_units_pct, grad_norm. Also plasticity/<metric>_mean
+# (trainable layers), plasticity/frozen/<metric>_mean, and with loss_fn plasticity/grad_norm (all trainable params).
 import torch
 from torch import nn
 
@@ -79,15 +77,14 @@ def hidden_layers(model: nn.Module) -> dict:
     return out
 
 
-def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025, forward=None, prefix="plasticity") -> dict:
-    """{key: float} as in the header. probe_inputs: what `forward(model, probe_inputs)` (default `model(...)`) takes.
-    loss_fn(model) -> scalar: the loss on the probe batch (over actions/targets), must not call .backward()."""
+def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
+    """{key: float} as in the header. loss_fn(model) -> scalar: the loss on the probe batch, without .backward()."""
     feats = {}
     keep = lambda n: lambda _m, _in, out: None if n in feats else feats.update({n: out.detach()})  # 1st call wins
     handles = [act.register_forward_hook(keep(n)) for n, (_, act) in hidden_layers(model).items()]
     try:
         with torch.no_grad():
-            forward(model, probe_inputs) if forward is not None else model(probe_inputs)
+            model(probe_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -99,7 +96,7 @@ def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025, forward=Non
             gs = torch.autograd.grad(loss, params, allow_unused=True) if params else []
         grads = {id(p): g for p, g in zip(params, gs)}
         present = [g.detach().float().pow(2).sum() for g in gs if g is not None]
-        vals[f"{prefix}/grad_norm"] = torch.stack(present).sum().sqrt() if present else torch.zeros(())
+        vals["plasticity/grad_norm"] = torch.stack(present).sum().sqrt() if present else torch.zeros(())
     per_role = {"trainable": {}, "frozen": {}}
     for name, layer in weight_layers(model).items():
         w = layer.weight.detach()
@@ -115,21 +112,21 @@ def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025, forward=Non
             parts = [g.detach().float().pow(2).sum() for g in (gw, gb) if g is not None]
             m["grad_norm"] = torch.stack(parts).sum().sqrt() if parts else torch.zeros(())
         for metric, v in m.items():
-            vals[f"{prefix}/{role}/{name}/{metric}"] = v
+            vals[f"plasticity/{role}/{name}/{metric}"] = v
             per_role[role].setdefault(metric, []).append(v)
     dev = next(model.parameters()).device
-    for role, head in (("trainable", prefix), ("frozen", f"{prefix}/frozen")):
+    for role, head in (("trainable", "plasticity"), ("frozen", "plasticity/frozen")):
         for metric, vs in per_role[role].items():
             vals[f"{head}/{metric}_mean"] = torch.stack([v.to(dev, torch.float64) for v in vs]).mean()
     numbers = torch.stack([v.detach().to(dev, torch.float64) for v in vals.values()]).cpu().tolist()  # one transfer
     return dict(zip(vals, numbers))
 
 
-def plasticity_keys(model: nn.Module, with_grads: bool = True, prefix: str = "plasticity") -> set:
+def plasticity_keys(model: nn.Module, with_grads: bool = True) -> set:
     """The `_mean` keys (and grad_norm) that measure_plasticity returns for `model` as it is now."""
     features = ["erank_features", "dormant_ratio", "feature_norm"] if hidden_layers(model) else []
     grads = ["updated_units_pct", "grad_norm"] if with_grads else []
     if not any(layer.weight.requires_grad for layer in weight_layers(model).values()):
         return set()
-    keys = {f"{prefix}/{m}_mean" for m in ["weight_magnitude", "erank_weights", *features, *grads]}
-    return keys | ({f"{prefix}/grad_norm"} if with_grads else set())
+    keys = {f"plasticity/{m}_mean" for m in ["weight_magnitude", "erank_weights", *features, *grads]}
+    return keys | ({"plasticity/grad_norm"} if with_grads else set())

@@ -246,8 +246,8 @@ def test_adaptive_trigger_fires_on_crossing_and_respects_gap_and_count():
     assert B.adaptive_injection_due(up, 1, {"plasticity/dormant_ratio_mean": 0.5}, []) is None
     assert "> 0.5" in B.adaptive_injection_due(up, 2, {"plasticity/dormant_ratio_mean": 0.6}, [])
     typo = Flags(adaptive_inject_metric="plasticity/dormant_ratio", adaptive_inject_threshold=0.5)
-    with pytest.raises(B.UserError, match="did you mean .*plasticity/dormant_ratio_mean"):
-        B.adaptive_injection_due(typo, 0, {"plasticity/dormant_ratio_mean": 0.1}, [])
+    with pytest.raises(B.UserError, match="did you mean .*plasticity/dormant_ratio_mean"):  # caught before training
+        B.check_intervention_args(typo, 1000, metric_keys={"plasticity/dormant_ratio_mean"})
     assert B.adaptive_injection_due(Flags(), 0, {key: 0.0}, []) is None  # no threshold: no trigger
 
 
