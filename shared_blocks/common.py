@@ -8,7 +8,6 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -92,14 +91,13 @@ def log_event(writer, events: list, step: int, what: str, log: dict, **extra) ->
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file. A failure (disk
-    full, unwritable folder) is a one-line error naming the file and the last checkpoint, which stays intact."""
+    """torch.save to a temporary file beside `path`, then rename: never a half-written file. A failure (disk full,
+    unwritable folder) is a one-line error naming the file and the last checkpoint, which stays intact."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -108,7 +106,7 @@ def atomic_save(obj, path: str) -> None:
         last = f"; the last checkpoint {RUN['checkpoint']} is intact" if RUN["checkpoint"] else ""
         raise UserError(f"cannot write {path} ({type(e).__name__}: {e}){last}") from None
     finally:
-        if tmp is not None and os.path.exists(tmp):
+        if os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -192,9 +190,8 @@ def find_checkpoint(args, script: str):
             print(f"--resume auto: no checkpoint under {prefix}*, starting a new run")
             return None
         found = found[-1]
-    elif os.path.isdir(args.resume):
-        folder = args.resume if os.path.basename(os.path.normpath(args.resume)) == "checkpoints" else None
-        found = checkpoint_paths(folder or os.path.join(args.resume, "checkpoints"))
+    elif os.path.isdir(args.resume):  # a run folder or its checkpoints folder
+        found = checkpoint_paths(os.path.join(args.resume, "checkpoints")) or checkpoint_paths(args.resume)
         if not found:
             raise UserError(f"--resume {args.resume}: no checkpoint (checkpoints/step_<N>.pt) in this folder")
     elif os.path.isfile(args.resume):
