@@ -275,8 +275,7 @@ def make_envs(spec: EnvSpec, args: Args, num_envs: int):
 
 
 def make_video_env(spec: EnvSpec, args: Args, run_name: str):
-    """A one-env vector env recording every episode it plays; None (and a warning) when it fails: video never ends
-    a run."""
+    """A one-env vector env recording every episode; None (and a warning) on failure: video never ends a run."""
     try:
         atari = dict(frameskip=1, repeat_action_probability=args.repeat_action_probability)
         atari.update(max_episode_steps=args.max_episode_frames)
@@ -370,6 +369,30 @@ def build_network(spec: EnvSpec, args: Args) -> QNetwork:
     )
 
 
+def save_model(path: str, q_network: QNetwork, args: Args, global_step: int, injections: list, fired=()) -> None:
+    """The Q-network (injected or not), its configuration, the injections and the adaptive trigger's fired steps."""
+    model = {"model": q_network.state_dict(), "args": vars(args), "global_step": global_step}
+    model.update(obs_shape=list(q_network.obs_shape), n_actions=q_network.n_actions, atari=q_network.atari)
+    atomic_save({**model, "injections": injections, "adaptive_trigger": {"fired": list(fired)}}, path)
+
+
+def load_model(path: str, device="cpu") -> QNetwork:
+    """Rebuild a saved (possibly injected) Q-network; a UserError naming the file when it is unusable."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read the model file ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"model", "args", "obs_shape", "n_actions", "atari"} <= set(ckpt):
+        raise UserError(f"{path}: not a model saved by dqn_atari_injection.py (missing keys)")
+    layers = {k: v for k, v in ckpt["args"].items() if k in ("layer_norm", "activation")}
+    net = QNetwork(ckpt["obs_shape"], ckpt["n_actions"], atari=ckpt["atari"], **layers).to(device)
+    try:
+        load_injected_state_dict(net, ckpt["model"])
+    except Exception as e:
+        raise UserError(f"{path}: the saved weights do not match the network ({type(e).__name__}: {e})") from None
+    return net
+
+
 # ---- Replay buffer ------------------------------------------------------------------------------------------------
 class ReplayBuffer:
     """Replay memory storing each frame ONCE (`stacked`: the newest frame of each stack) in one circular stream of
@@ -400,8 +423,7 @@ class ReplayBuffer:
         self.t += 1
 
     def add(self, actions, rewards, terminated, next_obs, next_last) -> None:
-        """One env step: completes the transitions from the newest observations, stores the next (`next_last`: the
-        episode ended with it)."""
+        """One env step: completes the newest observations' transitions, stores the next (`next_last`: episode over)."""
         p, q = (self.t - 1) % self.cap, self.t % self.cap
         self.actions[:, p] = actions
         self.rewards[:, p] = rewards
@@ -421,8 +443,6 @@ class ReplayBuffer:
         """n (env, step) pairs drawn uniformly from the valid transitions (rejection sampling)."""
         rng = self.rng if rng is None else rng
         lo, hi = self.step_range()
-        if hi <= lo:
-            raise RuntimeError("the replay buffer holds no transition yet")
         envs, steps, have = [], [], 0
         for _ in range(1000):
             e = rng.integers(0, self.num_envs, 2 * (n - have) + 8)
@@ -743,8 +763,7 @@ def plasticity_metrics(q_network, target_network, probe, args: Args) -> dict:
 
 
 def play(q_network, envs, seed: int, epsilon: float, device) -> Optional[np.ndarray]:
-    """One whole episode in each env of `envs` (seeded, epsilon-greedy): their raw returns, None when a stop request
-    cut them short."""
+    """One seeded, epsilon-greedy episode per env of `envs`: their raw returns (None if a stop request cut them)."""
     rng = np.random.default_rng(seed)
     returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, bool)
     obs, _ = envs.reset(seed=seed)
@@ -801,6 +820,30 @@ def restore_run(ckpt: dict, q_network, target_network, optimizer, rb, rngs: dict
 
 
 # ---- Training -----------------------------------------------------------------------------------------------------
+def validate_args(args: Args) -> EnvSpec:
+    """Every flag's range, then the rules between flags (one-line errors naming the flag); returns the env."""
+    check_ranges(args)
+    if args.learning_starts >= args.total_timesteps:
+        raise UserError(f"--learning-starts {args.learning_starts} must be below --total-timesteps: no training")
+    if args.buffer_size < args.batch_size:
+        raise UserError(f"--buffer-size {args.buffer_size} is smaller than --batch-size {args.batch_size}")
+    check_steps("--inject-at", args.inject_at, args.total_timesteps)
+    if early := [s for s in args.inject_at if s < args.learning_starts]:
+        raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}: nothing learned yet")
+    spec = make_env_spec(args)
+    for f in fields(args) if not spec.atari else ():
+        if f.name in ATARI_ONLY and getattr(args, f.name) != f.default:
+            flag = ("--no-" if getattr(args, f.name) is False else "--") + f.name.replace("_", "-")
+            raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
+    check_intervention_args(args, args.total_timesteps, plasticity_keys(build_network(spec, args)))
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            raise UserError("--capture-video needs moviepy (pip install moviepy)") from None
+    return spec
+
+
 def train(args: Args) -> dict:
     """Run DQN; returns a summary (returns, last losses, injections, interventions, metrics, model path)."""
     spec = validate_args(args)  # every flag, before anything is written
@@ -851,8 +894,8 @@ def train(args: Args) -> dict:
         if checkpoint_due(args, global_step, max(global_step - args.num_envs, start_step)):
             state = dict(script="dqn_atari_injection.py", args=vars(args), history=history, obs=obs)
             state.update(optimizer=optimizer_state(optimizer, q_network), rng=rng_state(rngs), tracker=vars(tracker))
-            state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None)
-            state["envs"] = None if spec.atari else env_state(envs)
+            state["buffer"] = rb.state_dict() if args.checkpoint_buffer else None
+            state["envs"] = None if spec.atari else env_state(envs)  # CartPole: exact resume; Atari, Box2D: new games
             networks = dict(q_network=q_network, target_network=target_network)
             path = save_checkpoint(state, run_name, global_step, args.keep_checkpoints, networks)
             if RUN["stop"] is not None:
@@ -1529,55 +1572,6 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
 
 
 # ==== END SHARED BLOCK: interventions ====
-
-
-# ---- Flag checks, saving and loading ------------------------------------------------------------------------------
-def validate_args(args: Args) -> EnvSpec:
-    """Every check beyond the flags' types and declared ranges (one-line errors naming the flag); returns the env."""
-    check_ranges(args)
-    if args.learning_starts >= args.total_timesteps:
-        raise UserError(f"--learning-starts {args.learning_starts} must be below --total-timesteps: no training")
-    if args.buffer_size < args.batch_size:
-        raise UserError(f"--buffer-size {args.buffer_size} is smaller than --batch-size {args.batch_size}")
-    check_steps("--inject-at", args.inject_at, args.total_timesteps)
-    if early := [s for s in args.inject_at if s < args.learning_starts]:
-        raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}: nothing learned yet")
-    spec = make_env_spec(args)
-    for f in fields(args) if not spec.atari else ():
-        if f.name in ATARI_ONLY and getattr(args, f.name) != f.default:
-            flag = ("--no-" if getattr(args, f.name) is False else "--") + f.name.replace("_", "-")
-            raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
-    check_intervention_args(args, args.total_timesteps, plasticity_keys(build_network(spec, args)))
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            raise UserError("--capture-video needs moviepy (pip install moviepy)") from None
-    return spec
-
-
-def save_model(path: str, q_network: QNetwork, args: Args, global_step: int, injections: list, fired=()) -> None:
-    """The Q-network (injected or not), its configuration, the injections and the adaptive trigger's fired steps."""
-    model = {"model": q_network.state_dict(), "args": vars(args), "global_step": global_step}
-    model.update(obs_shape=list(q_network.obs_shape), n_actions=q_network.n_actions, atari=q_network.atari)
-    atomic_save({**model, "injections": injections, "adaptive_trigger": {"fired": list(fired)}}, path)
-
-
-def load_model(path: str, device="cpu") -> QNetwork:
-    """Rebuild a saved (possibly injected) Q-network; a UserError naming the file when it is unusable."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read the model file ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"model", "args", "obs_shape", "n_actions", "atari"} <= set(ckpt):
-        raise UserError(f"{path}: not a model saved by dqn_atari_injection.py (missing keys)")
-    layers = {k: v for k, v in ckpt["args"].items() if k in ("layer_norm", "activation")}
-    net = QNetwork(ckpt["obs_shape"], ckpt["n_actions"], atari=ckpt["atari"], **layers).to(device)
-    try:
-        load_injected_state_dict(net, ckpt["model"])
-    except Exception as e:
-        raise UserError(f"{path}: the saved weights do not match the network ({type(e).__name__}: {e})") from None
-    return net
 
 
 if __name__ == "__main__":
