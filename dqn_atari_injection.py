@@ -4,7 +4,7 @@
 
 Atari games run on ale-py's native vector env with `NoFrameskip-v4` semantics (Nature DQN network); flat-observation
 gymnasium envs (CartPole-v1, LunarLander-v3) use an MLP. Training treats a life loss as terminal and learns from
-sign-clipped rewards; logged scores are raw whole games. Flags, logs and tests: README.md, `dqn_atari_injection.py`.
+sign-clipped rewards; logged scores are raw whole games. Flags: `--help`; logs, checkpoints, tests: README.md.
 """
 
 import os
