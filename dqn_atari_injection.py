@@ -4,13 +4,12 @@
 
 Atari games run on ale-py's native vector env with `NoFrameskip-v4` semantics (Nature DQN network); flat-observation
 gymnasium envs (CartPole-v1, LunarLander-v3) use an MLP. Training treats a life loss as terminal and learns from
-sign-clipped rewards; logged scores are raw whole games. Flags, logs and tests: README.md, `dqn_atari_injection.py`.
+sign-clipped rewards; logged scores are raw whole games. Flags: `--help`; logs, checkpoints, tests: README.md.
 """
 
 import os
 import pickle
 import time
-from functools import partial
 
 import ale_py
 import gymnasium as gym
@@ -276,16 +275,16 @@ def make_envs(spec: EnvSpec, args: Args, num_envs: int):
 
 
 def make_video_env(spec: EnvSpec, args: Args, run_name: str):
-    """One env recording a greedy episode per evaluation; None (and a warning) when it fails: video never ends a run."""
+    """A one-env vector env recording every episode; None (and a warning) on failure: video never ends a run."""
     try:
         atari = dict(frameskip=1, repeat_action_probability=args.repeat_action_probability)
         atari.update(max_episode_steps=args.max_episode_frames)
         env = gym.make(spec.env_id, render_mode="rgb_array", **(atari if spec.atari else {}))
         env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda i: True, disable_logger=True)
-        if not spec.atari:
-            return env
-        env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, terminal_on_life_loss=False)
-        return gym.wrappers.FrameStackObservation(env, args.frame_stack, padding_type="zero")
+        if spec.atari:
+            env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, terminal_on_life_loss=False)
+            env = gym.wrappers.FrameStackObservation(env, args.frame_stack, padding_type="zero")
+        return gym.vector.SyncVectorEnv([lambda: env])
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
         return None
@@ -296,16 +295,12 @@ class EpisodeTracker:
     autoreset step (no transition); a life loss is terminal for training under `episodic_life`."""
 
     def __init__(self, num_envs: int, episodic_life: bool, clip_reward: bool):
-        self.episodic_life, self.clip_reward = episodic_life, clip_reward
-        self.returns = np.zeros(num_envs, np.float64)
-        self.lengths = np.zeros(num_envs, np.int64)
-        self.prev_last = np.zeros(num_envs, bool)
-        self.lives = None
+        self.num_envs, self.episodic_life, self.clip_reward = num_envs, episodic_life, clip_reward
 
     def reset(self, info: dict) -> None:
-        self.returns[:] = 0
-        self.lengths[:] = 0
-        self.prev_last[:] = False
+        """New games in every env (`info` of env.reset())."""
+        self.returns, self.lengths = np.zeros(self.num_envs, np.float64), np.zeros(self.num_envs, np.int64)
+        self.prev_last = np.zeros(self.num_envs, bool)
         self.lives = np.array(info["lives"]) if "lives" in info else None
 
     def step(self, rewards, terminated, truncated, info):
@@ -374,17 +369,36 @@ def build_network(spec: EnvSpec, args: Args) -> QNetwork:
     )
 
 
+def save_model(path: str, q_network: QNetwork, args: Args, global_step: int, injections: list, fired=()) -> None:
+    """The Q-network (injected or not), its configuration, the injections and the adaptive trigger's fired steps."""
+    model = {"model": q_network.state_dict(), "args": vars(args), "global_step": global_step}
+    model.update(obs_shape=list(q_network.obs_shape), n_actions=q_network.n_actions, atari=q_network.atari)
+    atomic_save({**model, "injections": injections, "adaptive_trigger": {"fired": list(fired)}}, path)
+
+
+def load_model(path: str, device="cpu") -> QNetwork:
+    """Rebuild a saved (possibly injected) Q-network; a UserError naming the file when it is unusable."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read the model file ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"model", "args", "obs_shape", "n_actions", "atari"} <= set(ckpt):
+        raise UserError(f"{path}: not a model saved by dqn_atari_injection.py (missing keys)")
+    layers = {k: v for k, v in ckpt["args"].items() if k in ("layer_norm", "activation")}
+    net = QNetwork(ckpt["obs_shape"], ckpt["n_actions"], atari=ckpt["atari"], **layers).to(device)
+    try:
+        load_injected_state_dict(net, ckpt["model"])
+    except Exception as e:
+        raise UserError(f"{path}: the saved weights do not match the network ({type(e).__name__}: {e})") from None
+    return net
+
+
 # ---- Replay buffer ------------------------------------------------------------------------------------------------
 class ReplayBuffer:
-    """Replay memory that stores each frame ONCE and rebuilds frame stacks at sample time.
-
-    One circular stream of `capacity // num_envs` slots per env (all envs step together). The slot of observation
-    number t (t % cap) holds its newest frame, `first` (first observation of an episode), `last` (the episode ended
-    with it: the next step is the autoreset step, so no transition starts here), and the action taken from it with
-    the reward and `terminated` flag that followed. A transition from step t uses frames t-stack+1 .. t+1; frames
-    from before the episode's first observation are zero, as the Atari vector env gives at reset. `stack == 1`,
-    `stacked=False`: a plain buffer of vector observations.
-    """
+    """Replay memory storing each frame ONCE (`stacked`: the newest frame of each stack) in one circular stream of
+    `capacity // num_envs` slots per env. Slot t % cap holds observation t's frame, `first` / `last` (it starts / ends
+    an episode: no transition starts at `last`), and the action, reward and `terminated` that followed it. A sampled
+    transition from t stacks frames t-stack+1 .. t+1, zero before the episode's first, as the Atari env does."""
 
     def __init__(self, capacity: int, num_envs: int, frame_shape, frame_dtype, stack: int, stacked: bool, seed: int):
         self.num_envs, self.stack, self.stacked, self.cap = num_envs, stack, stacked, capacity // num_envs
@@ -402,15 +416,14 @@ class ReplayBuffer:
         self.rng = np.random.default_rng(seed)
 
     def reset(self, obs: np.ndarray) -> None:
-        """The observations returned by env.reset(): first observations of every env."""
+        """The observations of env.reset(): each env's first."""
         p = self.t % self.cap
         self.frames[:, p] = obs[:, -1] if self.stacked else obs
         self.first[:, p], self.last[:, p] = True, False
         self.t += 1
 
     def add(self, actions, rewards, terminated, next_obs, next_last) -> None:
-        """One env step: completes the transitions from the newest slot and stores the next observations
-        (next_last: the episode ended with next_obs; on the autoreset step after it, next_obs starts a new one)."""
+        """One env step: completes the newest observations' transitions, stores the next (`next_last`: episode over)."""
         p, q = (self.t - 1) % self.cap, self.t % self.cap
         self.actions[:, p] = actions
         self.rewards[:, p] = rewards
@@ -430,8 +443,6 @@ class ReplayBuffer:
         """n (env, step) pairs drawn uniformly from the valid transitions (rejection sampling)."""
         rng = self.rng if rng is None else rng
         lo, hi = self.step_range()
-        if hi <= lo:
-            raise RuntimeError("the replay buffer holds no transition yet")
         envs, steps, have = [], [], 0
         for _ in range(1000):
             e = rng.integers(0, self.num_envs, 2 * (n - have) + 8)
@@ -449,14 +460,9 @@ class ReplayBuffer:
         k = self.stack
         slots = (steps[:, None] + np.arange(-(k - 1), 2)) % self.cap  # (B, k+1) window
         window = self.frames[envs[:, None], slots]
-        if k > 1:
+        if k > 1:  # frame w (< k-1) is before the episode's start when any step after it up to t is `first`
             first = self.first[envs[:, None], slots[:, 1:k]]  # (B, k-1): first flags of steps t-k+2 .. t
-            # frame w (< k-1) is before the episode's start when any step after it up to t is `first`
-            blocked = np.flip(np.logical_or.accumulate(np.flip(first, 1), 1), 1)
-            if blocked.any():
-                keep = np.ones(slots.shape, bool)
-                keep[:, : k - 1] = ~blocked
-                window = window * keep.reshape(keep.shape + (1,) * (window.ndim - 2)).astype(window.dtype)
+            window[:, : k - 1][np.flip(np.logical_or.accumulate(np.flip(first, 1), 1), 1)] = 0
         p = slots[:, k - 1]
         obs, next_obs = (window[:, :k], window[:, 1:]) if self.stacked else (window[:, 0], window[:, 1])
         return obs, self.actions[envs, p], self.rewards[envs, p], self.terminated[envs, p], next_obs
@@ -695,8 +701,7 @@ def td_loss(q_network, target_network, batch, args: Args):
 
 
 def dqn_update(q_network, target_network, optimizer, batch, args: Args, global_step: int = 0, l2: float = 0.0):
-    """One gradient step on a replay batch (+ l2 * Σw² of the trainable weights when l2 > 0); returns the detached
-    (td_loss, mean Q(s, a))."""
+    """One gradient step on the TD loss (+ l2 * Σw² of the trainable weights); returns detached (loss, mean Q(s, a))."""
     loss, q_sa = td_loss(q_network, target_network, batch, args)
     check_finite(loss, "losses/td_loss", global_step)
     if l2 > 0:
@@ -718,28 +723,59 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             tp.lerp_(p, tau)
 
 
+def intervene(kind: str, step: int, q_network, target_network, optimizer, rb, rngs: dict, args: Args, writer, history):
+    """Plasticity injection (`kind` "injection", or "adaptive" when the trigger fired) or a baseline it is compared
+    against ("reset", "shrink_perturb") at `step`; the target network gets the same values. Logged as an event."""
+    if kind in ("injection", "adaptive"):  # the probe, a seeded replay batch, only measures the output change
+        probe = rb.sample(args.probe_batch_size, next(q_network.parameters()).device, rng=rngs["probe"])[0]
+        log = inject_plasticity(
+            q_network,
+            INJECT_PATHS[args.inject_target],
+            probe,
+            targets=[target_network],
+            sync_targets=args.inject_sync_target,
+            optimizers=[optimizer],
+            reset_optimizer=args.inject_reset_optimizer,
+            keep_trainable=args.inject_keep_trainable,
+            third_term=not args.inject_no_third_term,
+        )
+        log["injection/adaptive"] = float(kind == "adaptive")
+        log_event(writer, history["injections"], step, "injection", log)
+    elif kind == "reset":
+        paths = INJECT_PATHS[args.reset_target]
+        log = reset_modules(q_network, paths, optimizers=[optimizer], targets=[target_network])
+        log_event(writer, history["interventions"], step, kind, log, kind=kind)
+    else:
+        paths = INJECT_PATHS[args.shrink_perturb_target]
+        log = shrink_perturb(q_network, paths, args.sp_shrink, args.sp_perturb, targets=[target_network])
+        log_event(writer, history["interventions"], step, kind, log, kind=kind)
+
+
 def plasticity_metrics(q_network, target_network, probe, args: Args) -> dict:
     """plasticity/... of the Q-network on the fixed probe batch, with its TD loss for the gradient metrics."""
-
-    def loss_fn(model):
-        return td_loss(model, target_network, probe, args)[0]
-
+    loss_fn = lambda model: td_loss(model, target_network, probe, args)[0]
     return measure_plasticity(q_network, probe[0], loss_fn=loss_fn, tau=args.dormant_tau)
 
 
-def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) -> list:
-    """RAW returns of --eval-episodes whole episodes (one per env of a fresh vector env, all lives), logged."""
-    envs = make_envs(spec, args, args.eval_episodes)
-    rng = np.random.default_rng(args.seed + 100_000)
-    returns, done = np.zeros(args.eval_episodes), np.zeros(args.eval_episodes, bool)
-    obs, _ = envs.reset(seed=args.seed + 100_000)
-    while not done.all() and RUN["stop"] is None:  # a stop request skips the evaluation
-        actions = select_actions(q_network, obs, args.eval_epsilon, spec.n_actions, rng, device)
+def play(q_network, envs, seed: int, epsilon: float, device) -> Optional[np.ndarray]:
+    """One seeded, epsilon-greedy episode per env of `envs`: their raw returns (None if a stop request cut them)."""
+    rng = np.random.default_rng(seed)
+    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, bool)
+    obs, _ = envs.reset(seed=seed)
+    while not done.all() and RUN["stop"] is None:
+        actions = select_actions(q_network, obs, epsilon, envs.single_action_space.n, rng, device)
         obs, rewards, terminated, truncated, _ = envs.step(actions)
         returns += np.where(done, 0.0, rewards)
         done |= np.asarray(terminated) | np.asarray(truncated)
+    return returns if done.all() else None
+
+
+def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) -> list:
+    """RAW returns of --eval-episodes whole games (one per env of a fresh vector env), logged; [] after a stop."""
+    envs = make_envs(spec, args, args.eval_episodes)
+    returns = play(q_network, envs, args.seed + 100_000, args.eval_epsilon, device)
     envs.close()
-    if not done.all():
+    if returns is None:
         return []
     writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
     print(f"global_step={step}, eval/episodic_return={np.mean(returns):.2f} (+- {np.std(returns):.2f})")
@@ -748,16 +784,9 @@ def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) ->
 
 def record_video(q_network, video_env, device, seed: int):
     """One greedy episode into the video env; returns it, or None (with a warning) once recording fails."""
-    if video_env is None:
-        return None
     try:
-        obs, _ = video_env.reset(seed=seed)
-        done = False
-        while not done and RUN["stop"] is None:
-            with torch.no_grad():
-                action = int(q_network(torch.as_tensor(np.asarray(obs)[None], device=device)).argmax(dim=1))
-            obs, _, terminated, truncated, _ = video_env.step(action)
-            done = terminated or truncated
+        if video_env is not None:
+            play(q_network, video_env, seed, 0.0, device)
         return video_env
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
@@ -786,6 +815,30 @@ def restore_run(ckpt: dict, q_network, target_network, optimizer, rb, rngs: dict
 
 
 # ---- Training -----------------------------------------------------------------------------------------------------
+def validate_args(args: Args) -> EnvSpec:
+    """Every flag's range, then the rules between flags (one-line errors naming the flag); returns the env."""
+    check_ranges(args)
+    if args.learning_starts >= args.total_timesteps:
+        raise UserError(f"--learning-starts {args.learning_starts} must be below --total-timesteps: no training")
+    if args.buffer_size < args.batch_size:
+        raise UserError(f"--buffer-size {args.buffer_size} is smaller than --batch-size {args.batch_size}")
+    check_steps("--inject-at", args.inject_at, args.total_timesteps)
+    if early := [s for s in args.inject_at if s < args.learning_starts]:
+        raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}: nothing learned yet")
+    spec = make_env_spec(args)
+    for f in fields(args) if not spec.atari else ():
+        if f.name in ATARI_ONLY and getattr(args, f.name) != f.default:
+            flag = ("--no-" if getattr(args, f.name) is False else "--") + f.name.replace("_", "-")
+            raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
+    check_intervention_args(args, args.total_timesteps, plasticity_keys(build_network(spec, args)))
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            raise UserError("--capture-video needs moviepy (pip install moviepy)") from None
+    return spec
+
+
 def train(args: Args) -> dict:
     """Run DQN; returns a summary (returns, last losses, injections, interventions, metrics, model path)."""
     spec = validate_args(args)  # every flag, before anything is written
@@ -803,56 +856,41 @@ def train(args: Args) -> dict:
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, foreach=True)
     target_network = build_network(spec, args).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    # inject(probe): plasticity injection into --inject-target, the target network synced first and mirrored
-    inject = partial(
-        inject_plasticity,
-        q_network,
-        INJECT_PATHS[args.inject_target],
-        targets=[target_network],
-        sync_targets=args.inject_sync_target,
-        optimizers=[optimizer],
-        reset_optimizer=args.inject_reset_optimizer,
-        keep_trainable=args.inject_keep_trainable,
-        third_term=not args.inject_no_third_term,
-    )
     tracker = EpisodeTracker(args.num_envs, spec.atari and args.episodic_life, spec.atari and args.clip_reward)
-    rngs = dict(zip(("act", "probe", "metrics", "buffer"), (np.random.default_rng(args.seed + k) for k in (0, 2, 3))))
+    # the run's random generators: actions, injection probes, the metrics' probe batch, replay sampling (seed + 1)
+    rngs = {k: np.random.default_rng(args.seed + i) for k, i in (("act", 0), ("probe", 2), ("metrics", 3))}
     rngs["buffer"] = rb.rng
-    # the run's history: a checkpoint holds it (fired: the steps the adaptive trigger fired at)
+    # the run's history, part of each checkpoint (fired: the steps the adaptive trigger fired at)
     history = dict(injections=[], interventions=[], train_returns=[], eval_returns=[], fired=[], metrics={})
     history["metrics_probe"] = None
+    schedule = {"injection": args.inject_at, "reset": args.reset_at, "shrink_perturb": args.shrink_perturb_at}
     video_env = make_video_env(spec, args, run_name) if args.capture_video else None
     loss = q_mean = None
     explore_steps = args.exploration_fraction * args.total_timesteps  # epsilon decays from start-e to end-e over these
 
-    start_step, learning_starts = 0, args.learning_starts
-    if ckpt is None:
-        obs, info = envs.reset(seed=args.seed)
+    start_step = ckpt["global_step"] if ckpt else 0
+    if ckpt:  # resume: every state as it was
+        history = restore_run(ckpt, q_network, target_network, optimizer, rb, rngs)
+    if ckpt and ckpt["envs"] is not None:
+        vars(envs).update(pickle.loads(ckpt["envs"]))
+        vars(tracker).update(ckpt["tracker"])
+        obs = ckpt["obs"]
+    else:  # new games: a new run, or a resume with envs that cannot be saved (Atari, Box2D)
+        obs, info = envs.reset(seed=args.seed + start_step)
+        rb.end_episodes()
         rb.reset(obs)
         tracker.reset(info)
-    else:  # resume: every state as it was; envs that cannot be restored (Atari, Box2D) start new episodes
-        history = restore_run(ckpt, q_network, target_network, optimizer, rb, rngs)
-        start_step = ckpt["global_step"]
-        if ckpt["envs"] is not None:
-            vars(envs).update(pickle.loads(ckpt["envs"]))
-            obs = ckpt["obs"]
-            vars(tracker).update(ckpt["tracker"])
-        else:
-            obs, info = envs.reset(seed=args.seed + start_step)
-            rb.end_episodes()
-            rb.reset(obs)
-            tracker.reset(info)
-        if ckpt["buffer"] is None:  # an empty replay buffer fills again before learning
-            learning_starts = start_step + args.learning_starts
+    # learning starts once --learning-starts steps filled the replay buffer (again, when a checkpoint lacks it)
+    learning_starts = start_step + args.learning_starts if ckpt and ckpt["buffer"] is None else args.learning_starts
     stop_on_signals()
     start_time = time.time()
     for global_step in range(start_step, args.total_timesteps, args.num_envs):
         # checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop
         if checkpoint_due(args, global_step, max(global_step - args.num_envs, start_step)):
-            state = dict(script="dqn_atari_injection.py", args=vars(args), history=history, optimizer=None)
-            state.update(optimizer=optimizer_state(optimizer, q_network), rng=rng_state(rngs), obs=obs)
-            state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None, tracker=vars(tracker))
-            state["envs"] = None if spec.atari else env_state(envs)
+            state = dict(script="dqn_atari_injection.py", args=vars(args), history=history, obs=obs)
+            state.update(optimizer=optimizer_state(optimizer, q_network), rng=rng_state(rngs), tracker=vars(tracker))
+            state["buffer"] = rb.state_dict() if args.checkpoint_buffer else None
+            state["envs"] = None if spec.atari else env_state(envs)  # CartPole: exact resume; Atari, Box2D: new games
             networks = dict(q_network=q_network, target_network=target_network)
             path = save_checkpoint(state, run_name, global_step, args.keep_checkpoints, networks)
             if RUN["stop"] is not None:
@@ -874,20 +912,14 @@ def train(args: Args) -> dict:
         rb.add(actions, train_rewards, train_terminated, next_obs, last)
         obs = next_obs
 
-        # every env step of this vector step: injection and interventions, training, metrics, evaluation
+        # every env step of this vector step: interventions, training, metrics, evaluation
         for step in range(global_step, min(global_step + args.num_envs, args.total_timesteps)):
-            if step in args.inject_at:
-                log = inject(rb.sample(args.probe_batch_size, device, rng=rngs["probe"])[0])
-                log_event(writer, history["injections"], step, "injection", {**log, "injection/adaptive": 0.0})
-            if step in args.reset_at:
-                paths = INJECT_PATHS[args.reset_target]
-                log = reset_modules(q_network, paths, optimizers=[optimizer], targets=[target_network])
-                log_event(writer, history["interventions"], step, "reset", log, kind="reset")
-            if step in args.shrink_perturb_at:
-                paths = INJECT_PATHS[args.shrink_perturb_target]
-                log = shrink_perturb(q_network, paths, args.sp_shrink, args.sp_perturb, targets=[target_network])
-                log_event(writer, history["interventions"], step, "shrink_perturb", log, kind="shrink_perturb")
+            # plasticity injection, and the baselines it is compared against, at their --*-at steps
+            for kind, steps in schedule.items():
+                if step in steps:
+                    intervene(kind, step, q_network, target_network, optimizer, rb, rngs, args, writer, history)
 
+            # ALGO LOGIC: one gradient step every --train-frequency steps; the target network follows
             if step > learning_starts and step % args.train_frequency == 0:
                 batch = rb.sample(args.batch_size, device)
                 l2 = l2_coef(args, step, args.total_timesteps)
@@ -897,8 +929,8 @@ def train(args: Args) -> dict:
                     writer.add_scalar("losses/q_values", float(q_mean), step)
                     writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
                     writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
-                if step % 100 == 0 and args.l2_schedule != "none":
-                    writer.add_scalar("losses/l2_coef", l2, step)
+                    if args.l2_schedule != "none":
+                        writer.add_scalar("losses/l2_coef", l2, step)
             if step > learning_starts and step % args.target_network_frequency == 0:
                 update_target(target_network, q_network, args.tau)
 
@@ -909,11 +941,9 @@ def train(args: Args) -> dict:
                 history["metrics"] = plasticity_metrics(q_network, target_network, history["metrics_probe"], args)
                 for k, v in history["metrics"].items():
                     writer.add_scalar(k, v, step)
-                fired = history["fired"]
-                if reason := adaptive_injection_due(args, step, history["metrics"], fired, start_step=learning_starts):
+                if reason := adaptive_injection_due(args, step, history["metrics"], history["fired"]):
                     print(f"global_step={step}, adaptive injection: {reason}")
-                    log = inject(rb.sample(args.probe_batch_size, device, rng=rngs["probe"])[0])
-                    log_event(writer, history["injections"], step, "injection", {**log, "injection/adaptive": 1.0})
+                    intervene("adaptive", step, q_network, target_network, optimizer, rb, rngs, args, writer, history)
 
             if args.eval_episodes > 0 and args.eval_every > 0 and step > 0 and step % args.eval_every == 0:
                 history["eval_returns"] = evaluate(q_network, spec, args, device, step, writer)
@@ -1524,55 +1554,6 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
 
 
 # ==== END SHARED BLOCK: interventions ====
-
-
-# ---- Flag checks, saving and loading ------------------------------------------------------------------------------
-def validate_args(args: Args) -> EnvSpec:
-    """Every check beyond the flags' types and declared ranges (one-line errors naming the flag); returns the env."""
-    check_ranges(args)
-    if args.learning_starts >= args.total_timesteps:
-        raise UserError(f"--learning-starts {args.learning_starts} must be below --total-timesteps: no training")
-    if args.buffer_size < args.batch_size:
-        raise UserError(f"--buffer-size {args.buffer_size} is smaller than --batch-size {args.batch_size}")
-    check_steps("--inject-at", args.inject_at, args.total_timesteps)
-    if early := [s for s in args.inject_at if s < args.learning_starts]:
-        raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}: nothing learned yet")
-    spec = make_env_spec(args)
-    for f in fields(args) if not spec.atari else ():
-        if f.name in ATARI_ONLY and getattr(args, f.name) != f.default:
-            flag = ("--no-" if getattr(args, f.name) is False else "--") + f.name.replace("_", "-")
-            raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
-    check_intervention_args(args, args.total_timesteps, plasticity_keys(build_network(spec, args)))
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            raise UserError("--capture-video needs moviepy (pip install moviepy)") from None
-    return spec
-
-
-def save_model(path: str, q_network: QNetwork, args: Args, global_step: int, injections: list, fired=()) -> None:
-    """The Q-network (injected or not), its configuration, the injections and the adaptive trigger's fired steps."""
-    model = {"model": q_network.state_dict(), "args": vars(args), "global_step": global_step}
-    model.update(obs_shape=list(q_network.obs_shape), n_actions=q_network.n_actions, atari=q_network.atari)
-    atomic_save({**model, "injections": injections, "adaptive_trigger": {"fired": list(fired)}}, path)
-
-
-def load_model(path: str, device="cpu") -> QNetwork:
-    """Rebuild a saved (possibly injected) Q-network; a UserError naming the file when it is unusable."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read the model file ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"model", "args", "obs_shape", "n_actions", "atari"} <= set(ckpt):
-        raise UserError(f"{path}: not a model saved by dqn_atari_injection.py (missing keys)")
-    layers = {k: v for k, v in ckpt["args"].items() if k in ("layer_norm", "activation")}
-    net = QNetwork(ckpt["obs_shape"], ckpt["n_actions"], atari=ckpt["atari"], **layers).to(device)
-    try:
-        load_injected_state_dict(net, ckpt["model"])
-    except Exception as e:
-        raise UserError(f"{path}: the saved weights do not match the network ({type(e).__name__}: {e})") from None
-    return net
 
 
 if __name__ == "__main__":
