@@ -680,20 +680,17 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, global_step: in
     return stats
 
 
-def draw_probe(batch: dict, size: int, seed: int) -> dict:
-    """The fixed probe batch of the plasticity metrics, drawn once with its own generator (training RNG untouched),
-    without the frozen/... outputs (it outlives later injections)."""
-    idx = np.random.default_rng(seed + 12345).choice(len(batch["obs"]), min(size, len(batch["obs"])), replace=False)
-    idx = torch.as_tensor(np.sort(idx), device=batch["obs"].device)
-    return {k: v[idx].clone() for k, v in batch.items() if not k.startswith("frozen/")}
-
-
-def plasticity_metrics(agent: Agent, probe: dict, args: Args) -> dict:
-    """plasticity/... of the agent on the fixed probe batch, with the PPO loss for the gradient metrics."""
-
-    def loss_fn(model):
-        return ppo_loss(model, probe, args)[0]
-
+def plasticity_metrics(agent: Agent, batch: dict, summary: dict, args: Args) -> dict:
+    """plasticity/... on the run's fixed probe batch, with the PPO loss for the gradient metrics. The probe is drawn
+    once, from the first measured batch, with its own generator (the training RNG is untouched) and without the
+    frozen/... outputs (it outlives later injections); a resumed run gets it back on the CPU."""
+    if summary["probe"] is None:
+        n = len(batch["obs"])
+        idx = np.random.default_rng(args.seed + 12345).choice(n, min(args.metrics_batch_size, n), replace=False)
+        idx = torch.as_tensor(np.sort(idx), device=batch["obs"].device)
+        summary["probe"] = {k: v[idx].clone() for k, v in batch.items() if not k.startswith("frozen/")}
+    probe = summary["probe"] = {k: v.to(batch["obs"].device) for k, v in summary["probe"].items()}
+    loss_fn = lambda model: ppo_loss(model, probe, args)[0]
     return measure_plasticity(agent, probe["obs"], loss_fn=loss_fn, tau=args.dormant_tau)
 
 
@@ -708,6 +705,19 @@ def cached_paths(agent: Agent, args: Args) -> list:
 # ------------------------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------------------------
+def intervene(kind: str, agent: Agent, optimizer, args: Args, obs: torch.Tensor) -> dict:
+    """Plasticity injection (`inject`), `reset` or `shrink_perturb` of the flag's target, in place, with fresh values
+    of the network's own init; returns the values to log."""
+    fresh = target_modules(agent, getattr(args, f"{kind}_target"))
+    if kind == "inject":
+        ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
+        adam = dict(optimizers=[optimizer], reset_optimizer=args.inject_reset_optimizer)
+        return inject_plasticity(agent, list(fresh), obs, make_fresh=fresh, **adam, **ablations)
+    if kind == "reset":
+        return reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
+    return shrink_perturb(agent, list(fresh), args.sp_shrink, args.sp_perturb, make_fresh=fresh)
+
+
 def train(args: Args) -> dict:
     """Run PPO; returns a summary (losses, games, injections, interventions, evals, metrics, timing, agent)."""
     zip_info, plan = validate_args(args)  # every flag and file, before anything is written
@@ -730,9 +740,6 @@ def train(args: Args) -> dict:
         restore_optimizer(optimizer, agent, ckpt["optimizer"])
         set_rng_state(ckpt["rng"], {})
         summary = ckpt["history"]
-        if summary["probe"] is not None:  # checkpoints load onto the CPU
-            summary["probe"] = {k: v.to(device) for k, v in summary["probe"].items()}
-    fired = summary["fired"]
     video = VideoRecorder(f"videos/{run_name}") if args.capture_video else None
     global_step, start_time = start_step, time.time()
     next_obs, next_valid = (torch.as_tensor(a, device=device) for a in envs.reset())
@@ -747,36 +754,21 @@ def train(args: Args) -> dict:
             path = save_checkpoint(state, run_name, global_step, args.keep_checkpoints, {"agent": agent})
             if RUN["stop"] is not None:
                 exit_stopped(global_step, path)
-        adaptive_reason = summary["adaptive_reason"]
-        # --- plasticity injection and the interventions, at the rollout boundary ----------------------------------
-        if iteration in plan["--inject-at"] or adaptive_reason is not None:
-            fresh = target_modules(agent, args.inject_target)
-            log = inject_plasticity(
-                agent,
-                list(fresh),
-                next_obs,
-                optimizers=[optimizer],
-                reset_optimizer=args.inject_reset_optimizer,
-                make_fresh=fresh,
-                keep_trainable=args.inject_keep_trainable,
-                third_term=not args.inject_no_third_term,
-            )
-            if iteration in plan["--inject-at"]:
-                log["injection/requested_step"] = float(plan["--inject-at"][iteration])
-            if adaptive_reason is not None:
+        # --- injection (at --inject-at, or when the adaptive trigger fired), reset, shrink-and-perturb ---------------
+        adaptive, summary["adaptive_reason"] = summary["adaptive_reason"], None
+        if iteration in plan["inject"] or adaptive is not None:
+            log = intervene("inject", agent, optimizer, args, next_obs)
+            if iteration in plan["inject"]:
+                log["injection/requested_step"] = float(plan["inject"][iteration])
+            if adaptive is not None:
                 log["injection/adaptive"] = 1.0
-                print(f"global_step={global_step}, adaptive injection: {adaptive_reason}")
-                summary["adaptive_reason"] = None
+                print(f"global_step={global_step}, adaptive injection: {adaptive}")
             log_event(writer, summary["injections"], global_step, f"injected into {args.inject_target}", log)
-        if iteration in plan["--reset-at"]:
-            fresh = target_modules(agent, args.reset_target)
-            log = reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
-            log_event(writer, summary["interventions"], global_step, f"reset of {args.reset_target}", log, kind="reset")
-        if iteration in plan["--shrink-perturb-at"]:
-            fresh = target_modules(agent, args.shrink_perturb_target)
-            log = shrink_perturb(agent, list(fresh), args.sp_shrink, args.sp_perturb, make_fresh=fresh)
-            what = f"shrink_perturb of {args.shrink_perturb_target}"
-            log_event(writer, summary["interventions"], global_step, what, log, kind="shrink_perturb")
+        for kind in ("reset", "shrink_perturb"):
+            if iteration in plan[kind]:
+                log = intervene(kind, agent, optimizer, args, next_obs)
+                what = f"{kind} of {getattr(args, f'{kind}_target')}"
+                log_event(writer, summary["interventions"], global_step, what, log, kind=kind)
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
         cached = cached_paths(agent, args)  # their frozen terms run once per step; the outputs travel with the data
@@ -827,16 +819,13 @@ def train(args: Args) -> dict:
         timing = {"rollout": rollout_time, "update": update_time, "iteration": time.time() - rollout_start}
         summary["timing"].append(dict(timing, samples=len(batch["obs"])))
 
-        # --- plasticity metrics on a fixed probe batch (drawn once, without the frozen outputs); adaptive trigger ---
+        # --- plasticity metrics on the fixed probe batch; the adaptive trigger reads them --------------------------
         if args.metrics_every > 0 and global_step >= summary["next_metrics"] and len(batch["obs"]) > 0:
-            if summary["probe"] is None:
-                summary["probe"] = draw_probe(batch, args.metrics_batch_size, args.seed)
-            metrics = plasticity_metrics(agent, summary["probe"], args)
+            metrics = summary["metrics"] = plasticity_metrics(agent, batch, summary, args)
             for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
-            summary["metrics"] = metrics
             if iteration < args.num_iterations:
-                summary["adaptive_reason"] = adaptive_injection_due(args, global_step, metrics, fired)
+                summary["adaptive_reason"] = adaptive_injection_due(args, global_step, metrics, summary["fired"])
             summary["next_metrics"] = (global_step // args.metrics_every + 1) * args.metrics_every
 
         # --- evaluation -------------------------------------------------------------------------------------------
@@ -850,11 +839,11 @@ def train(args: Args) -> dict:
 
     if args.save_model:
         summary["model_path"] = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        checkpoint = {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args)}
-        checkpoint.update(global_step=global_step, agent_config=agent.config, n_actions=agent.n_actions)
-        checkpoint.update(share_features_extractor=agent.config["share_features_extractor"])
-        checkpoint["adaptive_trigger"] = {"fired": fired}
-        atomic_save(checkpoint, summary["model_path"])
+        model = {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args)}
+        model.update(global_step=global_step, agent_config=agent.config, n_actions=agent.n_actions)
+        model.update(share_features_extractor=agent.config["share_features_extractor"])
+        model["adaptive_trigger"] = {"fired": summary["fired"]}
+        atomic_save(model, summary["model_path"])
         print(f"model saved to {summary['model_path']}")
     envs.close()
     writer.close()
@@ -1454,8 +1443,9 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
 # Plumbing: flag checks, the agent, Stable-Baselines3 zips, evaluation, videos
 # ------------------------------------------------------------------------------------------------------------------
 def validate_args(args: Args) -> tuple:
-    """One-line errors naming the flag or file; fills the runtime fields. Returns the SB3 zip's contents (or None)
-    and {step flag: {iteration: step}}: each step takes effect at the first rollout boundary at or after it."""
+    """One-line errors naming the flag or file, before anything is written; fills the runtime fields. Returns the SB3
+    zip's contents (or None) and {kind: {iteration: step}} of --inject-at, --reset-at and --shrink-perturb-at: each
+    step acts at the first rollout boundary at or after it."""
     metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
     check_intervention_args(args, args.total_timesteps, metric_keys)  # also the range of every `bounded` flag
     parse_env_id(args.env_id)
@@ -1466,11 +1456,11 @@ def validate_args(args: Args) -> tuple:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} steps)")
     if args.num_minibatches > args.batch_size:
         raise UserError(f"--num-minibatches {args.num_minibatches} exceeds the batch size {args.batch_size}")
-    args.inject_at = sorted(args.inject_at)
-    plan = {"--inject-at": args.inject_at, "--reset-at": args.reset_at, "--shrink-perturb-at": args.shrink_perturb_at}
-    for flag, steps in plan.items():
-        plan[flag] = {-(-s // args.batch_size) + 1: s for s in check_steps(flag, steps, args.total_timesteps)}
-        if max(plan[flag], default=0) > args.num_iterations or len(plan[flag]) < len(steps):
+    args.inject_at, plan = sorted(args.inject_at), {}
+    for kind in ("inject", "reset", "shrink_perturb"):
+        flag, steps = f"--{kind.replace('_', '-')}-at", getattr(args, f"{kind}_at")
+        plan[kind] = {-(-s // args.batch_size) + 1: s for s in check_steps(flag, steps, args.total_timesteps)}
+        if max(plan[kind], default=0) > args.num_iterations or len(plan[kind]) < len(steps):
             last = (args.num_iterations - 1) * args.batch_size
             raise UserError(
                 f"{flag} {steps}: each step must fall before a rollout of its own (one every {args.batch_size} steps, "
@@ -1490,8 +1480,6 @@ def validate_args(args: Args) -> tuple:
             f"--pretrained {args.pretrained}: the agent has {info['n_actions']} actions but --env-id {args.env_id} "
             f"has {envs.n_actions}; use the game the agent was trained on"
         )
-    if args.pretrained_load_optimizer and info["optimizer"] is None:
-        raise UserError(f"--pretrained-load-optimizer: {args.pretrained} has no policy.optimizer.pth")
     args.share_features_extractor = info["share"]
     if args.pretrained_load_optimizer:  # check the Adam state now, before any run folder exists
         build_agent(args, info["n_actions"], torch.device("cpu"), info)
@@ -1507,24 +1495,24 @@ def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
     if zip_info is None or not args.pretrained_load_optimizer:
         return agent, optimizer
     # SB3's Adam indexes policy.parameters(): the same tensors in the same order as agent.parameters() (SB3 lists an
-    # aliased features extractor once, first); our param group (learning rate, eps) stays
-    params, state = list(agent.parameters()), zip_info["optimizer"].get("state", {})
-    shapes = {i: getattr(s.get("exp_avg"), "shape", None) for i, s in state.items()}
-    groups = [len(g["params"]) for g in zip_info["optimizer"].get("param_groups", [])]
+    # aliased features extractor once, first). Its moments and step counts load; our param group (lr, eps) stays.
+    saved, params = zip_info["optimizer"], list(agent.parameters())
+    if saved is None:
+        raise UserError(f"--pretrained-load-optimizer: {zip_info['path']} has no policy.optimizer.pth")
+    shapes = {i: getattr(s.get("exp_avg"), "shape", None) for i, s in saved.get("state", {}).items()}
+    groups = [len(g["params"]) for g in saved.get("param_groups", [])]
     if groups != [len(params)] or any(i >= len(params) or shape != params[i].shape for i, shape in shapes.items()):
-        raise UserError(
-            f"--pretrained-load-optimizer ({zip_info['path']}): the zip's Adam state does not fit the policy"
-        )
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+        raise UserError(f"--pretrained-load-optimizer: {zip_info['path']}: its Adam state does not fit the policy")
+    optimizer.load_state_dict({"state": saved.get("state", {}), "param_groups": optimizer.state_dict()["param_groups"]})
     return agent, optimizer
 
 
 def resolve_pretrained(spec: str) -> str:
     """A local zip path, or a model-hub id (`org/name`) downloaded with huggingface_hub."""
-    if os.path.exists(spec) or spec.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        if not os.path.isfile(spec):
-            raise UserError(f"--pretrained {spec}: no such file")
+    if os.path.isfile(spec):
         return spec
+    if os.path.exists(spec) or spec.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        raise UserError(f"--pretrained {spec}: no such file")
     filename = spec.split("/")[1] + ".zip"
     try:
         from huggingface_hub import hf_hub_download
@@ -1536,25 +1524,23 @@ def resolve_pretrained(spec: str) -> str:
 
 
 def read_sb3_zip(path: str) -> dict:
-    """An SB3 PPO CnnPolicy zip, read by SB3's own loader and checked: its weights under our names (aliases of the
-    features extractors dropped), its Adam state, action count and extractor sharing. The spaces and schedules are
-    never unpickled: zips saved with the old `gym` (the public sb3/ agents) need no gym, and nothing runs code; the
-    spaces' facts come from the readable copy SB3 writes next to each pickled object in the zip's `data`."""
+    """An SB3 PPO CnnPolicy zip, read by SB3's own loader and checked: its weights under our names (the extractors'
+    aliases dropped), Adam state, action count and extractor sharing. Spaces and schedules are never unpickled (the
+    public sb3/ agents were saved with the old `gym`): the spaces' facts come from the readable copy in `data`."""
     from stable_baselines3.common.save_util import load_from_zip_file
 
     flag = f"--pretrained {path}"
-    unused = {"learning_rate": 0.0, "lr_schedule": None, "clip_range": None, "clip_range_vf": None}
+    unused = ("learning_rate", "lr_schedule", "clip_range", "clip_range_vf", "observation_space", "action_space")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            skip = {**unused, "observation_space": None, "action_space": None}
-            data, params, _ = load_from_zip_file(path, device="cpu", custom_objects=skip)
+            data, params, _ = load_from_zip_file(path, device="cpu", custom_objects=dict.fromkeys(unused))
         with zipfile.ZipFile(path) as zf:
             raw = json.loads(zf.read("data"))
     except Exception as e:
         raise UserError(f"{flag}: Stable-Baselines3 cannot read it ({type(e).__name__}: {' '.join(str(e).split())})")
-    if data is None or "policy" not in params:
-        raise UserError(f"{flag}: not a Stable-Baselines3 model zip (no 'data' or 'policy.pth' inside)")
+    if "policy" not in params:
+        raise UserError(f"{flag}: not a Stable-Baselines3 model zip (no 'policy.pth' inside)")
     cls = data.get("policy_class")
     policy = f"{cls.__module__}.{cls.__name__}" if isinstance(cls, type) else repr(cls)
     if "clip_range" not in data or "n_epochs" not in data:
@@ -1568,10 +1554,9 @@ def read_sb3_zip(path: str) -> dict:
     shape = obs.get("_shape", obs.get("shape"))  # `shape` in zips of older SB3 versions
     if list(shape or []) != [4, 84, 84] or obs.get("dtype") != "uint8":
         raise UserError(f"{flag}: observation space {shape} {obs.get('dtype')} is not the 4x84x84 uint8 Atari stack")
-    n_actions = int(act["n"])
     if kwargs.get("normalize_images", True) is False:
         raise UserError(f"{flag}: policy was trained with normalize_images=False; not supported")
-    share = bool(kwargs.get("share_features_extractor", True))
+    n_actions, share = int(act["n"]), bool(kwargs.get("share_features_extractor", True))
     alias = ("pi_features_extractor.", "vf_features_extractor.") if share else ("features_extractor.",)
     state = {"policy." + k: v for k, v in params["policy"].items() if not k.startswith(alias)}
     expected = {k: v.shape for k, v in Agent(n_actions, share).state_dict().items()}
@@ -1588,21 +1573,18 @@ def read_sb3_zip(path: str) -> dict:
 
 @torch.no_grad()
 def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
-    """Raw scores of --eval-episodes whole games of the greedy (or, --no-eval-deterministic, sampling) policy."""
-    n = min(args.eval_episodes, args.num_envs)
-    envs = AtariEnvs(args.env_id, n, seed, *env_options(args))
+    """Raw scores of --eval-episodes whole games of the greedy (or, --no-eval-deterministic, sampling) policy; none
+    when a stop request cuts the evaluation short."""
+    envs = AtariEnvs(args.env_id, min(args.eval_episodes, args.num_envs), seed, *env_options(args))
     obs, _ = envs.reset()
     scores = []
-    while len(scores) < args.eval_episodes:
-        if RUN["stop"] is not None:  # a stop request skips the evaluation
-            envs.close()
-            return []
+    while len(scores) < args.eval_episodes and RUN["stop"] is None:
         obs = torch.as_tensor(obs, device=device)
         action = agent.get_action_and_value(obs, deterministic=args.eval_deterministic)[0]
         obs, _, _, _, _, info = envs.step(action.cpu().numpy())
         scores += [g[1] for g in info["games"]]
     envs.close()
-    return scores[: args.eval_episodes]
+    return scores[: args.eval_episodes] if len(scores) >= args.eval_episodes else []
 
 
 class VideoRecorder:

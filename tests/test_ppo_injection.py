@@ -40,17 +40,7 @@ def _trainable(module):
 
 def _inject(agent, optimizer, args, probe):
     """The injection as train() calls it."""
-    fresh = P.target_modules(agent, args.inject_target)
-    return P.inject_plasticity(
-        agent,
-        list(fresh),
-        probe,
-        optimizers=[optimizer],
-        reset_optimizer=args.inject_reset_optimizer,
-        make_fresh=fresh,
-        keep_trainable=args.inject_keep_trainable,
-        third_term=not args.inject_no_third_term,
-    )
+    return P.intervene("inject", agent, optimizer, args, probe)
 
 
 def _agent(share=True, seed=0):
