@@ -225,9 +225,7 @@ class Args(PlasticityArgs, CheckpointArgs):
     """the number of iterations (computed in runtime)"""
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Environment: ale-py's vector env, driven to reproduce SB3's AtariWrapper + VecFrameStack(4) + VecTransposeImage
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Environment: ale-py's vector env driven to reproduce SB3's AtariWrapper + VecFrameStack(4) + VecTransposeImage --
 NOOP, FIRE, SECOND = 0, 1, 2  # SB3's FireResetEnv presses action 1 (FIRE) then action 2
 
 
@@ -311,9 +309,7 @@ class AtariEnvs:
         self.env.close()
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Network: SB3's ActorCriticCnnPolicy (NatureCNN, same parameter names) with cleanRL's orthogonal init
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Network: SB3's ActorCriticCnnPolicy (NatureCNN, same parameter names) with cleanRL's orthogonal init ------------
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -335,13 +331,16 @@ def nature_cnn(layer_norm: bool = False, activation: str = "relu") -> nn.Sequent
     return nn.Sequential(OrderedDict(cnn=cnn, linear=linear))
 
 
+def encoder_names(share_features_extractor: bool) -> list:
+    return ["features_extractor"] if share_features_extractor else ["pi_features_extractor", "vf_features_extractor"]
+
+
 def with_cache(module: nn.Module, x: torch.Tensor, cache: dict, path: str) -> torch.Tensor:
-    """module(x); an injected module reuses the outputs of its frozen terms that a rollout batch `cache` carries for
-    these inputs ("frozen/<path>/<term>" entries from Agent.frozen_outputs) instead of recomputing them."""
-    if not isinstance(module, InjectedModule) or not cache:
-        return module(x)
-    outs = [cache.get(f"frozen/{path}/{i}") for i in range(len(module.terms))]
-    return module(x, frozen_out=outs if any(o is not None for o in outs) else None)
+    """module(x) (passing the cache on to an ActorCritic); an injected module takes the outputs of its frozen terms from
+    the batch `cache` when it carries them ("frozen/<path>/<term>" entries from Agent.frozen_outputs)."""
+    if isinstance(module, InjectedModule) and cache:
+        return module(x, frozen_out=[cache.get(f"frozen/{path}/{i}") for i in range(len(module.terms))])
+    return module(x, cache) if isinstance(module, ActorCritic) else module(x)
 
 
 class ActorCritic(nn.Module):
@@ -349,8 +348,7 @@ class ActorCritic(nn.Module):
 
     def __init__(self, n_actions, share_features_extractor=True, layer_norm=False, activation="relu"):
         super().__init__()
-        share = share_features_extractor
-        self.encoders = ["features_extractor"] if share else ["pi_features_extractor", "vf_features_extractor"]
+        self.encoders = encoder_names(share_features_extractor)
         for name in self.encoders:
             setattr(self, name, nature_cnn(layer_norm, activation))
         self.action_net = layer_init(nn.Linear(512, n_actions), std=0.01)
@@ -373,10 +371,7 @@ class Agent(nn.Module):
 
     def forward(self, obs: torch.Tensor, cache: dict = None) -> torch.Tensor:
         """[logits | value] of uint8 observations: what injection leaves unchanged."""
-        x = obs.float() / 255.0  # SB3's normalize_images
-        if isinstance(self.policy, InjectedModule):
-            return with_cache(self.policy, x, cache, "policy")
-        return self.policy(x, cache)
+        return with_cache(self.policy, obs.float() / 255.0, cache, "policy")  # / 255: SB3's normalize_images
 
     @torch.no_grad()
     def frozen_outputs(self, obs: torch.Tensor, paths: list) -> dict:
@@ -402,14 +397,10 @@ def target_modules(agent: Agent, target: str) -> dict:
         action_net = lambda: layer_init(nn.Linear(512, agent.n_actions), std=0.01)
         return {"policy.action_net": action_net, "policy.value_net": lambda: layer_init(nn.Linear(512, 1), std=1.0)}
     encoder = partial(nature_cnn, agent.config["layer_norm"], agent.config["activation"])
-    share = agent.config["share_features_extractor"]
-    names = ["features_extractor"] if share else ["pi_features_extractor", "vf_features_extractor"]
-    return {f"policy.{name}": encoder for name in names}
+    return {f"policy.{name}": encoder for name in encoder_names(agent.config["share_features_extractor"])}
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Rollout data: advantages, and the flat batch of the steps the agent decided (with the frozen terms' outputs)
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Rollout data: advantages, and the flat batch of the steps the agent decided (with the frozen terms' outputs) ----
 def compute_gae(rewards, values, terminated, valid, next_value, next_valid, gamma, gae_lambda):
     """GAE where some steps are not the agent's. terminated[t]: step t ended an episode (no bootstrap). valid[t]: the
     agent decided step t. A truncated game's step t is followed by the invalid autoreset step t+1 whose observation is
@@ -615,9 +606,7 @@ def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = 
 # ==== END SHARED BLOCK: injection ====
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# PPO update (cleanRL's)
-# ------------------------------------------------------------------------------------------------------------------
+# ---- PPO update (cleanRL's), plasticity metrics, the frozen-output cache ---------------------------------------------
 def ppo_loss(agent: Agent, mb: dict, args: Args):
     """cleanRL's PPO loss on one minibatch (its frozen/... entries, if any, spare the frozen terms); (loss, parts)."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"], cache=mb)
@@ -681,9 +670,8 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, global_step: in
 
 
 def plasticity_metrics(agent: Agent, batch: dict, summary: dict, args: Args) -> dict:
-    """plasticity/... on the run's fixed probe batch, with the PPO loss for the gradient metrics. The probe is drawn
-    once, from the first measured batch, with its own generator (the training RNG is untouched) and without the
-    frozen/... outputs (it outlives later injections); a resumed run gets it back on the CPU."""
+    """plasticity/... on the run's fixed probe batch (drawn once with its own generator, without the frozen/...
+    outputs: it outlives later injections; a resumed run has it on the CPU), with the PPO loss for the gradients."""
     if summary["probe"] is None:
         n = len(batch["obs"])
         idx = np.random.default_rng(args.seed + 12345).choice(n, min(args.metrics_batch_size, n), replace=False)
@@ -702,12 +690,174 @@ def cached_paths(agent: Agent, args: Args) -> list:
     return [p for p in target_modules(agent, args.inject_target) if isinstance(agent.get_submodule(p), InjectedModule)]
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Flag checks, the agent, Stable-Baselines3 zips, evaluation, videos ----------------------------------------------
+def validate_args(args: Args) -> tuple:
+    """One-line errors naming the flag or file; fills the runtime fields. Returns the SB3 zip's contents (or None) and
+    {kind: {iteration: step}} of --{kind}-at: each step acts at the first rollout boundary at or after it."""
+    metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
+    check_intervention_args(args, args.total_timesteps, metric_keys)  # also the range of every `bounded` flag
+    parse_env_id(args.env_id)
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    if args.num_iterations < 1:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} steps)")
+    if args.num_minibatches > args.batch_size:
+        raise UserError(f"--num-minibatches {args.num_minibatches} exceeds the batch size {args.batch_size}")
+    args.inject_at, plan = sorted(args.inject_at), {}
+    for kind in ("inject", "reset", "shrink_perturb"):
+        flag, steps = f"--{kind.replace('_', '-')}-at", getattr(args, f"{kind}_at")
+        plan[kind] = {-(-s // args.batch_size) + 1: s for s in check_steps(flag, steps, args.total_timesteps)}
+        if max(plan[kind], default=0) > args.num_iterations or len(plan[kind]) < len(steps):
+            last = (args.num_iterations - 1) * args.batch_size
+            raise UserError(
+                f"{flag} {steps}: each step must fall before a rollout of its own (one every {args.batch_size} steps, "
+                f"the last at step {last})"
+            )
+    if args.pretrained_load_optimizer and not args.pretrained:
+        raise UserError("--pretrained-load-optimizer needs --pretrained")
+    if args.pretrained and args.layer_norm:
+        raise UserError("--layer-norm cannot be combined with --pretrained: SB3 CnnPolicy weights have no norm layers")
+    if not args.pretrained:
+        return None, plan
+    info = read_sb3_zip(resolve_pretrained(args.pretrained))
+    envs = AtariEnvs(args.env_id, 1, 0, 0, 100, 1)
+    envs.close()
+    if info["n_actions"] != envs.n_actions:
+        raise UserError(
+            f"--pretrained {args.pretrained}: the agent has {info['n_actions']} actions but --env-id {args.env_id} "
+            f"has {envs.n_actions}; use the game the agent was trained on"
+        )
+    args.share_features_extractor = info["share"]
+    if args.pretrained_load_optimizer:  # check the Adam state now, before any run folder exists
+        build_agent(args, info["n_actions"], torch.device("cpu"), info)
+    return info, plan
+
+
+def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
+    """The agent and its Adam; with an SB3 zip, its weights (and Adam state under --pretrained-load-optimizer)."""
+    agent = Agent(n_actions, args.share_features_extractor, args.layer_norm, args.activation).to(device)
+    if zip_info is not None:
+        agent.load_state_dict(zip_info["state_dict"])
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
+    if zip_info is None or not args.pretrained_load_optimizer:
+        return agent, optimizer
+    # SB3's Adam indexes policy.parameters(): the same tensors in the same order as agent.parameters() (SB3 lists an
+    # aliased features extractor once, first). Its moments and step counts load; our param group (lr, eps) stays.
+    saved, params = zip_info["optimizer"], list(agent.parameters())
+    if saved is None:
+        raise UserError(f"--pretrained-load-optimizer: {zip_info['path']} has no policy.optimizer.pth")
+    shapes = {i: getattr(s.get("exp_avg"), "shape", None) for i, s in saved.get("state", {}).items()}
+    groups = [len(g["params"]) for g in saved.get("param_groups", [])]
+    if groups != [len(params)] or any(i >= len(params) or shape != params[i].shape for i, shape in shapes.items()):
+        raise UserError(f"--pretrained-load-optimizer: {zip_info['path']}: its Adam state does not fit the policy")
+    optimizer.load_state_dict({"state": saved.get("state", {}), "param_groups": optimizer.state_dict()["param_groups"]})
+    return agent, optimizer
+
+
+def resolve_pretrained(spec: str) -> str:
+    """A local zip path, or a model-hub id (`org/name`) downloaded with huggingface_hub."""
+    if os.path.isfile(spec):
+        return spec
+    if os.path.exists(spec) or spec.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        raise UserError(f"--pretrained {spec}: no such file")
+    filename = spec.split("/")[1] + ".zip"
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=spec, filename=filename)
+    except Exception as e:  # not installed, offline, unknown repo, missing file
+        what = f"could not download {filename} from the model hub ({type(e).__name__})"
+        raise UserError(f"--pretrained {spec}: {what}; pass a local path to the zip instead") from None
+
+
+def read_sb3_zip(path: str) -> dict:
+    """An SB3 PPO CnnPolicy zip, read by SB3's own loader and checked: its weights under our names (the extractors'
+    aliases dropped), Adam state, action count and extractor sharing. Spaces and schedules are never unpickled (the
+    public sb3/ agents were saved with the old `gym`): the spaces' facts come from the readable copy in `data`."""
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    flag = f"--pretrained {path}"
+    unused = ("learning_rate", "lr_schedule", "clip_range", "clip_range_vf", "observation_space", "action_space")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data, params, _ = load_from_zip_file(path, device="cpu", custom_objects=dict.fromkeys(unused))
+        with zipfile.ZipFile(path) as zf:
+            raw = json.loads(zf.read("data"))
+    except Exception as e:
+        raise UserError(f"{flag}: Stable-Baselines3 cannot read it ({type(e).__name__}: {' '.join(str(e).split())})")
+    if "policy" not in params:
+        raise UserError(f"{flag}: not a Stable-Baselines3 model zip (no 'policy.pth' inside)")
+    cls = data.get("policy_class")
+    policy = f"{cls.__module__}.{cls.__name__}" if isinstance(cls, type) else repr(cls)
+    if "clip_range" not in data or "n_epochs" not in data:
+        algo = "DQN" if "exploration_rate" in data else ("A2C" if "n_steps" in data else "another algorithm")
+        raise UserError(f"{flag}: not a PPO model (saved by {algo}, policy {policy}); need an SB3 PPO CnnPolicy zip")
+    if not policy.endswith("ActorCriticCnnPolicy"):
+        raise UserError(f"{flag}: policy is {policy}, need PPO with 'CnnPolicy' (ActorCriticCnnPolicy)")
+    act, obs, kwargs = raw.get("action_space", {}), raw.get("observation_space", {}), data.get("policy_kwargs") or {}
+    if "Discrete" not in str(act.get(":type:")) or not str(act.get("n", "")).isdigit():
+        raise UserError(f"{flag}: action space {act.get(':type:')} is not Discrete")
+    shape = obs.get("_shape", obs.get("shape"))  # `shape` in zips of older SB3 versions
+    if list(shape or []) != [4, 84, 84] or obs.get("dtype") != "uint8":
+        raise UserError(f"{flag}: observation space {shape} {obs.get('dtype')} is not the 4x84x84 uint8 Atari stack")
+    if kwargs.get("normalize_images", True) is False:
+        raise UserError(f"{flag}: policy was trained with normalize_images=False; not supported")
+    n_actions, share = int(act["n"]), bool(kwargs.get("share_features_extractor", True))
+    alias = ("pi_features_extractor.", "vf_features_extractor.") if share else ("features_extractor.",)
+    state = {"policy." + k: v for k, v in params["policy"].items() if not k.startswith(alias)}
+    expected = {k: v.shape for k, v in Agent(n_actions, share).state_dict().items()}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    bad = [k for k in expected if k in state and state[k].shape != expected[k]]
+    if missing or extra or bad:
+        raise UserError(
+            f"{flag}: weights do not match SB3's NatureCNN CnnPolicy (missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"wrong shape {bad[:3]}); custom net_arch or features extractors are not supported"
+        )
+    return dict(path=path, state_dict=state, optimizer=params.get("policy.optimizer"), share=share, n_actions=n_actions)
+
+
+@torch.no_grad()
+def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
+    """Scores of --eval-episodes games of the greedy (or sampling) policy; none if a stop request cuts it short."""
+    envs = AtariEnvs(args.env_id, min(args.eval_episodes, args.num_envs), seed, *env_options(args))
+    obs, _ = envs.reset()
+    scores = []
+    while len(scores) < args.eval_episodes and RUN["stop"] is None:
+        obs = torch.as_tensor(obs, device=device)
+        action = agent.get_action_and_value(obs, deterministic=args.eval_deterministic)[0]
+        obs, _, _, _, _, info = envs.step(action.cpu().numpy())
+        scores += [g[1] for g in info["games"]]
+    envs.close()
+    return scores[: args.eval_episodes] if len(scores) >= args.eval_episodes else []
+
+
+class VideoRecorder:
+    """--capture-video: the agent's view of env 0's games 0, 1, 8, 27, ..., 729, then every 1000th (cleanRL's
+    capped cubic schedule), to {folder}/game-{k}.mp4."""
+
+    def __init__(self, folder: str):
+        self.folder, self.frames, self.game, self.on = folder, [], 0, True
+
+    def add(self, frame: np.ndarray, games: list) -> None:
+        if self.on:
+            self.frames.append(frame.copy())
+        if not any(env_i == 0 for env_i, _, _ in games):
+            return
+        if self.on and self.frames:
+            from moviepy import ImageSequenceClip
+
+            os.makedirs(self.folder, exist_ok=True)
+            clip = ImageSequenceClip([np.repeat(f[:, :, None], 3, axis=2) for f in self.frames], fps=15)
+            clip.write_videofile(f"{self.folder}/game-{self.game}.mp4", logger=None)
+        self.game, self.frames = self.game + 1, []
+        self.on = self.game < 1000 and round(self.game ** (1 / 3)) ** 3 == self.game or self.game % 1000 == 0
+
+
+# ---- Training --------------------------------------------------------------------------------------------------------
 def intervene(kind: str, agent: Agent, optimizer, args: Args, obs: torch.Tensor) -> dict:
-    """Plasticity injection (`inject`), `reset` or `shrink_perturb` of the flag's target, in place, with fresh values
-    of the network's own init; returns the values to log."""
+    """Injection (`inject`), `reset` or `shrink_perturb` of --{kind}-target, in place; returns the values to log."""
     fresh = target_modules(agent, getattr(args, f"{kind}_target"))
     if kind == "inject":
         ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
@@ -746,7 +896,7 @@ def train(args: Args) -> dict:
 
     for iteration in range(summary["iteration"], args.num_iterations + 1):
         # --- checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop ------------
-        previous_step = max(global_step - args.num_envs * args.num_steps, start_step)
+        previous_step = max(global_step - args.batch_size, start_step)
         if checkpoint_due(args, global_step, previous_step):
             summary.update(iteration=iteration, global_step=global_step)
             state = dict(script="ppo_atari_injection.py", args=vars(args), history=summary, rng=rng_state({}))
@@ -1437,176 +1587,6 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
 
 
 # ==== END SHARED BLOCK: interventions ====
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Plumbing: flag checks, the agent, Stable-Baselines3 zips, evaluation, videos
-# ------------------------------------------------------------------------------------------------------------------
-def validate_args(args: Args) -> tuple:
-    """One-line errors naming the flag or file, before anything is written; fills the runtime fields. Returns the SB3
-    zip's contents (or None) and {kind: {iteration: step}} of --inject-at, --reset-at and --shrink-perturb-at: each
-    step acts at the first rollout boundary at or after it."""
-    metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
-    check_intervention_args(args, args.total_timesteps, metric_keys)  # also the range of every `bounded` flag
-    parse_env_id(args.env_id)
-    args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // args.batch_size
-    if args.num_iterations < 1:
-        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} steps)")
-    if args.num_minibatches > args.batch_size:
-        raise UserError(f"--num-minibatches {args.num_minibatches} exceeds the batch size {args.batch_size}")
-    args.inject_at, plan = sorted(args.inject_at), {}
-    for kind in ("inject", "reset", "shrink_perturb"):
-        flag, steps = f"--{kind.replace('_', '-')}-at", getattr(args, f"{kind}_at")
-        plan[kind] = {-(-s // args.batch_size) + 1: s for s in check_steps(flag, steps, args.total_timesteps)}
-        if max(plan[kind], default=0) > args.num_iterations or len(plan[kind]) < len(steps):
-            last = (args.num_iterations - 1) * args.batch_size
-            raise UserError(
-                f"{flag} {steps}: each step must fall before a rollout of its own (one every {args.batch_size} steps, "
-                f"the last at step {last})"
-            )
-    if args.pretrained_load_optimizer and not args.pretrained:
-        raise UserError("--pretrained-load-optimizer needs --pretrained")
-    if args.pretrained and args.layer_norm:
-        raise UserError("--layer-norm cannot be combined with --pretrained: SB3 CnnPolicy weights have no norm layers")
-    if not args.pretrained:
-        return None, plan
-    info = read_sb3_zip(resolve_pretrained(args.pretrained))
-    envs = AtariEnvs(args.env_id, 1, 0, 0, 100, 1)
-    envs.close()
-    if info["n_actions"] != envs.n_actions:
-        raise UserError(
-            f"--pretrained {args.pretrained}: the agent has {info['n_actions']} actions but --env-id {args.env_id} "
-            f"has {envs.n_actions}; use the game the agent was trained on"
-        )
-    args.share_features_extractor = info["share"]
-    if args.pretrained_load_optimizer:  # check the Adam state now, before any run folder exists
-        build_agent(args, info["n_actions"], torch.device("cpu"), info)
-    return info, plan
-
-
-def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
-    """The agent and its Adam; with an SB3 zip, its weights (and Adam state under --pretrained-load-optimizer)."""
-    agent = Agent(n_actions, args.share_features_extractor, args.layer_norm, args.activation).to(device)
-    if zip_info is not None:
-        agent.load_state_dict(zip_info["state_dict"])
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
-    if zip_info is None or not args.pretrained_load_optimizer:
-        return agent, optimizer
-    # SB3's Adam indexes policy.parameters(): the same tensors in the same order as agent.parameters() (SB3 lists an
-    # aliased features extractor once, first). Its moments and step counts load; our param group (lr, eps) stays.
-    saved, params = zip_info["optimizer"], list(agent.parameters())
-    if saved is None:
-        raise UserError(f"--pretrained-load-optimizer: {zip_info['path']} has no policy.optimizer.pth")
-    shapes = {i: getattr(s.get("exp_avg"), "shape", None) for i, s in saved.get("state", {}).items()}
-    groups = [len(g["params"]) for g in saved.get("param_groups", [])]
-    if groups != [len(params)] or any(i >= len(params) or shape != params[i].shape for i, shape in shapes.items()):
-        raise UserError(f"--pretrained-load-optimizer: {zip_info['path']}: its Adam state does not fit the policy")
-    optimizer.load_state_dict({"state": saved.get("state", {}), "param_groups": optimizer.state_dict()["param_groups"]})
-    return agent, optimizer
-
-
-def resolve_pretrained(spec: str) -> str:
-    """A local zip path, or a model-hub id (`org/name`) downloaded with huggingface_hub."""
-    if os.path.isfile(spec):
-        return spec
-    if os.path.exists(spec) or spec.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        raise UserError(f"--pretrained {spec}: no such file")
-    filename = spec.split("/")[1] + ".zip"
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo_id=spec, filename=filename)
-    except Exception as e:  # not installed, offline, unknown repo, missing file
-        what = f"could not download {filename} from the model hub ({type(e).__name__})"
-        raise UserError(f"--pretrained {spec}: {what}; pass a local path to the zip instead") from None
-
-
-def read_sb3_zip(path: str) -> dict:
-    """An SB3 PPO CnnPolicy zip, read by SB3's own loader and checked: its weights under our names (the extractors'
-    aliases dropped), Adam state, action count and extractor sharing. Spaces and schedules are never unpickled (the
-    public sb3/ agents were saved with the old `gym`): the spaces' facts come from the readable copy in `data`."""
-    from stable_baselines3.common.save_util import load_from_zip_file
-
-    flag = f"--pretrained {path}"
-    unused = ("learning_rate", "lr_schedule", "clip_range", "clip_range_vf", "observation_space", "action_space")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data, params, _ = load_from_zip_file(path, device="cpu", custom_objects=dict.fromkeys(unused))
-        with zipfile.ZipFile(path) as zf:
-            raw = json.loads(zf.read("data"))
-    except Exception as e:
-        raise UserError(f"{flag}: Stable-Baselines3 cannot read it ({type(e).__name__}: {' '.join(str(e).split())})")
-    if "policy" not in params:
-        raise UserError(f"{flag}: not a Stable-Baselines3 model zip (no 'policy.pth' inside)")
-    cls = data.get("policy_class")
-    policy = f"{cls.__module__}.{cls.__name__}" if isinstance(cls, type) else repr(cls)
-    if "clip_range" not in data or "n_epochs" not in data:
-        algo = "DQN" if "exploration_rate" in data else ("A2C" if "n_steps" in data else "another algorithm")
-        raise UserError(f"{flag}: not a PPO model (saved by {algo}, policy {policy}); need an SB3 PPO CnnPolicy zip")
-    if not policy.endswith("ActorCriticCnnPolicy"):
-        raise UserError(f"{flag}: policy is {policy}, need PPO with 'CnnPolicy' (ActorCriticCnnPolicy)")
-    act, obs, kwargs = raw.get("action_space", {}), raw.get("observation_space", {}), data.get("policy_kwargs") or {}
-    if "Discrete" not in str(act.get(":type:")) or not str(act.get("n", "")).isdigit():
-        raise UserError(f"{flag}: action space {act.get(':type:')} is not Discrete")
-    shape = obs.get("_shape", obs.get("shape"))  # `shape` in zips of older SB3 versions
-    if list(shape or []) != [4, 84, 84] or obs.get("dtype") != "uint8":
-        raise UserError(f"{flag}: observation space {shape} {obs.get('dtype')} is not the 4x84x84 uint8 Atari stack")
-    if kwargs.get("normalize_images", True) is False:
-        raise UserError(f"{flag}: policy was trained with normalize_images=False; not supported")
-    n_actions, share = int(act["n"]), bool(kwargs.get("share_features_extractor", True))
-    alias = ("pi_features_extractor.", "vf_features_extractor.") if share else ("features_extractor.",)
-    state = {"policy." + k: v for k, v in params["policy"].items() if not k.startswith(alias)}
-    expected = {k: v.shape for k, v in Agent(n_actions, share).state_dict().items()}
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    bad = [k for k in expected if k in state and state[k].shape != expected[k]]
-    if missing or extra or bad:
-        raise UserError(
-            f"{flag}: weights do not match SB3's NatureCNN CnnPolicy (missing {missing[:3]}, unexpected {extra[:3]}, "
-            f"wrong shape {bad[:3]}); custom net_arch or features extractors are not supported"
-        )
-    optimizer = params.get("policy.optimizer")
-    return {"path": path, "state_dict": state, "optimizer": optimizer, "share": share, "n_actions": n_actions}
-
-
-@torch.no_grad()
-def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
-    """Raw scores of --eval-episodes whole games of the greedy (or, --no-eval-deterministic, sampling) policy; none
-    when a stop request cuts the evaluation short."""
-    envs = AtariEnvs(args.env_id, min(args.eval_episodes, args.num_envs), seed, *env_options(args))
-    obs, _ = envs.reset()
-    scores = []
-    while len(scores) < args.eval_episodes and RUN["stop"] is None:
-        obs = torch.as_tensor(obs, device=device)
-        action = agent.get_action_and_value(obs, deterministic=args.eval_deterministic)[0]
-        obs, _, _, _, _, info = envs.step(action.cpu().numpy())
-        scores += [g[1] for g in info["games"]]
-    envs.close()
-    return scores[: args.eval_episodes] if len(scores) >= args.eval_episodes else []
-
-
-class VideoRecorder:
-    """--capture-video: the agent's view of env 0's games 0, 1, 8, 27, ..., 729, then every 1000th (cleanRL's
-    capped cubic schedule), to {folder}/game-{k}.mp4."""
-
-    def __init__(self, folder: str):
-        self.folder, self.frames, self.game, self.on = folder, [], 0, True
-
-    def add(self, frame: np.ndarray, games: list) -> None:
-        if self.on:
-            self.frames.append(frame.copy())
-        if not any(env_i == 0 for env_i, _, _ in games):
-            return
-        if self.on and self.frames:
-            from moviepy import ImageSequenceClip
-
-            os.makedirs(self.folder, exist_ok=True)
-            clip = ImageSequenceClip([np.repeat(f[:, :, None], 3, axis=2) for f in self.frames], fps=15)
-            clip.write_videofile(f"{self.folder}/game-{self.game}.mp4", logger=None)
-        self.game, self.frames = self.game + 1, []
-        self.on = self.game < 1000 and round(self.game ** (1 / 3)) ** 3 == self.game or self.game % 1000 == 0
 
 
 if __name__ == "__main__":
