@@ -265,7 +265,7 @@ class AtariEnvs:
         self.env = AtariVectorEnv(game, num_envs, num_threads=num_threads or min(num_envs, os.cpu_count() or 1), **kw)
         self.num_envs, self.seed, self.n_actions = num_envs, seed, int(self.env.single_action_space.n)
         actions = list(self.env.ale.get_action_set())
-        self.has_fire = len(actions) >= 3 and actions[FIRE] == ale_py.Action.FIRE
+        self.fire = [FIRE, SECOND] if len(actions) >= 3 and actions[FIRE] == ale_py.Action.FIRE else []
         self.stack = np.zeros((num_envs, 4, 84, 84), dtype=np.uint8)
         self.autoreset = np.zeros(num_envs, dtype=bool)
         self.game_return = np.zeros(num_envs, dtype=np.float64)
@@ -277,7 +277,7 @@ class AtariEnvs:
         frames, info = self.env.reset(seed=self.seed)
         self.lives = info["lives"].astype(np.int64)
         self.stack[:, -1] = frames[:, 0]
-        self.pending = [[FIRE, SECOND] if self.has_fire else [] for _ in range(self.num_envs)]
+        self.pending = [list(self.fire) for _ in range(self.num_envs)]
         return self.stack.copy(), self.valid()
 
     def step(self, actions: np.ndarray):
@@ -296,9 +296,9 @@ class AtariEnvs:
         for i in done:
             self.game_return[i], self.pending[i] = 0.0, []
         for i in np.flatnonzero(was_autoreset):
-            self.pending[i] = [FIRE, SECOND] if self.has_fire else []
+            self.pending[i] = list(self.fire)
         for i in np.flatnonzero(life_loss):
-            self.pending[i] = [NOOP, FIRE, SECOND] if self.has_fire else [NOOP]
+            self.pending[i] = [NOOP, *self.fire]
         self.stack[:, :-1] = self.stack[:, 1:]
         self.stack[hidden, :-1] = 0  # so the first decided observation after a reset is [0, 0, 0, frame], as SB3's
         self.stack[:, -1] = frames[:, 0]
@@ -401,10 +401,11 @@ def target_modules(agent: Agent, target: str) -> dict:
 
 
 # ---- Rollout data: advantages, and the flat batch of the steps the agent decided (with the frozen terms' outputs) ----
-def compute_gae(rewards, values, terminated, valid, next_value, next_valid, gamma, gae_lambda):
+def compute_gae(buf: dict, next_value, next_valid, gamma, gae_lambda):
     """GAE where some steps are not the agent's. terminated[t]: step t ended an episode (no bootstrap). valid[t]: the
     agent decided step t. A truncated game's step t is followed by the invalid autoreset step t+1 whose observation is
     the final one, so V(final) bootstraps step t while the chain is cut there."""
+    rewards, values, terminated, valid = buf["rewards"], buf["values"], buf["terminated"], buf["valid"]
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
@@ -704,7 +705,8 @@ def validate_args(args: Args) -> tuple:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} steps)")
     if args.num_minibatches > args.batch_size:
         raise UserError(f"--num-minibatches {args.num_minibatches} exceeds the batch size {args.batch_size}")
-    args.inject_at, plan = sorted(args.inject_at), {}
+    args.inject_at = sorted(args.inject_at)
+    plan = {}
     for kind in ("inject", "reset", "shrink_perturb"):
         flag, steps = f"--{kind.replace('_', '-')}-at", getattr(args, f"{kind}_at")
         plan[kind] = {-(-s // args.batch_size) + 1: s for s in check_steps(flag, steps, args.total_timesteps)}
@@ -949,8 +951,7 @@ def train(args: Args) -> dict:
         # --- advantages and update --------------------------------------------------------------------------------
         with torch.no_grad():
             next_value = agent(next_obs)[:, -1]
-            gae = (next_value, next_valid, args.gamma, args.gae_lambda)
-            advantages, returns = compute_gae(buf["rewards"], buf["values"], buf["terminated"], buf["valid"], *gae)
+            advantages, returns = compute_gae(buf, next_value, next_valid, args.gamma, args.gae_lambda)
         batch = flatten_rollout(buf, advantages, returns)
         l2 = l2_coef(args, global_step, args.total_timesteps)
         update_start = time.time()

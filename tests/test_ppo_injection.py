@@ -196,7 +196,7 @@ def test_gae_skips_steps_the_agent_did_not_decide():
     valid = torch.tensor([[True], [True], [False], [True], [False]])
     nv, nvalid = torch.tensor([0.4]), torch.tensor([True])
     g, lam = 0.9, 0.5
-    adv, ret = P.compute_gae(r, v, term, valid, nv, nvalid, g, lam)
+    adv, ret = P.compute_gae(dict(rewards=r, values=v, terminated=term, valid=valid), nv, nvalid, g, lam)
     d1 = 1.0 - 0.2  # no bootstrap after the life loss
     d0 = 1.0 + g * 0.2 - 0.5
     d3 = 1.0 + g * 0.8 - 0.3  # truncation bootstraps V(final obs) = value of the autoreset step
