@@ -225,9 +225,7 @@ class Args(PlasticityArgs, CheckpointArgs):
     """the number of iterations (computed in runtime)"""
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Environment: ale-py's vector env, driven to reproduce SB3's AtariWrapper + VecFrameStack(4) + VecTransposeImage
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Environment: ale-py's vector env driven to reproduce SB3's AtariWrapper + VecFrameStack(4) + VecTransposeImage --
 NOOP, FIRE, SECOND = 0, 1, 2  # SB3's FireResetEnv presses action 1 (FIRE) then action 2
 
 
@@ -267,7 +265,7 @@ class AtariEnvs:
         self.env = AtariVectorEnv(game, num_envs, num_threads=num_threads or min(num_envs, os.cpu_count() or 1), **kw)
         self.num_envs, self.seed, self.n_actions = num_envs, seed, int(self.env.single_action_space.n)
         actions = list(self.env.ale.get_action_set())
-        self.has_fire = len(actions) >= 3 and actions[FIRE] == ale_py.Action.FIRE
+        self.fire = [FIRE, SECOND] if len(actions) >= 3 and actions[FIRE] == ale_py.Action.FIRE else []
         self.stack = np.zeros((num_envs, 4, 84, 84), dtype=np.uint8)
         self.autoreset = np.zeros(num_envs, dtype=bool)
         self.game_return = np.zeros(num_envs, dtype=np.float64)
@@ -279,7 +277,7 @@ class AtariEnvs:
         frames, info = self.env.reset(seed=self.seed)
         self.lives = info["lives"].astype(np.int64)
         self.stack[:, -1] = frames[:, 0]
-        self.pending = [[FIRE, SECOND] if self.has_fire else [] for _ in range(self.num_envs)]
+        self.pending = [list(self.fire) for _ in range(self.num_envs)]
         return self.stack.copy(), self.valid()
 
     def step(self, actions: np.ndarray):
@@ -298,9 +296,9 @@ class AtariEnvs:
         for i in done:
             self.game_return[i], self.pending[i] = 0.0, []
         for i in np.flatnonzero(was_autoreset):
-            self.pending[i] = [FIRE, SECOND] if self.has_fire else []
+            self.pending[i] = list(self.fire)
         for i in np.flatnonzero(life_loss):
-            self.pending[i] = [NOOP, FIRE, SECOND] if self.has_fire else [NOOP]
+            self.pending[i] = [NOOP, *self.fire]
         self.stack[:, :-1] = self.stack[:, 1:]
         self.stack[hidden, :-1] = 0  # so the first decided observation after a reset is [0, 0, 0, frame], as SB3's
         self.stack[:, -1] = frames[:, 0]
@@ -311,9 +309,7 @@ class AtariEnvs:
         self.env.close()
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Network: SB3's ActorCriticCnnPolicy (NatureCNN, same parameter names) with cleanRL's orthogonal init
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Network: SB3's ActorCriticCnnPolicy (NatureCNN, same parameter names) with cleanRL's orthogonal init ------------
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -335,13 +331,16 @@ def nature_cnn(layer_norm: bool = False, activation: str = "relu") -> nn.Sequent
     return nn.Sequential(OrderedDict(cnn=cnn, linear=linear))
 
 
+def encoder_names(share_features_extractor: bool) -> list:
+    return ["features_extractor"] if share_features_extractor else ["pi_features_extractor", "vf_features_extractor"]
+
+
 def with_cache(module: nn.Module, x: torch.Tensor, cache: dict, path: str) -> torch.Tensor:
-    """module(x); an injected module reuses the outputs of its frozen terms that a rollout batch `cache` carries for
-    these inputs ("frozen/<path>/<term>" entries from Agent.frozen_outputs) instead of recomputing them."""
-    if not isinstance(module, InjectedModule) or not cache:
-        return module(x)
-    outs = [cache.get(f"frozen/{path}/{i}") for i in range(len(module.terms))]
-    return module(x, frozen_out=outs if any(o is not None for o in outs) else None)
+    """module(x) (passing the cache on to an ActorCritic); an injected module takes the outputs of its frozen terms from
+    the batch `cache` when it carries them ("frozen/<path>/<term>" entries from Agent.frozen_outputs)."""
+    if isinstance(module, InjectedModule) and cache:
+        return module(x, frozen_out=[cache.get(f"frozen/{path}/{i}") for i in range(len(module.terms))])
+    return module(x, cache) if isinstance(module, ActorCritic) else module(x)
 
 
 class ActorCritic(nn.Module):
@@ -349,8 +348,7 @@ class ActorCritic(nn.Module):
 
     def __init__(self, n_actions, share_features_extractor=True, layer_norm=False, activation="relu"):
         super().__init__()
-        share = share_features_extractor
-        self.encoders = ["features_extractor"] if share else ["pi_features_extractor", "vf_features_extractor"]
+        self.encoders = encoder_names(share_features_extractor)
         for name in self.encoders:
             setattr(self, name, nature_cnn(layer_norm, activation))
         self.action_net = layer_init(nn.Linear(512, n_actions), std=0.01)
@@ -373,10 +371,7 @@ class Agent(nn.Module):
 
     def forward(self, obs: torch.Tensor, cache: dict = None) -> torch.Tensor:
         """[logits | value] of uint8 observations: what injection leaves unchanged."""
-        x = obs.float() / 255.0  # SB3's normalize_images
-        if isinstance(self.policy, InjectedModule):
-            return with_cache(self.policy, x, cache, "policy")
-        return self.policy(x, cache)
+        return with_cache(self.policy, obs.float() / 255.0, cache, "policy")  # / 255: SB3's normalize_images
 
     @torch.no_grad()
     def frozen_outputs(self, obs: torch.Tensor, paths: list) -> dict:
@@ -402,18 +397,15 @@ def target_modules(agent: Agent, target: str) -> dict:
         action_net = lambda: layer_init(nn.Linear(512, agent.n_actions), std=0.01)
         return {"policy.action_net": action_net, "policy.value_net": lambda: layer_init(nn.Linear(512, 1), std=1.0)}
     encoder = partial(nature_cnn, agent.config["layer_norm"], agent.config["activation"])
-    share = agent.config["share_features_extractor"]
-    names = ["features_extractor"] if share else ["pi_features_extractor", "vf_features_extractor"]
-    return {f"policy.{name}": encoder for name in names}
+    return {f"policy.{name}": encoder for name in encoder_names(agent.config["share_features_extractor"])}
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Rollout data: advantages, and the flat batch of the steps the agent decided (with the frozen terms' outputs)
-# ------------------------------------------------------------------------------------------------------------------
-def compute_gae(rewards, values, terminated, valid, next_value, next_valid, gamma, gae_lambda):
+# ---- Rollout data: advantages, and the flat batch of the steps the agent decided (with the frozen terms' outputs) ----
+def compute_gae(buf: dict, next_value, next_valid, gamma, gae_lambda):
     """GAE where some steps are not the agent's. terminated[t]: step t ended an episode (no bootstrap). valid[t]: the
     agent decided step t. A truncated game's step t is followed by the invalid autoreset step t+1 whose observation is
     the final one, so V(final) bootstraps step t while the chain is cut there."""
+    rewards, values, terminated, valid = buf["rewards"], buf["values"], buf["terminated"], buf["valid"]
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
@@ -610,9 +602,7 @@ def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = 
 # ==== END SHARED BLOCK: injection ====
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# PPO update (cleanRL's)
-# ------------------------------------------------------------------------------------------------------------------
+# ---- PPO update (cleanRL's), plasticity metrics, the frozen-output cache ---------------------------------------------
 def ppo_loss(agent: Agent, mb: dict, args: Args):
     """cleanRL's PPO loss on one minibatch (its frozen/... entries, if any, spare the frozen terms); (loss, parts)."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"], cache=mb)
@@ -675,20 +665,16 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, global_step: in
     return stats
 
 
-def draw_probe(batch: dict, size: int, seed: int) -> dict:
-    """The fixed probe batch of the plasticity metrics, drawn once with its own generator (training RNG untouched),
-    without the frozen/... outputs (it outlives later injections)."""
-    idx = np.random.default_rng(seed + 12345).choice(len(batch["obs"]), min(size, len(batch["obs"])), replace=False)
-    idx = torch.as_tensor(np.sort(idx), device=batch["obs"].device)
-    return {k: v[idx].clone() for k, v in batch.items() if not k.startswith("frozen/")}
-
-
-def plasticity_metrics(agent: Agent, probe: dict, args: Args) -> dict:
-    """plasticity/... of the agent on the fixed probe batch, with the PPO loss for the gradient metrics."""
-
-    def loss_fn(model):
-        return ppo_loss(model, probe, args)[0]
-
+def plasticity_metrics(agent: Agent, batch: dict, summary: dict, args: Args) -> dict:
+    """plasticity/... on the run's fixed probe batch (drawn once with its own generator, without the frozen/...
+    outputs: it outlives later injections; a resumed run has it on the CPU), with the PPO loss for the gradients."""
+    if summary["probe"] is None:
+        n = len(batch["obs"])
+        idx = np.random.default_rng(args.seed + 12345).choice(n, min(args.metrics_batch_size, n), replace=False)
+        idx = torch.as_tensor(np.sort(idx), device=batch["obs"].device)
+        summary["probe"] = {k: v[idx].clone() for k, v in batch.items() if not k.startswith("frozen/")}
+    probe = summary["probe"] = {k: v.to(batch["obs"].device) for k, v in summary["probe"].items()}
+    loss_fn = lambda model: ppo_loss(model, probe, args)[0]
     return measure_plasticity(agent, probe["obs"], loss_fn=loss_fn, tau=args.dormant_tau)
 
 
@@ -700,9 +686,185 @@ def cached_paths(agent: Agent, args: Args) -> list:
     return [p for p in target_modules(agent, args.inject_target) if isinstance(agent.get_submodule(p), InjectedModule)]
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------------------------
+# ---- Flag checks, the agent, Stable-Baselines3 zips, evaluation, videos ----------------------------------------------
+def validate_args(args: Args) -> tuple:
+    """One-line errors naming the flag or file; fills the runtime fields. Returns the SB3 zip's contents (or None) and
+    {kind: {iteration: step}} of --{kind}-at: each step acts at the first rollout boundary at or after it."""
+    metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
+    check_intervention_args(args, args.total_timesteps, metric_keys)  # also the range of every `bounded` flag
+    parse_env_id(args.env_id)
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    if args.num_iterations < 1:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} steps)")
+    if args.num_minibatches > args.batch_size:
+        raise UserError(f"--num-minibatches {args.num_minibatches} exceeds the batch size {args.batch_size}")
+    args.inject_at = sorted(args.inject_at)
+    plan = {}
+    for kind in ("inject", "reset", "shrink_perturb"):
+        flag, steps = f"--{kind.replace('_', '-')}-at", getattr(args, f"{kind}_at")
+        plan[kind] = {-(-s // args.batch_size) + 1: s for s in check_steps(flag, steps, args.total_timesteps)}
+        if max(plan[kind], default=0) > args.num_iterations or len(plan[kind]) < len(steps):
+            last = (args.num_iterations - 1) * args.batch_size
+            raise UserError(
+                f"{flag} {steps}: each step must fall before a rollout of its own (one every {args.batch_size} steps, "
+                f"the last at step {last})"
+            )
+    if args.pretrained_load_optimizer and not args.pretrained:
+        raise UserError("--pretrained-load-optimizer needs --pretrained")
+    if args.pretrained and args.layer_norm:
+        raise UserError("--layer-norm cannot be combined with --pretrained: SB3 CnnPolicy weights have no norm layers")
+    if not args.pretrained:
+        return None, plan
+    info = read_sb3_zip(resolve_pretrained(args.pretrained))
+    envs = AtariEnvs(args.env_id, 1, 0, 0, 100, 1)
+    envs.close()
+    if info["n_actions"] != envs.n_actions:
+        raise UserError(
+            f"--pretrained {args.pretrained}: the agent has {info['n_actions']} actions but --env-id {args.env_id} "
+            f"has {envs.n_actions}; use the game the agent was trained on"
+        )
+    args.share_features_extractor = info["share"]
+    if args.pretrained_load_optimizer:  # check the Adam state now, before any run folder exists
+        build_agent(args, info["n_actions"], torch.device("cpu"), info)
+    return info, plan
+
+
+def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
+    """The agent and its Adam; with an SB3 zip, its weights (and Adam state under --pretrained-load-optimizer)."""
+    agent = Agent(n_actions, args.share_features_extractor, args.layer_norm, args.activation).to(device)
+    if zip_info is not None:
+        agent.load_state_dict(zip_info["state_dict"])
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
+    if zip_info is None or not args.pretrained_load_optimizer:
+        return agent, optimizer
+    # SB3's Adam indexes policy.parameters(): the same tensors in the same order as agent.parameters() (SB3 lists an
+    # aliased features extractor once, first). Its moments and step counts load; our param group (lr, eps) stays.
+    saved, params = zip_info["optimizer"], list(agent.parameters())
+    if saved is None:
+        raise UserError(f"--pretrained-load-optimizer: {zip_info['path']} has no policy.optimizer.pth")
+    shapes = {i: getattr(s.get("exp_avg"), "shape", None) for i, s in saved.get("state", {}).items()}
+    groups = [len(g["params"]) for g in saved.get("param_groups", [])]
+    if groups != [len(params)] or any(i >= len(params) or shape != params[i].shape for i, shape in shapes.items()):
+        raise UserError(f"--pretrained-load-optimizer: {zip_info['path']}: its Adam state does not fit the policy")
+    optimizer.load_state_dict({"state": saved.get("state", {}), "param_groups": optimizer.state_dict()["param_groups"]})
+    return agent, optimizer
+
+
+def resolve_pretrained(spec: str) -> str:
+    """A local zip path, or a model-hub id (`org/name`) downloaded with huggingface_hub."""
+    if os.path.isfile(spec):
+        return spec
+    if os.path.exists(spec) or spec.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        raise UserError(f"--pretrained {spec}: no such file")
+    filename = spec.split("/")[1] + ".zip"
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=spec, filename=filename)
+    except Exception as e:  # not installed, offline, unknown repo, missing file
+        what = f"could not download {filename} from the model hub ({type(e).__name__})"
+        raise UserError(f"--pretrained {spec}: {what}; pass a local path to the zip instead") from None
+
+
+def read_sb3_zip(path: str) -> dict:
+    """An SB3 PPO CnnPolicy zip, read by SB3's own loader and checked: its weights under our names (the extractors'
+    aliases dropped), Adam state, action count and extractor sharing. Spaces and schedules are never unpickled (the
+    public sb3/ agents were saved with the old `gym`): the spaces' facts come from the readable copy in `data`."""
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    flag = f"--pretrained {path}"
+    unused = ("learning_rate", "lr_schedule", "clip_range", "clip_range_vf", "observation_space", "action_space")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data, params, _ = load_from_zip_file(path, device="cpu", custom_objects=dict.fromkeys(unused))
+        with zipfile.ZipFile(path) as zf:
+            raw = json.loads(zf.read("data"))
+    except Exception as e:
+        raise UserError(f"{flag}: Stable-Baselines3 cannot read it ({type(e).__name__}: {' '.join(str(e).split())})")
+    if "policy" not in params:
+        raise UserError(f"{flag}: not a Stable-Baselines3 model zip (no 'policy.pth' inside)")
+    cls = data.get("policy_class")
+    policy = f"{cls.__module__}.{cls.__name__}" if isinstance(cls, type) else repr(cls)
+    if "clip_range" not in data or "n_epochs" not in data:
+        algo = "DQN" if "exploration_rate" in data else ("A2C" if "n_steps" in data else "another algorithm")
+        raise UserError(f"{flag}: not a PPO model (saved by {algo}, policy {policy}); need an SB3 PPO CnnPolicy zip")
+    if not policy.endswith("ActorCriticCnnPolicy"):
+        raise UserError(f"{flag}: policy is {policy}, need PPO with 'CnnPolicy' (ActorCriticCnnPolicy)")
+    act, obs, kwargs = raw.get("action_space", {}), raw.get("observation_space", {}), data.get("policy_kwargs") or {}
+    if "Discrete" not in str(act.get(":type:")) or not str(act.get("n", "")).isdigit():
+        raise UserError(f"{flag}: action space {act.get(':type:')} is not Discrete")
+    shape = obs.get("_shape", obs.get("shape"))  # `shape` in zips of older SB3 versions
+    if list(shape or []) != [4, 84, 84] or obs.get("dtype") != "uint8":
+        raise UserError(f"{flag}: observation space {shape} {obs.get('dtype')} is not the 4x84x84 uint8 Atari stack")
+    if kwargs.get("normalize_images", True) is False:
+        raise UserError(f"{flag}: policy was trained with normalize_images=False; not supported")
+    n_actions, share = int(act["n"]), bool(kwargs.get("share_features_extractor", True))
+    alias = ("pi_features_extractor.", "vf_features_extractor.") if share else ("features_extractor.",)
+    state = {"policy." + k: v for k, v in params["policy"].items() if not k.startswith(alias)}
+    expected = {k: v.shape for k, v in Agent(n_actions, share).state_dict().items()}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    bad = [k for k in expected if k in state and state[k].shape != expected[k]]
+    if missing or extra or bad:
+        raise UserError(
+            f"{flag}: weights do not match SB3's NatureCNN CnnPolicy (missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"wrong shape {bad[:3]}); custom net_arch or features extractors are not supported"
+        )
+    return dict(path=path, state_dict=state, optimizer=params.get("policy.optimizer"), share=share, n_actions=n_actions)
+
+
+@torch.no_grad()
+def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
+    """Scores of --eval-episodes games of the greedy (or sampling) policy; none if a stop request cuts it short."""
+    envs = AtariEnvs(args.env_id, min(args.eval_episodes, args.num_envs), seed, *env_options(args))
+    obs, _ = envs.reset()
+    scores = []
+    while len(scores) < args.eval_episodes and RUN["stop"] is None:
+        obs = torch.as_tensor(obs, device=device)
+        action = agent.get_action_and_value(obs, deterministic=args.eval_deterministic)[0]
+        obs, _, _, _, _, info = envs.step(action.cpu().numpy())
+        scores += [g[1] for g in info["games"]]
+    envs.close()
+    return scores[: args.eval_episodes] if len(scores) >= args.eval_episodes else []
+
+
+class VideoRecorder:
+    """--capture-video: the agent's view of env 0's games 0, 1, 8, 27, ..., 729, then every 1000th (cleanRL's
+    capped cubic schedule), to {folder}/game-{k}.mp4."""
+
+    def __init__(self, folder: str):
+        self.folder, self.frames, self.game, self.on = folder, [], 0, True
+
+    def add(self, frame: np.ndarray, games: list) -> None:
+        if self.on:
+            self.frames.append(frame.copy())
+        if not any(env_i == 0 for env_i, _, _ in games):
+            return
+        if self.on and self.frames:
+            from moviepy import ImageSequenceClip
+
+            os.makedirs(self.folder, exist_ok=True)
+            clip = ImageSequenceClip([np.repeat(f[:, :, None], 3, axis=2) for f in self.frames], fps=15)
+            clip.write_videofile(f"{self.folder}/game-{self.game}.mp4", logger=None)
+        self.game, self.frames = self.game + 1, []
+        self.on = self.game < 1000 and round(self.game ** (1 / 3)) ** 3 == self.game or self.game % 1000 == 0
+
+
+# ---- Training --------------------------------------------------------------------------------------------------------
+def intervene(kind: str, agent: Agent, optimizer, args: Args, obs: torch.Tensor) -> dict:
+    """Injection (`inject`), `reset` or `shrink_perturb` of --{kind}-target, in place; returns the values to log."""
+    fresh = target_modules(agent, getattr(args, f"{kind}_target"))
+    if kind == "inject":
+        ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
+        adam = dict(optimizers=[optimizer], reset_optimizer=args.inject_reset_optimizer)
+        return inject_plasticity(agent, list(fresh), obs, make_fresh=fresh, **adam, **ablations)
+    if kind == "reset":
+        return reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
+    return shrink_perturb(agent, list(fresh), args.sp_shrink, args.sp_perturb, make_fresh=fresh)
+
+
 def train(args: Args) -> dict:
     """Run PPO; returns a summary (losses, games, injections, interventions, evals, metrics, timing, agent)."""
     zip_info, plan = validate_args(args)  # every flag and file, before anything is written
@@ -725,16 +887,13 @@ def train(args: Args) -> dict:
         restore_optimizer(optimizer, agent, ckpt["optimizer"])
         set_rng_state(ckpt["rng"], {})
         summary = ckpt["history"]
-        if summary["probe"] is not None:  # checkpoints load onto the CPU
-            summary["probe"] = {k: v.to(device) for k, v in summary["probe"].items()}
-    fired = summary["fired"]
     video = VideoRecorder(f"videos/{run_name}") if args.capture_video else None
     global_step, start_time = start_step, time.time()
     next_obs, next_valid = (torch.as_tensor(a, device=device) for a in envs.reset())
 
     for iteration in range(summary["iteration"], args.num_iterations + 1):
         # --- checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop ------------
-        previous_step = max(global_step - args.num_envs * args.num_steps, start_step)
+        previous_step = max(global_step - args.batch_size, start_step)
         if checkpoint_due(args, global_step, previous_step):
             summary.update(iteration=iteration, global_step=global_step)
             state = dict(script="ppo_atari_injection.py", args=vars(args), history=summary, rng=rng_state({}))
@@ -742,36 +901,21 @@ def train(args: Args) -> dict:
             path = save_checkpoint(state, run_name, global_step, args.keep_checkpoints, {"agent": agent})
             if RUN["stop"] is not None:
                 exit_stopped(global_step, path)
-        adaptive_reason = summary["adaptive_reason"]
-        # --- plasticity injection and the interventions, at the rollout boundary ----------------------------------
-        if iteration in plan["--inject-at"] or adaptive_reason is not None:
-            fresh = target_modules(agent, args.inject_target)
-            log = inject_plasticity(
-                agent,
-                list(fresh),
-                next_obs,
-                optimizers=[optimizer],
-                reset_optimizer=args.inject_reset_optimizer,
-                make_fresh=fresh,
-                keep_trainable=args.inject_keep_trainable,
-                third_term=not args.inject_no_third_term,
-            )
-            if iteration in plan["--inject-at"]:
-                log["injection/requested_step"] = float(plan["--inject-at"][iteration])
-            if adaptive_reason is not None:
+        # --- injection (at --inject-at, or when the adaptive trigger fired), reset, shrink-and-perturb ---------------
+        adaptive, summary["adaptive_reason"] = summary["adaptive_reason"], None
+        if iteration in plan["inject"] or adaptive is not None:
+            log = intervene("inject", agent, optimizer, args, next_obs)
+            if iteration in plan["inject"]:
+                log["injection/requested_step"] = float(plan["inject"][iteration])
+            if adaptive is not None:
                 log["injection/adaptive"] = 1.0
-                print(f"global_step={global_step}, adaptive injection: {adaptive_reason}")
-                summary["adaptive_reason"] = None
+                print(f"global_step={global_step}, adaptive injection: {adaptive}")
             log_event(writer, summary["injections"], global_step, f"injected into {args.inject_target}", log)
-        if iteration in plan["--reset-at"]:
-            fresh = target_modules(agent, args.reset_target)
-            log = reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
-            log_event(writer, summary["interventions"], global_step, f"reset of {args.reset_target}", log, kind="reset")
-        if iteration in plan["--shrink-perturb-at"]:
-            fresh = target_modules(agent, args.shrink_perturb_target)
-            log = shrink_perturb(agent, list(fresh), args.sp_shrink, args.sp_perturb, make_fresh=fresh)
-            what = f"shrink_perturb of {args.shrink_perturb_target}"
-            log_event(writer, summary["interventions"], global_step, what, log, kind="shrink_perturb")
+        for kind in ("reset", "shrink_perturb"):
+            if iteration in plan[kind]:
+                log = intervene(kind, agent, optimizer, args, next_obs)
+                what = f"{kind} of {getattr(args, f'{kind}_target')}"
+                log_event(writer, summary["interventions"], global_step, what, log, kind=kind)
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
         cached = cached_paths(agent, args)  # their frozen terms run once per step; the outputs travel with the data
@@ -802,8 +946,7 @@ def train(args: Args) -> dict:
         # --- advantages and update --------------------------------------------------------------------------------
         with torch.no_grad():
             next_value = agent(next_obs)[:, -1]
-            gae = (next_value, next_valid, args.gamma, args.gae_lambda)
-            advantages, returns = compute_gae(buf["rewards"], buf["values"], buf["terminated"], buf["valid"], *gae)
+            advantages, returns = compute_gae(buf, next_value, next_valid, args.gamma, args.gae_lambda)
         batch = flatten_rollout(buf, advantages, returns)
         l2 = l2_coef(args, global_step, args.total_timesteps)
         update_start = time.time()
@@ -822,16 +965,13 @@ def train(args: Args) -> dict:
         timing = {"rollout": rollout_time, "update": update_time, "iteration": time.time() - rollout_start}
         summary["timing"].append(dict(timing, samples=len(batch["obs"])))
 
-        # --- plasticity metrics on a fixed probe batch (drawn once, without the frozen outputs); adaptive trigger ---
+        # --- plasticity metrics on the fixed probe batch; the adaptive trigger reads them --------------------------
         if args.metrics_every > 0 and global_step >= summary["next_metrics"] and len(batch["obs"]) > 0:
-            if summary["probe"] is None:
-                summary["probe"] = draw_probe(batch, args.metrics_batch_size, args.seed)
-            metrics = plasticity_metrics(agent, summary["probe"], args)
+            metrics = summary["metrics"] = plasticity_metrics(agent, batch, summary, args)
             for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
-            summary["metrics"] = metrics
             if iteration < args.num_iterations:
-                summary["adaptive_reason"] = adaptive_injection_due(args, global_step, metrics, fired)
+                summary["adaptive_reason"] = adaptive_injection_due(args, global_step, metrics, summary["fired"])
             summary["next_metrics"] = (global_step // args.metrics_every + 1) * args.metrics_every
 
         # --- evaluation -------------------------------------------------------------------------------------------
@@ -845,11 +985,11 @@ def train(args: Args) -> dict:
 
     if args.save_model:
         summary["model_path"] = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        checkpoint = {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args)}
-        checkpoint.update(global_step=global_step, agent_config=agent.config, n_actions=agent.n_actions)
-        checkpoint.update(share_features_extractor=agent.config["share_features_extractor"])
-        checkpoint["adaptive_trigger"] = {"fired": fired}
-        atomic_save(checkpoint, summary["model_path"])
+        model = {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args)}
+        model.update(global_step=global_step, agent_config=agent.config, n_actions=agent.n_actions)
+        model.update(share_features_extractor=agent.config["share_features_extractor"])
+        model["adaptive_trigger"] = {"fired": summary["fired"]}
+        atomic_save(model, summary["model_path"])
         print(f"model saved to {summary['model_path']}")
     envs.close()
     writer.close()
@@ -1430,183 +1570,6 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
 
 
 # ==== END SHARED BLOCK: interventions ====
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Plumbing: flag checks, the agent, Stable-Baselines3 zips, evaluation, videos
-# ------------------------------------------------------------------------------------------------------------------
-def validate_args(args: Args) -> tuple:
-    """One-line errors naming the flag or file; fills the runtime fields. Returns the SB3 zip's contents (or None)
-    and {step flag: {iteration: step}}: each step takes effect at the first rollout boundary at or after it."""
-    metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
-    check_intervention_args(args, args.total_timesteps, metric_keys)  # also the range of every `bounded` flag
-    parse_env_id(args.env_id)
-    args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // args.batch_size
-    if args.num_iterations < 1:
-        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} steps)")
-    if args.num_minibatches > args.batch_size:
-        raise UserError(f"--num-minibatches {args.num_minibatches} exceeds the batch size {args.batch_size}")
-    args.inject_at = sorted(args.inject_at)
-    plan = {"--inject-at": args.inject_at, "--reset-at": args.reset_at, "--shrink-perturb-at": args.shrink_perturb_at}
-    for flag, steps in plan.items():
-        plan[flag] = {-(-s // args.batch_size) + 1: s for s in check_steps(flag, steps, args.total_timesteps)}
-        if max(plan[flag], default=0) > args.num_iterations or len(plan[flag]) < len(steps):
-            last = (args.num_iterations - 1) * args.batch_size
-            raise UserError(
-                f"{flag} {steps}: each step must fall before a rollout of its own (one every {args.batch_size} steps, "
-                f"the last at step {last})"
-            )
-    if args.pretrained_load_optimizer and not args.pretrained:
-        raise UserError("--pretrained-load-optimizer needs --pretrained")
-    if args.pretrained and args.layer_norm:
-        raise UserError("--layer-norm cannot be combined with --pretrained: SB3 CnnPolicy weights have no norm layers")
-    if not args.pretrained:
-        return None, plan
-    info = read_sb3_zip(resolve_pretrained(args.pretrained))
-    envs = AtariEnvs(args.env_id, 1, 0, 0, 100, 1)
-    envs.close()
-    if info["n_actions"] != envs.n_actions:
-        raise UserError(
-            f"--pretrained {args.pretrained}: the agent has {info['n_actions']} actions but --env-id {args.env_id} "
-            f"has {envs.n_actions}; use the game the agent was trained on"
-        )
-    if args.pretrained_load_optimizer and info["optimizer"] is None:
-        raise UserError(f"--pretrained-load-optimizer: {args.pretrained} has no policy.optimizer.pth")
-    args.share_features_extractor = info["share"]
-    if args.pretrained_load_optimizer:  # check the Adam state now, before any run folder exists
-        build_agent(args, info["n_actions"], torch.device("cpu"), info)
-    return info, plan
-
-
-def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
-    """The agent and its Adam; with an SB3 zip, its weights (and Adam state under --pretrained-load-optimizer)."""
-    agent = Agent(n_actions, args.share_features_extractor, args.layer_norm, args.activation).to(device)
-    if zip_info is not None:
-        agent.load_state_dict(zip_info["state_dict"])
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
-    if zip_info is None or not args.pretrained_load_optimizer:
-        return agent, optimizer
-    # SB3's Adam indexes policy.parameters(): the same tensors in the same order as agent.parameters() (SB3 lists an
-    # aliased features extractor once, first); our param group (learning rate, eps) stays
-    params, state = list(agent.parameters()), zip_info["optimizer"].get("state", {})
-    shapes = {i: getattr(s.get("exp_avg"), "shape", None) for i, s in state.items()}
-    groups = [len(g["params"]) for g in zip_info["optimizer"].get("param_groups", [])]
-    if groups != [len(params)] or any(i >= len(params) or shape != params[i].shape for i, shape in shapes.items()):
-        raise UserError(
-            f"--pretrained-load-optimizer ({zip_info['path']}): the zip's Adam state does not fit the policy"
-        )
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    return agent, optimizer
-
-
-def resolve_pretrained(spec: str) -> str:
-    """A local zip path, or a model-hub id (`org/name`) downloaded with huggingface_hub."""
-    if os.path.exists(spec) or spec.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        if not os.path.isfile(spec):
-            raise UserError(f"--pretrained {spec}: no such file")
-        return spec
-    filename = spec.split("/")[1] + ".zip"
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo_id=spec, filename=filename)
-    except Exception as e:  # not installed, offline, unknown repo, missing file
-        what = f"could not download {filename} from the model hub ({type(e).__name__})"
-        raise UserError(f"--pretrained {spec}: {what}; pass a local path to the zip instead") from None
-
-
-def read_sb3_zip(path: str) -> dict:
-    """An SB3 PPO CnnPolicy zip, read by SB3's own loader and checked: its weights under our names (aliases of the
-    features extractors dropped), its Adam state, action count and extractor sharing. The spaces and schedules are
-    never unpickled: zips saved with the old `gym` (the public sb3/ agents) need no gym, and nothing runs code; the
-    spaces' facts come from the readable copy SB3 writes next to each pickled object in the zip's `data`."""
-    from stable_baselines3.common.save_util import load_from_zip_file
-
-    flag = f"--pretrained {path}"
-    unused = {"learning_rate": 0.0, "lr_schedule": None, "clip_range": None, "clip_range_vf": None}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            skip = {**unused, "observation_space": None, "action_space": None}
-            data, params, _ = load_from_zip_file(path, device="cpu", custom_objects=skip)
-        with zipfile.ZipFile(path) as zf:
-            raw = json.loads(zf.read("data"))
-    except Exception as e:
-        raise UserError(f"{flag}: Stable-Baselines3 cannot read it ({type(e).__name__}: {' '.join(str(e).split())})")
-    if data is None or "policy" not in params:
-        raise UserError(f"{flag}: not a Stable-Baselines3 model zip (no 'data' or 'policy.pth' inside)")
-    cls = data.get("policy_class")
-    policy = f"{cls.__module__}.{cls.__name__}" if isinstance(cls, type) else repr(cls)
-    if "clip_range" not in data or "n_epochs" not in data:
-        algo = "DQN" if "exploration_rate" in data else ("A2C" if "n_steps" in data else "another algorithm")
-        raise UserError(f"{flag}: not a PPO model (saved by {algo}, policy {policy}); need an SB3 PPO CnnPolicy zip")
-    if not policy.endswith("ActorCriticCnnPolicy"):
-        raise UserError(f"{flag}: policy is {policy}, need PPO with 'CnnPolicy' (ActorCriticCnnPolicy)")
-    act, obs, kwargs = raw.get("action_space", {}), raw.get("observation_space", {}), data.get("policy_kwargs") or {}
-    if "Discrete" not in str(act.get(":type:")) or not str(act.get("n", "")).isdigit():
-        raise UserError(f"{flag}: action space {act.get(':type:')} is not Discrete")
-    shape = obs.get("_shape", obs.get("shape"))  # `shape` in zips of older SB3 versions
-    if list(shape or []) != [4, 84, 84] or obs.get("dtype") != "uint8":
-        raise UserError(f"{flag}: observation space {shape} {obs.get('dtype')} is not the 4x84x84 uint8 Atari stack")
-    n_actions = int(act["n"])
-    if kwargs.get("normalize_images", True) is False:
-        raise UserError(f"{flag}: policy was trained with normalize_images=False; not supported")
-    share = bool(kwargs.get("share_features_extractor", True))
-    alias = ("pi_features_extractor.", "vf_features_extractor.") if share else ("features_extractor.",)
-    state = {"policy." + k: v for k, v in params["policy"].items() if not k.startswith(alias)}
-    expected = {k: v.shape for k, v in Agent(n_actions, share).state_dict().items()}
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    bad = [k for k in expected if k in state and state[k].shape != expected[k]]
-    if missing or extra or bad:
-        raise UserError(
-            f"{flag}: weights do not match SB3's NatureCNN CnnPolicy (missing {missing[:3]}, unexpected {extra[:3]}, "
-            f"wrong shape {bad[:3]}); custom net_arch or features extractors are not supported"
-        )
-    optimizer = params.get("policy.optimizer")
-    return {"path": path, "state_dict": state, "optimizer": optimizer, "share": share, "n_actions": n_actions}
-
-
-@torch.no_grad()
-def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
-    """Raw scores of --eval-episodes whole games of the greedy (or, --no-eval-deterministic, sampling) policy."""
-    n = min(args.eval_episodes, args.num_envs)
-    envs = AtariEnvs(args.env_id, n, seed, *env_options(args))
-    obs, _ = envs.reset()
-    scores = []
-    while len(scores) < args.eval_episodes:
-        if RUN["stop"] is not None:  # a stop request skips the evaluation
-            envs.close()
-            return []
-        obs = torch.as_tensor(obs, device=device)
-        action = agent.get_action_and_value(obs, deterministic=args.eval_deterministic)[0]
-        obs, _, _, _, _, info = envs.step(action.cpu().numpy())
-        scores += [g[1] for g in info["games"]]
-    envs.close()
-    return scores[: args.eval_episodes]
-
-
-class VideoRecorder:
-    """--capture-video: the agent's view of env 0's games 0, 1, 8, 27, ..., 729, then every 1000th (cleanRL's
-    capped cubic schedule), to {folder}/game-{k}.mp4."""
-
-    def __init__(self, folder: str):
-        self.folder, self.frames, self.game, self.on = folder, [], 0, True
-
-    def add(self, frame: np.ndarray, games: list) -> None:
-        if self.on:
-            self.frames.append(frame.copy())
-        if not any(env_i == 0 for env_i, _, _ in games):
-            return
-        if self.on and self.frames:
-            from moviepy import ImageSequenceClip
-
-            os.makedirs(self.folder, exist_ok=True)
-            clip = ImageSequenceClip([np.repeat(f[:, :, None], 3, axis=2) for f in self.frames], fps=15)
-            clip.write_videofile(f"{self.folder}/game-{self.game}.mp4", logger=None)
-        self.game, self.frames = self.game + 1, []
-        self.on = self.game < 1000 and round(self.game ** (1 / 3)) ** 3 == self.game or self.game % 1000 == 0
 
 
 if __name__ == "__main__":

@@ -84,17 +84,7 @@ def update_setup(config: dict, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     obs = torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g)
     if config.get("inject_at"):  # the injection as train() calls it
-        fresh = P.target_modules(agent, args.inject_target)
-        P.inject_plasticity(
-            agent,
-            list(fresh),
-            obs[:4],
-            optimizers=[optimizer],
-            reset_optimizer=args.inject_reset_optimizer,
-            make_fresh=fresh,
-            keep_trainable=args.inject_keep_trainable,
-            third_term=not args.inject_no_third_term,
-        )
+        P.intervene("inject", agent, optimizer, args, obs[:4])
     with torch.no_grad():
         actions, logprobs, _, values = agent.get_action_and_value(obs)
     batch = dict(

@@ -40,17 +40,7 @@ def _trainable(module):
 
 def _inject(agent, optimizer, args, probe):
     """The injection as train() calls it."""
-    fresh = P.target_modules(agent, args.inject_target)
-    return P.inject_plasticity(
-        agent,
-        list(fresh),
-        probe,
-        optimizers=[optimizer],
-        reset_optimizer=args.inject_reset_optimizer,
-        make_fresh=fresh,
-        keep_trainable=args.inject_keep_trainable,
-        third_term=not args.inject_no_third_term,
-    )
+    return P.intervene("inject", agent, optimizer, args, probe)
 
 
 def _agent(share=True, seed=0):
@@ -206,7 +196,7 @@ def test_gae_skips_steps_the_agent_did_not_decide():
     valid = torch.tensor([[True], [True], [False], [True], [False]])
     nv, nvalid = torch.tensor([0.4]), torch.tensor([True])
     g, lam = 0.9, 0.5
-    adv, ret = P.compute_gae(r, v, term, valid, nv, nvalid, g, lam)
+    adv, ret = P.compute_gae(dict(rewards=r, values=v, terminated=term, valid=valid), nv, nvalid, g, lam)
     d1 = 1.0 - 0.2  # no bootstrap after the life loss
     d0 = 1.0 + g * 0.2 - 0.5
     d3 = 1.0 + g * 0.8 - 0.3  # truncation bootstraps V(final obs) = value of the autoreset step
