@@ -1439,19 +1439,31 @@ import difflib
 import re
 
 
+def _canonical(name: str) -> str:  # a name in the un-injected network: `terms.K.` levels dropped
+    return re.sub(r"(^|\.)terms\.\d+\.", r"\1", name)
+
+
+def _trainable_under(model: nn.Module, path: str) -> list:
+    """(name, parameter) of every trainable parameter under `model.<path>`, the path read in the un-injected network:
+    inside an injected module it names that part of each term (e.g. the head after injecting the whole network)."""
+    prefix = f"{path}." if path else ""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and _canonical(n).startswith(prefix)]
+
+
 def _trainable_with_fresh(model: nn.Module, path: str, make_fresh) -> list:
-    """(name under path, parameter, its fresh value) for every trainable parameter under `model.<path>`; the
-    fresh value is the same-named parameter of the un-injected network (`terms.K.` levels dropped)."""
-    sub = model.get_submodule(path)
+    """(name, parameter, its fresh value) for every trainable parameter under `model.<path>`: the same-named
+    parameter of one fresh draw of the un-injected module at `path`."""
+    sub = model
+    for part in filter(None, path.split(".")):
+        sub = (sub.terms[0] if isinstance(sub, InjectedModule) else sub).get_submodule(part)
     factory = (make_fresh or {}).get(path)
     fresh = dict((factory() if factory else fresh_copy(sub)).named_parameters())
     out = []
-    for name, p in sub.named_parameters():
-        canonical = re.sub(r"(^|\.)terms\.\d+\.", r"\1", name)
-        if p.requires_grad:
-            if canonical not in fresh or fresh[canonical].shape != p.shape:
-                raise ValueError(f"make_fresh['{path}'] gives no parameter '{canonical}' of shape {tuple(p.shape)}")
-            out.append((name, p, fresh[canonical].to(p.device, p.dtype)))
+    for name, p in _trainable_under(model, path):
+        key = _canonical(name)[len(path) + 1 if path else 0 :]
+        if key not in fresh or fresh[key].shape != p.shape:
+            raise ValueError(f"make_fresh['{path}'] gives no parameter '{key}' of shape {tuple(p.shape)}")
+        out.append((name, p, fresh[key].to(p.device, p.dtype)))
     return out
 
 
@@ -1466,7 +1478,7 @@ def reset_modules(model, paths, optimizers=(), make_fresh=None, targets=()) -> d
             for opt in optimizers:
                 opt.state.pop(p, None)
             for target in targets:
-                target.get_submodule(path).get_parameter(name).copy_(fresh)
+                target.get_parameter(name).copy_(fresh)
             count += p.numel()
     return {"interventions/reset_params": float(count)}
 
@@ -1481,9 +1493,9 @@ def shrink_perturb(model, paths=("",), shrink=1.0, perturb=0.01, make_fresh=None
         if perturb != 0:
             params = _trainable_with_fresh(model, path, make_fresh)
         else:
-            params = [(n, p, None) for n, p in model.get_submodule(path).named_parameters() if p.requires_grad]
+            params = [(n, p, None) for n, p in _trainable_under(model, path)]
         for name, p, fresh in params:
-            for q in [p] + [t.get_submodule(path).get_parameter(name) for t in targets]:
+            for q in [p] + [t.get_parameter(name) for t in targets]:
                 before = q.detach().clone()
                 q.mul_(shrink)
                 if perturb != 0:

@@ -111,6 +111,36 @@ def test_reset_of_an_injected_head_resets_only_trainable_terms():
     assert not any(torch.equal(v, new[k]) for k, v in trainable.items())
 
 
+class Wrapped(nn.Module):  # the whole Net at `net`, so the head is `net.head`
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_part_inside_an_injected_module_names_that_part_of_each_trainable_term():
+    torch.manual_seed(0)
+    model, x = Wrapped(), torch.rand(16, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    target = copy.deepcopy(model)
+    B.inject_plasticity(model, ["net"], x, targets=[target], optimizers=[opt])  # inject all, then reset the head
+    (model(x) ** 2).mean().backward()
+    opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    log = B.reset_modules(model, ["net.head"], optimizers=[opt], targets=[target])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n in before if n.startswith("net.terms.1.head.")}  # θ'1's head only
+    assert log["interventions/reset_params"] == sum(p.numel() for p in model.net.terms[1].head.parameters())
+    assert all(p not in opt.state for p in model.net.terms[1].head.parameters())
+    assert all(torch.equal(target.get_parameter(n), model.get_parameter(n)) for n in changed)
+    B.shrink_perturb(model, ["net.encoder"], shrink=0.5, perturb=0.0, targets=[target])
+    halved = model.net.terms[1].encoder[0].weight
+    assert torch.equal(halved, 0.5 * before["net.terms.1.encoder.0.weight"])
+    assert torch.equal(model.net.terms[0].encoder[0].weight, before["net.terms.0.encoder.0.weight"])  # frozen
+
+
 # -- shrink-and-perturb ---------------------------------------------------------------------------
 def test_shrink_perturb_identity_is_a_no_op():
     net, _, _, _ = _trained()
