@@ -230,15 +230,11 @@ class PointmassEnv(gym.Env):
     off the map is skipped. Reward -1 per step, 0 when the goal is reached (`terminated`); the time limit truncates.
     """
 
-    metadata = {"render_modes": []}
-
     def __init__(self, env_id: str = "PointmassHard-v0", action_noise: float = 0.5):
-        if env_id not in LEVELS:
-            raise UserError(f"--env-id {env_id!r} is unknown; choose one of {sorted(LEVELS)}")
         rows, scale, start, goal, self.success_radius, self.max_episode_steps = LEVELS[env_id]
         walls = np.array([[c == "1" for c in r] for r in rows], dtype=bool)
         self.walls = walls.repeat(scale, axis=0).repeat(scale, axis=1)
-        self.env_id, self.action_noise, (self.height, self.width) = env_id, action_noise, self.walls.shape
+        self.action_noise, (self.height, self.width) = action_noise, self.walls.shape
         self.start, self.goal = np.array(start, dtype=np.float64), np.array(goal, dtype=np.float64)
         self.action_space = gym.spaces.Discrete(5)
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
@@ -356,13 +352,11 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5) ->
             raise UserError(f"dataset {path}: {k} has dtype {out[k].dtype}, expected a real number type")
         if not np.isfinite(out[k].astype(np.float64)).all():
             raise UserError(f"dataset {path}: {k} holds NaN or inf values")
-    actions = out["actions"]
-    if not np.issubdtype(actions.dtype, np.integer):
-        raise UserError(f"dataset {path}: actions have dtype {actions.dtype}, expected integers in [0, {n_actions})")
-    if actions.min() < 0 or actions.max() >= n_actions:
-        raise UserError(
-            f"dataset {path}: actions range over [{actions.min()}, {actions.max()}], expected [0, {n_actions})"
-        )
+    a = out["actions"]
+    if not np.issubdtype(a.dtype, np.integer):
+        raise UserError(f"dataset {path}: actions have dtype {a.dtype}, expected integers in [0, {n_actions})")
+    if a.min() < 0 or a.max() >= n_actions:
+        raise UserError(f"dataset {path}: actions range over [{a.min()}, {a.max()}], expected [0, {n_actions})")
     for k in ("terminals", "truncations"):
         if not (out[k].dtype == bool or np.issubdtype(out[k].dtype, np.number)) or not np.isin(out[k], (0, 1)).all():
             raise UserError(f"dataset {path}: {k} must be booleans (or 0/1)")
@@ -380,7 +374,7 @@ def generate_dataset(args: Args) -> dict:
             torch.manual_seed(seed)
             qnet, qtarget, rnd_target, rnd_pred = (mlp(2, [64, 64], k) for k in (5, 5, 16, 16))
         qtarget.load_state_dict(qnet.state_dict())
-        q_opt, r_opt = torch.optim.Adam(qnet.parameters(), lr=1e-3), torch.optim.Adam(rnd_pred.parameters(), lr=1e-3)
+        opt = torch.optim.Adam([*qnet.parameters(), *rnd_pred.parameters()], lr=1e-3)
         err_sq_mean = 1.0
     for step in range(args.dataset_steps):
         if RUN["stop"] is not None:  # Ctrl-C or SIGTERM before training: nothing to resume
@@ -400,17 +394,14 @@ def generate_dataset(args: Args) -> dict:
             o, a, o2 = map(torch.as_tensor, batch)
             d = torch.as_tensor(np.array([buf["terminals"][i] for i in idx], dtype=np.float32))
             err = (rnd_pred(o2) - rnd_target(o2).detach()).pow(2).mean(1)
-            r_opt.zero_grad()
-            err.mean().backward()
-            r_opt.step()
             err_sq_mean = 0.99 * err_sq_mean + 0.01 * float(err.detach().pow(2).mean())
             bonus = err.detach() / (err_sq_mean**0.5 + 1e-8)
             with torch.no_grad():
                 y = bonus + 0.99 * (1 - d) * qtarget(o2).max(1).values
             loss = F.smooth_l1_loss(qnet(o).gather(1, a[:, None]).squeeze(1), y)
-            q_opt.zero_grad()
-            loss.backward()
-            q_opt.step()
+            opt.zero_grad()
+            (err.mean() + loss).backward()  # disjoint parameters: each network gets its own gradient
+            opt.step()
             if step % 500 == 0:
                 qtarget.load_state_dict(qnet.state_dict())
     return {k: np.array(v, np.int64 if k == "actions" else np.float32) for k, v in buf.items()}
@@ -433,9 +424,7 @@ def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
         np.savez(f, **data)
     os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written cache file
     if verbose:
-        print(
-            f"generated {len(data['actions'])} transitions ({args.dataset_kind}) in {time.time() - start:.1f}s: {path}"
-        )
+        print(f"generated {len(data['actions'])} transitions in {time.time() - start:.1f}s: {path}")
     return data, path, True
 
 
@@ -473,40 +462,35 @@ class TwinQ(nn.Module):
 
 # ---- Replay buffer: the offline data first, then the agent's own experience ---------------------------------------
 class ReplayBuffer:
-    # array -> (dataset key, dtype), in the order of sample()'s tensors
-    FIELDS = {
-        "obs": ("observations", np.float32),
-        "actions": ("actions", np.int64),
-        "rewards": ("rewards", np.float32),
-        "next_obs": ("next_observations", np.float32),
-        "terminals": ("terminals", np.float32),
-    }
+    # array: (dataset key, dtype), in the order of sample()'s tensors
+    FIELDS = dict(obs=("observations", np.float32), actions=("actions", np.int64), rewards=("rewards", np.float32))
+    FIELDS.update(next_obs=("next_observations", np.float32), terminals=("terminals", np.float32))
 
     def __init__(self, data: dict, extra: int, device: torch.device):
         self.size = self.offline_size = n = len(data["actions"])
-        self.device = device
+        self.device, self.arrays = device, {}
         for name, (key, dtype) in self.FIELDS.items():
-            setattr(self, name, np.zeros((n + extra, *np.shape(data[key])[1:]), dtype))
-            getattr(self, name)[:n] = data[key]
+            self.arrays[name] = np.zeros((n + extra, *np.shape(data[key])[1:]), dtype)
+            self.arrays[name][:n] = data[key]
 
     def state_dict(self) -> dict:
         """The online part (the offline data comes from the dataset file); `size` counts both."""
-        return dict({k: getattr(self, k)[self.offline_size : self.size].copy() for k in self.FIELDS}, size=self.size)
+        return dict({k: v[self.offline_size : self.size].copy() for k, v in self.arrays.items()}, size=self.size)
 
     def load_state_dict(self, state: dict) -> None:
-        for k in self.FIELDS:
-            getattr(self, k)[self.offline_size : state["size"]] = state[k]
+        for k, v in self.arrays.items():
+            v[self.offline_size : state["size"]] = state[k]
         self.size = state["size"]
 
     def add(self, obs, action, reward, next_obs, terminal) -> None:
-        for k, v in zip(self.FIELDS, (obs, action, reward, next_obs, terminal)):
-            getattr(self, k)[self.size] = v
+        for v, x in zip(self.arrays.values(), (obs, action, reward, next_obs, terminal)):
+            v[self.size] = x
         self.size += 1
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple:
         """(obs, actions, rewards, next_obs, terminals) tensors of uniformly drawn transitions."""
         idx = rng.integers(0, self.size, size=batch_size)
-        return tuple(torch.as_tensor(getattr(self, k)[idx], device=self.device) for k in self.FIELDS)
+        return tuple(torch.as_tensor(v[idx], device=self.device) for v in self.arrays.values())
 
 
 # ==== BEGIN SHARED BLOCK: injection (shared_blocks/injection.py; sync: tools/sync_blocks.py) ====
@@ -706,24 +690,14 @@ def inject_critics(agent, probe: torch.Tensor, args: Args) -> dict:
     return log
 
 
-# --reset-target / --shrink-perturb-target -> (network attribute, sub-module paths) of IQLAgent
-INTERVENTION_PATHS = {
-    "q-head": (("qf", ("q1.head", "q2.head")),),
-    "q": (("qf", ("q1", "q2")),),
-    "qv-head": (("qf", ("q1.head", "q2.head")), ("vf", ("head",))),
-    "qv": (("qf", ("q1", "q2")), ("vf", ("",))),
-    "actor": (("actor", ("",)),),
-    "all": (("qf", ("q1", "q2")), ("vf", ("",)), ("actor", ("",))),
-}
-
-
 def intervention_parts(agent, target: str) -> list:
-    """(network, paths, optimizer, target networks) of each network that `target` names."""
-    optimizers = {"qf": agent.q_opt, "vf": agent.v_opt, "actor": agent.a_opt}
-    return [
-        (getattr(agent, k), list(paths), optimizers[k], [agent.qf_target] if k == "qf" else [])
-        for k, paths in INTERVENTION_PATHS[target]
-    ]
+    """(network, sub-module paths, optimizer, target networks) of each network that `target` (--reset-target,
+    --shrink-perturb-target) names: both Q heads or whole Q nets, the same plus V's head or all of V, the actor, all."""
+    heads = target.endswith("-head")
+    q = (agent.qf, ["q1.head", "q2.head"] if heads else ["q1", "q2"], agent.q_opt, [agent.qf_target])
+    v = (agent.vf, ["head"] if heads else [""], agent.v_opt, [])
+    actor = (agent.actor, [""], agent.a_opt, [])
+    return {"q-head": [q], "q": [q], "qv-head": [q, v], "qv": [q, v], "actor": [actor], "all": [q, v, actor]}[target]
 
 
 def reset_networks(agent, target: str) -> dict:
@@ -870,14 +844,13 @@ def validate_args(args: Args) -> int:
 
 def draw_trajectory(env: PointmassEnv, traj: np.ndarray, path: str, title: str) -> None:
     """Save a PNG (atomically) of the map (walls grey), start, goal region and a trajectory of positions."""
-    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    fig = Figure(figsize=(4, 4), dpi=80)
+    ax = fig.subplots()
     ax.imshow(env.walls, cmap="Greys", vmin=0, vmax=2, origin="upper", extent=(0, env.width, env.height, 0))
-    ax.add_patch(plt.Circle((env.goal[1], env.goal[0]), env.success_radius, color="green", alpha=0.3))
+    ax.add_patch(Circle((env.goal[1], env.goal[0]), env.success_radius, color="green", alpha=0.3))
     ax.plot(traj[:, 1], traj[:, 0], "b.-", alpha=0.7, markersize=3)
     ax.plot(env.start[1], env.start[0], "r+", markersize=12, label="start")
     ax.plot(env.goal[1], env.goal[0], "g*", markersize=12, label="goal")
@@ -886,7 +859,6 @@ def draw_trajectory(env: PointmassEnv, traj: np.ndarray, path: str, title: str) 
     ax.legend(loc="lower left", fontsize=7)
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     fig.savefig(tmp)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
