@@ -234,7 +234,8 @@ class PointmassEnv(gym.Env):
         rows, scale, start, goal, self.success_radius, self.max_episode_steps = LEVELS[env_id]
         walls = np.array([[c == "1" for c in r] for r in rows], dtype=bool)
         self.walls = walls.repeat(scale, axis=0).repeat(scale, axis=1)
-        self.action_noise, (self.height, self.width) = action_noise, self.walls.shape
+        self.action_noise = action_noise
+        self.height, self.width = self.walls.shape
         self.start, self.goal = np.array(start, dtype=np.float64), np.array(goal, dtype=np.float64)
         self.action_space = gym.spaces.Discrete(5)
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
@@ -366,9 +367,12 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5) ->
 def generate_dataset(args: Args) -> dict:
     """--dataset-steps transitions of a random policy, or of an eps-greedy DQN trained on an RND bonus alone (the
     normalised prediction error of the next state), acting at random for its first 1000 steps."""
-    seed, keys = dataset_seed(args), (*DATASET_KEYS, "truncations")
-    rng, env, buf = np.random.default_rng(seed), PointmassEnv(args.env_id), {k: [] for k in keys}
+    seed = dataset_seed(args)
+    rng = np.random.default_rng(seed)
+    env = PointmassEnv(args.env_id)
     obs, _ = env.reset(seed=seed)
+    keys = (*DATASET_KEYS, "truncations")
+    buf = {k: [] for k in keys}
     if args.dataset_kind == "rnd":
         with torch.random.fork_rng():  # seeded init that leaves the caller's torch RNG untouched
             torch.manual_seed(seed)
@@ -443,7 +447,8 @@ def mlp(in_dim: int, hidden, out_dim, layer_norm: bool = False, activation: str 
 
 def split_mlp(in_dim: int, out_dim: int, args: Args) -> nn.Sequential:
     """`encoder` (the first --critic-encoder-layers hidden layers; Identity when 0), then `head` (the rest)."""
-    k, kw = args.critic_encoder_layers, dict(layer_norm=args.layer_norm, activation=args.activation)
+    k = args.critic_encoder_layers
+    kw = dict(layer_norm=args.layer_norm, activation=args.activation)
     encoder = mlp(in_dim, args.hidden_sizes[:k], None, **kw) if k else nn.Identity()
     head = mlp(args.hidden_sizes[k - 1] if k else in_dim, args.hidden_sizes[k:], out_dim, **kw)
     return nn.Sequential(OrderedDict(encoder=encoder, head=head))
@@ -468,7 +473,8 @@ class ReplayBuffer:
 
     def __init__(self, data: dict, extra: int, device: torch.device):
         self.size = self.offline_size = n = len(data["actions"])
-        self.device, self.arrays = device, {}
+        self.device = device
+        self.arrays = {}
         for name, (key, dtype) in self.FIELDS.items():
             self.arrays[name] = np.zeros((n + extra, *np.shape(data[key])[1:]), dtype)
             self.arrays[name][:n] = data[key]
