@@ -336,9 +336,7 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5) ->
     except Exception as e:  # not a zip, corrupt, or pickled objects
         raise UserError(f"{what} {path}: cannot be read as an .npz file ({type(e).__name__}: {e})") from None
     if missing := [k for k in DATASET_KEYS if k not in data]:
-        raise UserError(
-            f"dataset {path}: missing key(s) {missing}; needs {list(DATASET_KEYS)} (+ optional truncations)"
-        )
+        raise UserError(f"dataset {path}: missing key(s) {missing}; needs {', '.join(DATASET_KEYS)} [, truncations]")
     out = {k: np.asarray(data[k]) for k in (*DATASET_KEYS, "truncations") if k in data}
     n = len(out["actions"])
     if n == 0:
@@ -868,7 +866,6 @@ def draw_trajectory(env: PointmassEnv, traj: np.ndarray, path: str, title: str) 
     os.replace(tmp, path)
 
 
-@torch.no_grad()
 def evaluate(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> dict:
     """--eval-episodes greedy (argmax) episodes: logs eval/..., draws the first one's trajectory to eval_{step}.png
     in the run folder, returns eval/..."""
