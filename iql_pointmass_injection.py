@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import gymnasium as gym
 import numpy as np
@@ -222,12 +222,6 @@ LEVELS = {
 ACTIONS = np.array([[0.0, 0.0], [0.0, -1.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0]])
 
 
-def level_walls(env_id: str) -> np.ndarray:
-    rows, scale = LEVELS[env_id][0], LEVELS[env_id][1]
-    walls = np.array([[c == "1" for c in r] for r in rows], dtype=bool)
-    return walls.repeat(scale, axis=0).repeat(scale, axis=1)
-
-
 class PointmassEnv(gym.Env):
     """A point in a 2-D maze. Position (row, col) in map cells; observation = position / map size.
 
@@ -236,13 +230,11 @@ class PointmassEnv(gym.Env):
     off the map is skipped. Reward -1 per step, 0 when the goal is reached (`terminated`); the time limit truncates.
     """
 
-    metadata = {"render_modes": []}
-
     def __init__(self, env_id: str = "PointmassHard-v0", action_noise: float = 0.5):
-        if env_id not in LEVELS:
-            raise UserError(f"--env-id {env_id!r} is unknown; choose one of {sorted(LEVELS)}")
-        _, _, start, goal, self.success_radius, self.max_episode_steps = LEVELS[env_id]
-        self.env_id, self.walls, self.action_noise = env_id, level_walls(env_id), action_noise
+        rows, scale, start, goal, self.success_radius, self.max_episode_steps = LEVELS[env_id]
+        walls = np.array([[c == "1" for c in r] for r in rows], dtype=bool)
+        self.walls = walls.repeat(scale, axis=0).repeat(scale, axis=1)
+        self.action_noise = action_noise
         self.height, self.width = self.walls.shape
         self.start, self.goal = np.array(start, dtype=np.float64), np.array(goal, dtype=np.float64)
         self.action_space = gym.spaces.Discrete(5)
@@ -250,11 +242,12 @@ class PointmassEnv(gym.Env):
         self._scale = np.array([self.height, self.width], dtype=np.float64)
         self.state, self.t = self.start.copy(), 0
 
+    def cell(self, pos) -> tuple:
+        return min(int(pos[0]), self.height - 1), min(int(pos[1]), self.width - 1)
+
     def blocked(self, pos) -> bool:
         r, c = pos
-        if r < 0 or c < 0 or r > self.height or c > self.width:
-            return True
-        return bool(self.walls[min(int(r), self.height - 1), min(int(c), self.width - 1)])
+        return r < 0 or c < 0 or r > self.height or c > self.width or bool(self.walls[self.cell(pos)])
 
     def move(self, pos: np.ndarray, a: np.ndarray) -> np.ndarray:
         """Noise-free dynamics: 10 sub-steps of 0.1 * a, each axis separately, walls skip a sub-move."""
@@ -308,36 +301,9 @@ class ShortestPathController:
 
     def __call__(self, obs: np.ndarray) -> int:
         env, pos = self.env, np.asarray(obs, dtype=np.float64) * self.env._scale
-        keys = []
-        for a in ACTIONS:
-            p = env.move(pos, a)
-            cell = (min(int(p[0]), env.height - 1), min(int(p[1]), env.width - 1))
-            keys.append((self.dist[cell], float(np.linalg.norm(p - env.goal))))
-        return min(range(len(ACTIONS)), key=lambda k: keys[k])
-
-
-def draw_trajectory(env: PointmassEnv, traj: np.ndarray, path: str, title: str = "") -> None:
-    """Save a PNG (atomically) of the map (walls grey), start, goal region and a trajectory of positions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
-    ax.imshow(env.walls, cmap="Greys", vmin=0, vmax=2, origin="upper", extent=(0, env.width, env.height, 0))
-    ax.add_patch(plt.Circle((env.goal[1], env.goal[0]), env.success_radius, color="green", alpha=0.3))
-    ax.plot(traj[:, 1], traj[:, 0], "b.-", alpha=0.7, markersize=3)
-    ax.plot(env.start[1], env.start[0], "r+", markersize=12, label="start")
-    ax.plot(env.goal[1], env.goal[0], "g*", markersize=12, label="goal")
-    ax.set(xlim=(0, env.width), ylim=(env.height, 0))
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower left", fontsize=7)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+        moves = [env.move(pos, a) for a in ACTIONS]
+        keys = [(self.dist[env.cell(p)], float(np.linalg.norm(p - env.goal))) for p in moves]
+        return keys.index(min(keys))
 
 
 # ---- Offline data: generated once and cached by a hash of its settings, or the user's own .npz --------------------
@@ -345,30 +311,37 @@ DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "term
 DATASET_VERSION = 1  # bump when the generator changes: old cache files are no longer matched
 
 
-def dataset_settings(args: Args) -> dict:
-    seed = args.seed if args.dataset_seed is None else args.dataset_seed
-    settings = dict(version=DATASET_VERSION, env_id=args.env_id, kind=args.dataset_kind, steps=args.dataset_steps)
-    settings["seed"] = seed
-    if args.dataset_kind == "rnd":
-        settings["rnd_epsilon"] = args.rnd_epsilon
-    return settings
+def dataset_seed(args: Args) -> int:
+    return args.seed if args.dataset_seed is None else args.dataset_seed
 
 
 def dataset_path(args: Args) -> str:
-    digest = hashlib.sha1(json.dumps(dataset_settings(args), sort_keys=True).encode()).hexdigest()[:12]
+    """The cache file of these generation settings (a hash of them in its name)."""
+    settings = dict(version=DATASET_VERSION, env_id=args.env_id, kind=args.dataset_kind, steps=args.dataset_steps)
+    settings["seed"] = dataset_seed(args)
+    if args.dataset_kind == "rnd":
+        settings["rnd_epsilon"] = args.rnd_epsilon
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(args.dataset_dir, f"{args.env_id}__{args.dataset_kind}__{args.dataset_steps}__{digest}.npz")
 
 
-def validate_dataset(data, path: str, n_actions: int = 5) -> dict:
-    """Check keys, shapes, dtypes, action range and finiteness (one-line UserError naming the file); clean arrays."""
+def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5) -> dict:
+    """A dataset file's arrays, float32 (actions int64), or a one-line UserError naming the file (`what`: the flag or
+    the cache): unreadable, missing keys, wrong shapes or dtypes, NaN/inf, actions out of range, non-boolean flags."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:  # not a zip, corrupt, or pickled objects
+        raise UserError(f"{what} {path}: cannot be read as an .npz file ({type(e).__name__}: {e})") from None
     if missing := [k for k in DATASET_KEYS if k not in data]:
-        raise UserError(
-            f"dataset {path}: missing key(s) {missing}; needs {list(DATASET_KEYS)} (+ optional truncations)"
-        )
+        raise UserError(f"dataset {path}: missing key(s) {missing}; needs {', '.join(DATASET_KEYS)} [, truncations]")
     out = {k: np.asarray(data[k]) for k in (*DATASET_KEYS, "truncations") if k in data}
     n = len(out["actions"])
     if n == 0:
         raise UserError(f"dataset {path}: it holds no transitions")
+    out.setdefault("truncations", np.zeros(n))
     for k, v in out.items():
         shape = (n, 2) if k.endswith("observations") else (n,)
         if v.shape != shape:
@@ -378,49 +351,32 @@ def validate_dataset(data, path: str, n_actions: int = 5) -> dict:
             raise UserError(f"dataset {path}: {k} has dtype {out[k].dtype}, expected a real number type")
         if not np.isfinite(out[k].astype(np.float64)).all():
             raise UserError(f"dataset {path}: {k} holds NaN or inf values")
-    actions = out["actions"]
-    if not np.issubdtype(actions.dtype, np.integer):
-        raise UserError(f"dataset {path}: actions have dtype {actions.dtype}, expected integers in [0, {n_actions})")
-    if actions.min() < 0 or actions.max() >= n_actions:
-        raise UserError(
-            f"dataset {path}: actions range over [{actions.min()}, {actions.max()}], expected [0, {n_actions})"
-        )
+    a = out["actions"]
+    if not np.issubdtype(a.dtype, np.integer):
+        raise UserError(f"dataset {path}: actions have dtype {a.dtype}, expected integers in [0, {n_actions})")
+    if a.min() < 0 or a.max() >= n_actions:
+        raise UserError(f"dataset {path}: actions range over [{a.min()}, {a.max()}], expected [0, {n_actions})")
     for k in ("terminals", "truncations"):
-        v = out.get(k, np.zeros(n))
-        if not (v.dtype == bool or np.issubdtype(v.dtype, np.number)) or not np.isin(v, (0, 1)).all():
+        if not (out[k].dtype == bool or np.issubdtype(out[k].dtype, np.number)) or not np.isin(out[k], (0, 1)).all():
             raise UserError(f"dataset {path}: {k} must be booleans (or 0/1)")
-    clean = {k: out[k].astype(np.float32) for k in ("observations", "next_observations", "rewards", "terminals")}
-    return dict(
-        clean, actions=actions.astype(np.int64), truncations=out.get("truncations", np.zeros(n)).astype(np.float32)
-    )
-
-
-def load_dataset_file(path: str, what: str = "--dataset") -> dict:
-    """A dataset file's validated arrays; `what` names it in errors (the --dataset flag or the cache)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            raw = {k: f[k] for k in f.files}
-    except Exception as e:  # not a zip, corrupt, or pickled objects
-        raise UserError(f"{what} {path}: cannot be read as an .npz file ({type(e).__name__}: {e})") from None
-    return validate_dataset(raw, path)
+    return {k: v.astype(np.int64 if k == "actions" else np.float32) for k, v in out.items()}
 
 
 def generate_dataset(args: Args) -> dict:
-    """Collect --dataset-steps transitions with a random policy, or with a DQN trained on an RND bonus alone."""
-    seed = dataset_settings(args)["seed"]
+    """--dataset-steps transitions of a random policy, or of an eps-greedy DQN trained on an RND bonus alone (the
+    normalised prediction error of the next state), acting at random for its first 1000 steps."""
+    seed = dataset_seed(args)
     rng = np.random.default_rng(seed)
     env = PointmassEnv(args.env_id)
     obs, _ = env.reset(seed=seed)
     keys = (*DATASET_KEYS, "truncations")
     buf = {k: [] for k in keys}
-    if args.dataset_kind == "rnd":  # exploration DQN: reward = normalised RND prediction error of the next state
+    if args.dataset_kind == "rnd":
         with torch.random.fork_rng():  # seeded init that leaves the caller's torch RNG untouched
             torch.manual_seed(seed)
             qnet, qtarget, rnd_target, rnd_pred = (mlp(2, [64, 64], k) for k in (5, 5, 16, 16))
         qtarget.load_state_dict(qnet.state_dict())
-        q_opt, r_opt = torch.optim.Adam(qnet.parameters(), lr=1e-3), torch.optim.Adam(rnd_pred.parameters(), lr=1e-3)
+        opt = torch.optim.Adam([*qnet.parameters(), *rnd_pred.parameters()], lr=1e-3)
         err_sq_mean = 1.0
     for step in range(args.dataset_steps):
         if RUN["stop"] is not None:  # Ctrl-C or SIGTERM before training: nothing to resume
@@ -434,26 +390,23 @@ def generate_dataset(args: Args) -> dict:
         for k, v in zip(keys, (obs, action, reward, next_obs, term, trunc)):
             buf[k].append(v)
         obs = env.reset()[0] if term or trunc else next_obs
-        if args.dataset_kind == "rnd" and step >= 500:
+        if args.dataset_kind == "rnd" and step >= 500:  # one RND step, one DQN step on the bonus
             idx = rng.integers(0, len(buf["actions"]), size=64)
             batch = (np.array([buf[k][i] for i in idx]) for k in ("observations", "actions", "next_observations"))
             o, a, o2 = map(torch.as_tensor, batch)
             d = torch.as_tensor(np.array([buf["terminals"][i] for i in idx], dtype=np.float32))
             err = (rnd_pred(o2) - rnd_target(o2).detach()).pow(2).mean(1)
-            r_opt.zero_grad()
-            err.mean().backward()
-            r_opt.step()
             err_sq_mean = 0.99 * err_sq_mean + 0.01 * float(err.detach().pow(2).mean())
             bonus = err.detach() / (err_sq_mean**0.5 + 1e-8)
             with torch.no_grad():
                 y = bonus + 0.99 * (1 - d) * qtarget(o2).max(1).values
             loss = F.smooth_l1_loss(qnet(o).gather(1, a[:, None]).squeeze(1), y)
-            q_opt.zero_grad()
-            loss.backward()
-            q_opt.step()
+            opt.zero_grad()
+            (err.mean() + loss).backward()  # disjoint parameters: each network gets its own gradient
+            opt.step()
             if step % 500 == 0:
                 qtarget.load_state_dict(qnet.state_dict())
-    return validate_dataset({k: np.array(v) for k, v in buf.items()}, "(generated)")
+    return {k: np.array(v, np.int64 if k == "actions" else np.float32) for k, v in buf.items()}
 
 
 def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
@@ -473,9 +426,7 @@ def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
         np.savez(f, **data)
     os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written cache file
     if verbose:
-        print(
-            f"generated {len(data['actions'])} transitions ({args.dataset_kind}) in {time.time() - start:.1f}s: {path}"
-        )
+        print(f"generated {len(data['actions'])} transitions in {time.time() - start:.1f}s: {path}")
     return data, path, True
 
 
@@ -492,19 +443,13 @@ def mlp(in_dim: int, hidden, out_dim, layer_norm: bool = False, activation: str 
     return nn.Sequential(*layers, *([nn.Linear(in_dim, out_dim)] if out_dim is not None else []))
 
 
-class SplitNet(nn.Module):
-    """encoder (the first `encoder_layers` hidden layers; Identity when 0), then head (the rest)."""
-
-    def __init__(self, in_dim, out_dim, hidden, encoder_layers, layer_norm=False, activation="relu"):
-        super().__init__()
-        hidden = list(hidden)
-        encoder = mlp(in_dim, hidden[:encoder_layers], None, layer_norm, activation)
-        self.encoder = encoder if encoder_layers else nn.Identity()
-        enc_dim = hidden[encoder_layers - 1] if encoder_layers else in_dim
-        self.head = mlp(enc_dim, hidden[encoder_layers:], out_dim, layer_norm, activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+def split_mlp(in_dim: int, out_dim: int, args: Args) -> nn.Sequential:
+    """`encoder` (the first --critic-encoder-layers hidden layers; Identity when 0), then `head` (the rest)."""
+    k = args.critic_encoder_layers
+    kw = dict(layer_norm=args.layer_norm, activation=args.activation)
+    encoder = mlp(in_dim, args.hidden_sizes[:k], None, **kw) if k else nn.Identity()
+    head = mlp(args.hidden_sizes[k - 1] if k else in_dim, args.hidden_sizes[k:], out_dim, **kw)
+    return nn.Sequential(OrderedDict(encoder=encoder, head=head))
 
 
 class TwinQ(nn.Module):
@@ -512,9 +457,7 @@ class TwinQ(nn.Module):
 
     def __init__(self, obs_dim: int, n_actions: int, args: Args):
         super().__init__()
-        kw = dict(layer_norm=args.layer_norm, activation=args.activation)
-        self.q1 = SplitNet(obs_dim, n_actions, args.hidden_sizes, args.critic_encoder_layers, **kw)
-        self.q2 = SplitNet(obs_dim, n_actions, args.hidden_sizes, args.critic_encoder_layers, **kw)
+        self.q1, self.q2 = split_mlp(obs_dim, n_actions, args), split_mlp(obs_dim, n_actions, args)
 
     def forward(self, x: torch.Tensor):
         return self.q1(x), self.q2(x)
@@ -522,44 +465,36 @@ class TwinQ(nn.Module):
 
 # ---- Replay buffer: the offline data first, then the agent's own experience ---------------------------------------
 class ReplayBuffer:
-    def __init__(self, data: dict, extra: int, device: torch.device):
-        n, cap = len(data["actions"]), len(data["actions"]) + extra
-        self.obs, self.next_obs = np.zeros((cap, 2), np.float32), np.zeros((cap, 2), np.float32)
-        self.actions, self.rewards, self.terminals = (
-            np.zeros(cap, np.int64),
-            np.zeros(cap, np.float32),
-            np.zeros(cap, np.float32),
-        )
-        self.obs[:n], self.next_obs[:n], self.actions[:n] = (
-            data["observations"],
-            data["next_observations"],
-            data["actions"],
-        )
-        self.rewards[:n], self.terminals[:n] = data["rewards"], data["terminals"]
-        self.size, self.offline_size, self.device = n, n, device
+    # array: (dataset key, dtype), in the order of sample()'s tensors
+    FIELDS = dict(obs=("observations", np.float32), actions=("actions", np.int64), rewards=("rewards", np.float32))
+    FIELDS.update(next_obs=("next_observations", np.float32), terminals=("terminals", np.float32))
 
-    ARRAYS = ("obs", "next_obs", "actions", "rewards", "terminals")
+    def __init__(self, data: dict, extra: int, device: torch.device):
+        self.size = self.offline_size = n = len(data["actions"])
+        self.device = device
+        self.arrays = {}
+        for name, (key, dtype) in self.FIELDS.items():
+            self.arrays[name] = np.zeros((n + extra, *np.shape(data[key])[1:]), dtype)
+            self.arrays[name][:n] = data[key]
 
     def state_dict(self) -> dict:
         """The online part (the offline data comes from the dataset file); `size` counts both."""
-        return dict({k: getattr(self, k)[self.offline_size : self.size].copy() for k in self.ARRAYS}, size=self.size)
+        return dict({k: v[self.offline_size : self.size].copy() for k, v in self.arrays.items()}, size=self.size)
 
     def load_state_dict(self, state: dict) -> None:
-        for k in self.ARRAYS:
-            getattr(self, k)[self.offline_size : state["size"]] = state[k]
+        for k, v in self.arrays.items():
+            v[self.offline_size : state["size"]] = state[k]
         self.size = state["size"]
 
     def add(self, obs, action, reward, next_obs, terminal) -> None:
-        i = self.size
-        self.obs[i], self.actions[i], self.rewards[i] = obs, action, reward
-        self.next_obs[i], self.terminals[i] = next_obs, float(terminal)
+        for v, x in zip(self.arrays.values(), (obs, action, reward, next_obs, terminal)):
+            v[self.size] = x
         self.size += 1
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple:
         """(obs, actions, rewards, next_obs, terminals) tensors of uniformly drawn transitions."""
         idx = rng.integers(0, self.size, size=batch_size)
-        arrays = (self.obs, self.actions, self.rewards, self.next_obs, self.terminals)
-        return tuple(torch.as_tensor(a[idx], device=self.device) for a in arrays)
+        return tuple(torch.as_tensor(v[idx], device=self.device) for v in self.arrays.values())
 
 
 # ==== BEGIN SHARED BLOCK: injection (shared_blocks/injection.py; sync: tools/sync_blocks.py) ====
@@ -739,30 +674,53 @@ def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = 
 # ==== END SHARED BLOCK: injection ====
 
 
+# ---- Plasticity injection into the critics, and the interventions to compare it against ----------------------------
 def inject_critics(agent, probe: torch.Tensor, args: Args) -> dict:
     """Plasticity injection into both Q heads, the target critics mirrored with the same fresh values; with
     `--inject-target qv` also into V's head (its values logged as injection/v_...)."""
-    ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
+    kw = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
+    kw.update(reset_optimizer=args.inject_reset_optimizer)
     log = inject_plasticity(
-        agent.qf,
-        ["q1.head", "q2.head"],
-        probe,
-        targets=[agent.qf_target],
-        optimizers=[agent.q_opt],
-        reset_optimizer=args.inject_reset_optimizer,
-        **ablations,
+        agent.qf, ["q1.head", "q2.head"], probe, targets=[agent.qf_target], optimizers=[agent.q_opt], **kw
     )
     if args.inject_target == "qv":
-        v_log = inject_plasticity(
-            agent.vf,
-            ["head"],
-            probe,
-            optimizers=[agent.v_opt],
-            reset_optimizer=args.inject_reset_optimizer,
-            **ablations,
-        )
+        v_log = inject_plasticity(agent.vf, ["head"], probe, optimizers=[agent.v_opt], **kw)
         log.update({k.replace("injection/", "injection/v_"): v for k, v in v_log.items()})
     return log
+
+
+def intervention_parts(agent, target: str) -> list:
+    """(network, sub-module paths, optimizer, target networks) of each network that `target` (--reset-target,
+    --shrink-perturb-target) names: both Q heads or whole Q nets, the same plus V's head or all of V, the actor, all."""
+    heads = target.endswith("-head")
+    q = (agent.qf, ["q1.head", "q2.head"] if heads else ["q1", "q2"], agent.q_opt, [agent.qf_target])
+    v = (agent.vf, ["head"] if heads else [""], agent.v_opt, [])
+    actor = (agent.actor, [""], agent.a_opt, [])
+    return {"q-head": [q], "q": [q], "qv-head": [q, v], "qv": [q, v], "actor": [actor], "all": [q, v, actor]}[target]
+
+
+def reset_networks(agent, target: str) -> dict:
+    """--reset-at: default init for `target`, mirrored into the target critics; those parameters lose their Adam
+    state. On injected heads only the trainable terms are reset."""
+    count = 0.0
+    for net, paths, opt, targets in intervention_parts(agent, target):
+        count += reset_modules(net, paths, optimizers=[opt], targets=targets)["interventions/reset_params"]
+    return {"interventions/reset_params": count}
+
+
+def shrink_perturb_networks(agent, target: str, shrink: float, perturb: float) -> dict:
+    """--shrink-perturb-at: theta <- S theta + P eps on `target`, the target critics with the same eps; the relative
+    change is over all the touched parameters."""
+    count, sq_change, sq_norm = 0.0, 0.0, 0.0
+    for net, paths, _, targets in intervention_parts(agent, target):
+        touched = [p for path in paths for p in net.get_submodule(path).parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in touched]
+        count += shrink_perturb(net, paths, shrink, perturb, targets=targets)["interventions/shrink_perturb_params"]
+        for p, old in zip(touched, before):
+            sq_change += float((p.detach() - old).double().pow(2).sum())
+            sq_norm += float(old.double().pow(2).sum())
+    rel_change = (sq_change / sq_norm) ** 0.5 if sq_norm > 0 else 0.0
+    return {"interventions/shrink_perturb_params": count, "interventions/shrink_perturb_rel_change": rel_change}
 
 
 # ---- IQL ----------------------------------------------------------------------------------------------------------
@@ -780,14 +738,13 @@ class IQLAgent:
         self.qf_target = TwinQ(obs_dim, n_actions, args).to(device)
         self.qf_target.load_state_dict(self.qf.state_dict())
         self.qf_target.requires_grad_(False)
-        split = (args.hidden_sizes, args.critic_encoder_layers, args.layer_norm, args.activation)
-        self.vf = SplitNet(obs_dim, 1, *split).to(device)
+        self.vf = split_mlp(obs_dim, 1, args).to(device)
         self.actor = mlp(obs_dim, args.hidden_sizes, n_actions, args.layer_norm, args.activation).to(device)
         fused = device.type in ("cpu", "cuda")  # one kernel per parameter: much less overhead for small nets
         self.q_opt = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=fused)
         self.v_opt = torch.optim.Adam(self.vf.parameters(), lr=args.learning_rate, fused=fused)
         self.a_opt = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=fused)
-        self.optimizers = [self.q_opt, self.v_opt, self.a_opt]
+        self.trained = [(self.q_opt, self.qf), (self.v_opt, self.vf), (self.a_opt, self.actor)]
 
     def update(self, batch, l2: float = 0.0) -> dict:
         """One IQL gradient step on (obs, actions, rewards, next_obs, terminals); returns detached stats. l2 > 0
@@ -813,10 +770,10 @@ class IQLAgent:
         weights = torch.exp(args.beta * adv).clamp(max=args.max_weight)
         logp = torch.log_softmax(self.actor(o), dim=1).gather(1, a[:, None]).squeeze(1)
         actor_loss = -(weights * logp).mean()
-        for opt in self.optimizers:
+        for opt, _ in self.trained:
             opt.zero_grad(set_to_none=True)
         (v_loss + q_loss + actor_loss).backward()
-        for opt in self.optimizers:
+        for opt, _ in self.trained:
             opt.step()
         with torch.no_grad():  # soft target update
             torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), args.tau)
@@ -825,7 +782,8 @@ class IQLAgent:
         return {f"losses/{k}": value.detach() for k, value in stats.items()}
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray, rng: np.random.Generator, mode: str = "greedy", epsilon: float = 0.0) -> int:
+    def act(self, obs: np.ndarray, rng: np.random.Generator = None, mode: str = "greedy", epsilon: float = 0.0) -> int:
+        """`greedy` (argmax of the actor), `eps-greedy` or `policy` (a sample of its softmax)."""
         logits = self.actor(torch.as_tensor(obs, device=self.device)[None])[0]
         if mode == "policy":
             p = torch.softmax(logits.double(), 0).cpu().numpy()
@@ -840,15 +798,12 @@ class IQLAgent:
     def state_dict(self) -> dict:
         return {k: net.state_dict() for k, net in self.networks().items()}
 
-    def optimizer_states(self) -> list:
-        return [optimizer_state(opt, net) for opt, net in zip(self.optimizers, (self.qf, self.vf, self.actor))]
-
     def load(self, networks: dict, optimizers: list) -> None:
         """Restore a checkpoint's networks (with their injection state) and optimizers."""
         for k, net in self.networks().items():
             load_injected_state_dict(net, networks[k])
         self.qf_target.requires_grad_(False)
-        for opt, net, saved in zip(self.optimizers, (self.qf, self.vf, self.actor), optimizers):
+        for (opt, net), saved in zip(self.trained, optimizers):
             restore_optimizer(opt, net, saved)
 
 
@@ -858,55 +813,8 @@ def plasticity_metrics(agent: IQLAgent, batch, tau: float) -> dict:
     o, a, r, o2, d = batch
     with torch.no_grad():
         y = r + agent.args.gamma * (1.0 - d) * agent.vf(o2).squeeze(1)
-
-    def loss_fn(q):
-        return F.mse_loss(q(o).gather(1, a[:, None]).squeeze(1), y)
-
+    loss_fn = lambda q: F.mse_loss(q(o).gather(1, a[:, None]).squeeze(1), y)
     return measure_plasticity(agent.qf.q1, o, loss_fn=loss_fn, tau=tau)
-
-
-# --reset-target / --shrink-perturb-target -> (network attribute, sub-module paths) of IQLAgent
-INTERVENTION_PATHS = {
-    "q-head": (("qf", ("q1.head", "q2.head")),),
-    "q": (("qf", ("q1", "q2")),),
-    "qv-head": (("qf", ("q1.head", "q2.head")), ("vf", ("head",))),
-    "qv": (("qf", ("q1", "q2")), ("vf", ("",))),
-    "actor": (("actor", ("",)),),
-    "all": (("qf", ("q1", "q2")), ("vf", ("",)), ("actor", ("",))),
-}
-
-
-def intervention_parts(agent: IQLAgent, target: str) -> list:
-    """(network, paths, optimizer, target networks) of each network that `target` names."""
-    optimizers = {"qf": agent.q_opt, "vf": agent.v_opt, "actor": agent.a_opt}
-    targets = {"qf": [agent.qf_target]}
-    return [
-        (getattr(agent, k), list(paths), optimizers[k], targets.get(k, [])) for k, paths in INTERVENTION_PATHS[target]
-    ]
-
-
-def reset_networks(agent: IQLAgent, target: str) -> dict:
-    """--reset-at: default init for `target`, mirrored into the target critics; those parameters lose their Adam
-    state. On injected heads only the trainable terms are reset."""
-    count = 0.0
-    for net, paths, opt, targets in intervention_parts(agent, target):
-        count += reset_modules(net, paths, optimizers=[opt], targets=targets)["interventions/reset_params"]
-    return {"interventions/reset_params": count}
-
-
-def shrink_perturb_networks(agent: IQLAgent, target: str, shrink: float, perturb: float) -> dict:
-    """--shrink-perturb-at: theta <- S theta + P eps on `target`, the target critics with the same eps; the relative
-    change is over all the touched parameters."""
-    count, sq_change, sq_norm = 0.0, 0.0, 0.0
-    for net, paths, _, targets in intervention_parts(agent, target):
-        touched = {id(p): p for path in paths for p in net.get_submodule(path).parameters() if p.requires_grad}
-        before = {k: p.detach().clone() for k, p in touched.items()}
-        count += shrink_perturb(net, paths, shrink, perturb, targets=targets)["interventions/shrink_perturb_params"]
-        for k, p in touched.items():
-            sq_change += float((p.detach() - before[k]).double().pow(2).sum())
-            sq_norm += float(before[k].double().pow(2).sum())
-    rel_change = (sq_change / sq_norm) ** 0.5 if sq_norm > 0 else 0.0
-    return {"interventions/shrink_perturb_params": count, "interventions/shrink_perturb_rel_change": rel_change}
 
 
 # ---- Training -----------------------------------------------------------------------------------------------------
@@ -928,49 +836,59 @@ def validate_args(args: Args) -> int:
     keys = None
     if args.adaptive_inject_threshold is not None:  # the keys measure_plasticity gives for critic q1
         with torch.random.fork_rng():
-            q1 = SplitNet(2, 5, args.hidden_sizes, args.critic_encoder_layers, args.layer_norm, args.activation)
-            keys = plasticity_keys(q1)
+            keys = plasticity_keys(split_mlp(2, 5, args))
     check_intervention_args(args, total, keys)
     return total
 
 
-@torch.no_grad()
-def evaluate(actor: nn.Module, env_id: str, episodes: int, seed: int, device: torch.device) -> tuple:
-    """Greedy (argmax) episodes; returns (returns, lengths, successes, first trajectory)."""
-    env = PointmassEnv(env_id)
-    rets, lens, succ, first = [], [], [], None
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
+def draw_trajectory(env: PointmassEnv, traj: np.ndarray, path: str, title: str) -> None:
+    """Save a PNG (atomically) of the map (walls grey), start, goal region and a trajectory of positions."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
+
+    fig = Figure(figsize=(4, 4), dpi=80)
+    ax = fig.subplots()
+    ax.imshow(env.walls, cmap="Greys", vmin=0, vmax=2, origin="upper", extent=(0, env.width, env.height, 0))
+    ax.add_patch(Circle((env.goal[1], env.goal[0]), env.success_radius, color="green", alpha=0.3))
+    ax.plot(traj[:, 1], traj[:, 0], "b.-", alpha=0.7, markersize=3)
+    ax.plot(env.start[1], env.start[0], "r+", markersize=12, label="start")
+    ax.plot(env.goal[1], env.goal[0], "g*", markersize=12, label="goal")
+    ax.set(xlim=(0, env.width), ylim=(env.height, 0))
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower left", fontsize=7)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> dict:
+    """--eval-episodes greedy (argmax) episodes: logs eval/..., draws the first one's trajectory to eval_{step}.png
+    in the run folder, returns eval/..."""
+    env, rets, lens, succ, trajs = PointmassEnv(args.env_id), [], [], [], []
+    for ep in range(args.eval_episodes):
+        obs, _ = env.reset(seed=args.seed + 10_000 + ep)
         traj, ret, done = [env.state.copy()], 0.0, False
         while not done:
-            obs, r, term, trunc, info = env.step(int(actor(torch.as_tensor(obs, device=device)[None]).argmax()))
+            obs, r, term, trunc, info = env.step(agent.act(obs))
             ret += r
             traj.append(env.state.copy())
             done = term or trunc
+        trajs.append(np.array(traj))
         rets.append(ret)
         lens.append(len(traj) - 1)
         succ.append(float(info["success"]))
-        first = np.array(traj) if first is None else first
-    return np.array(rets), np.array(lens), np.array(succ), first
-
-
-def evaluate_and_log(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> dict:
-    """Evaluate the greedy actor, log eval/..., draw the first trajectory (eval_{step}.png); returns eval/..."""
-    rets, lens, succ, traj = evaluate(agent.actor, args.env_id, args.eval_episodes, args.seed + 10_000, agent.device)
-    results = {
-        "eval/episodic_return": rets.mean(),
-        "eval/episodic_length": lens.mean(),
-        "eval/success_rate": succ.mean(),
-    }
+    results = {"eval/episodic_return": np.mean(rets), "eval/episodic_length": np.mean(lens)}
+    results["eval/success_rate"] = np.mean(succ)
     for k, v in results.items():
         writer.add_scalar(k, v, step)
-    title = f"{args.env_id} step {step}: return {rets.mean():.1f}, success {succ.mean():.2f}"
-    draw_trajectory(PointmassEnv(args.env_id), traj, os.path.join(run_dir, f"eval_{step:07d}.png"), title)
-    print(f"global_step={step}, eval/episodic_return={rets.mean():.1f}, eval/success_rate={succ.mean():.2f}")
+    title = f"{args.env_id} step {step}: return {np.mean(rets):.1f}, success {np.mean(succ):.2f}"
+    draw_trajectory(env, trajs[0], os.path.join(run_dir, f"eval_{step:07d}.png"), title)
+    print(f"global_step={step}, eval/episodic_return={np.mean(rets):.1f}, eval/success_rate={np.mean(succ):.2f}")
     return {k: float(v) for k, v in results.items()}
 
 
 HISTORY = ("injections", "interventions", "fired", "recent", "final")  # what a checkpoint keeps of the run's past
+LOSSES = ("losses/q_loss", "losses/v_loss", "losses/actor_loss")
 
 
 def train(args: Args) -> dict:
@@ -991,10 +909,10 @@ def train(args: Args) -> dict:
     rng = np.random.default_rng(args.seed)
     agent = IQLAgent(args, device)
     rb = ReplayBuffer(data, args.online_steps, device)
-    probe = rb.sample(min(256, rb.size), np.random.default_rng(args.seed + 12345))[0]  # fixed: output changes
-    metrics_probe = None
-    if args.metrics_every > 0:  # its own RNG: the training streams are the same with or without metrics
-        metrics_probe = rb.sample(args.metrics_batch_size, np.random.default_rng(args.seed + 54321))
+    # fixed batches, each from its own RNG (the training streams are the same with or without metrics): the
+    # injection's output check, and the plasticity metrics
+    probe = rb.sample(min(256, rb.size), np.random.default_rng(args.seed + 12345))[0]
+    metrics_probe = rb.sample(args.metrics_batch_size, np.random.default_rng(args.seed + 54321))
     # the run's history: a checkpoint holds it (fired: the steps the adaptive trigger fired at)
     history = dict(zip(HISTORY, ([], [], [], deque(maxlen=20), {})))
     env = PointmassEnv(args.env_id)
@@ -1014,43 +932,29 @@ def train(args: Args) -> dict:
         # checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop
         if checkpoint_due(args, global_step, max(global_step - 1, start_step)):
             state = dict(script="iql_pointmass_injection.py", args=vars(args), history=history, env=pickle.dumps(env))
-            state.update(optimizers=agent.optimizer_states(), rng=rng_state({"train": rng}))
-            state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None, episode=(obs, ep_ret, ep_len))
+            state.update(optimizers=[optimizer_state(opt, net) for opt, net in agent.trained])
+            state.update(rng=rng_state({"train": rng}), episode=(obs, ep_ret, ep_len))
+            state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None)
             path = save_checkpoint(state, run_name, global_step, args.keep_checkpoints, agent.networks())
             if RUN["stop"] is not None:
                 exit_stopped(global_step, path)
 
-        online = global_step >= args.offline_steps
         # plasticity injection and the interventions to compare it against
         if global_step in args.inject_at:
             log = dict(inject_critics(agent, probe, args), **{"injection/adaptive": 0.0})
             log_event(writer, injections, global_step, f"injected plasticity into {args.inject_target}", log)
         if global_step in args.reset_at:
-            log = reset_networks(agent, args.reset_target)
-            log_event(
-                writer,
-                interventions,
-                global_step,
-                f"reset of {args.reset_target}",
-                log,
-                kind="reset",
-                target=args.reset_target,
-            )
+            target = args.reset_target
+            log = reset_networks(agent, target)
+            log_event(writer, interventions, global_step, f"reset of {target}", log, kind="reset", target=target)
         if global_step in args.shrink_perturb_at:
             target = args.shrink_perturb_target
             log = shrink_perturb_networks(agent, target, args.sp_shrink, args.sp_perturb)
-            log_event(
-                writer,
-                interventions,
-                global_step,
-                f"shrink_perturb of {target}",
-                log,
-                kind="shrink_perturb",
-                target=target,
-            )
+            what = f"shrink_perturb of {target}"
+            log_event(writer, interventions, global_step, what, log, kind="shrink_perturb", target=target)
 
         # plasticity metrics of critic q1 on one fixed probe batch; the adaptive trigger reads them
-        if metrics_probe is not None and global_step % args.metrics_every == 0:
+        if args.metrics_every > 0 and global_step % args.metrics_every == 0:
             metrics = plasticity_metrics(agent, metrics_probe, args.dormant_tau)
             for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
@@ -1060,6 +964,7 @@ def train(args: Args) -> dict:
                 what = f"injected plasticity into {args.inject_target} (adaptive: {reason})"
                 log_event(writer, injections, global_step, what, log)
 
+        online = global_step >= args.offline_steps
         if online:  # one environment step with the current policy
             action = agent.act(obs, rng, args.online_exploration, args.online_epsilon)
             next_obs, reward, term, trunc, info = env.step(action)
@@ -1075,23 +980,22 @@ def train(args: Args) -> dict:
         # one IQL update on a batch of offline data and (online) the agent's own experience
         l2 = l2_coef(args, global_step, total)
         stats = agent.update(rb.sample(args.batch_size, rng), l2=l2)
-        losses = ("losses/q_loss", "losses/v_loss", "losses/actor_loss")
-        if not bool(torch.isfinite(torch.stack([stats[k] for k in losses])).all()):  # one host sync per step
-            for name in losses:
+        if not bool(torch.isfinite(torch.stack([stats[k] for k in LOSSES])).all()):  # one host sync per step
+            for name in LOSSES:
                 check_finite(stats[name], name, global_step)  # names the loss at fault
         if global_step % args.log_every == 0 or global_step == total - 1:
             sps = int((global_step + 1 - start_step) / (time.time() - start_time))
             scalars = {k: v.item() for k, v in stats.items()}
             scalars.update({"charts/learning_rate": agent.q_opt.param_groups[0]["lr"], "charts/SPS": sps})
-            scalars.update(
-                {"charts/online": float(online), **({"losses/l2_coef": l2} if args.l2_schedule != "none" else {})}
-            )
+            scalars["charts/online"] = float(online)
+            if args.l2_schedule != "none":
+                scalars["losses/l2_coef"] = l2
             for k, v in scalars.items():
                 writer.add_scalar(k, v, global_step)
             if recent and global_step % (10 * args.log_every) == 0:
                 print(f"global_step={global_step}, SPS={sps}, charts/episodic_return(last 20)={np.mean(recent):.1f}")
         if (global_step + 1) % args.eval_every == 0 or global_step == total - 1:
-            final.update(evaluate_and_log(agent, args, writer, run_dir, global_step + 1), global_step=global_step + 1)
+            final.update(evaluate(agent, args, writer, run_dir, global_step + 1), global_step=global_step + 1)
 
     final.update({k: float(v) for k, v in stats.items()}, injections=injections, interventions=interventions)
     elapsed = time.time() - start_time
