@@ -23,12 +23,14 @@ import torch.nn.functional as F
 import tyro
 
 # ==== BEGIN SHARED BLOCK: flags (shared_blocks/flags.py; sync: tools/sync_blocks.py) ====
-# Flags every script shares. Each script's `Args` extends this dataclass, adding its own flags and the
-# choices of `--inject-target`, `--reset-target` and `--shrink-perturb-target` (what the network calls a head).
+# Flags every script shares: RunArgs (seed, device, tracking, checkpoints) and PlasticityArgs (injection, metrics,
+# interventions). Each script's `Args` extends both, adding its own flags and the choices of `--inject-target`,
+# `--reset-target` and `--shrink-perturb-target` (what the network calls a head).
 # A flag declares its valid range once, `bounded(default, min=, max=, above=)`; `check_ranges(args)` checks them all.
 # Cross-flag checks: `check_intervention_args` (interventions block, end of file).
 import math
 import operator
+import os
 from dataclasses import dataclass, field, fields
 from typing import List, Literal, Optional
 
@@ -108,7 +110,23 @@ class PlasticityArgs:
 
 
 @dataclass
-class CheckpointArgs:
+class RunArgs:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (networks, sampling, environments)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "plasticity-injection"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    save_model: bool = False
+    """save the trained networks (atomically) to `runs/{run_name}/{exp_name}.cleanrl_model` at the end"""
     checkpoint_every: int = bounded(0, min=0)
     """write a checkpoint (networks, optimizer, replay buffer, random states, counters) to runs/{run_name}/checkpoints
     every this many global steps (0 = only when Ctrl-C or SIGTERM stops the run)"""
@@ -127,24 +145,7 @@ class CheckpointArgs:
 
 
 @dataclass
-class Args(PlasticityArgs, CheckpointArgs):
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (networks, sampling, environment noise)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, use the accelerator when one is available (else the CPU)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "plasticity-injection"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    save_model: bool = False
-    """whether to save the final networks to `runs/{run_name}/{exp_name}.cleanrl_model`"""
-
+class Args(PlasticityArgs, RunArgs):
     # Environment and data
     env_id: str = "PointmassHard-v0"
     """the id of the environment: PointmassEasy-v0, PointmassMedium-v0 or PointmassHard-v0"""

@@ -33,6 +33,7 @@ def load_blocks(*names):
     mod = types.ModuleType("blocks_" + "_".join(names))
     for name in ("flags", "common", "injection", *names):
         path = ROOT / "shared_blocks" / f"{name}.py"
+        mod.__file__ = str(path)
         exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)
     return mod
 
