@@ -283,30 +283,6 @@ for _id in LEVELS:
         gym.register(id=_id, entry_point=PointmassEnv, kwargs={"env_id": _id})
 
 
-class ShortestPathController:
-    """Reference policy: BFS distances over free cells to the goal cell, then the action whose noise-free move lands
-    in the cell closest to the goal (ties: Euclidean distance)."""
-
-    def __init__(self, env: PointmassEnv):
-        self.env, h, w = env, env.height, env.width
-        self.dist = np.full((h, w), np.inf)
-        goal = (int(env.goal[0]), int(env.goal[1]))
-        self.dist[goal] = 0
-        queue = deque([goal])
-        while queue:
-            i, j = queue.popleft()
-            for a, b in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)):
-                if 0 <= a < h and 0 <= b < w and not env.walls[a, b] and self.dist[a, b] == np.inf:
-                    self.dist[a, b] = self.dist[i, j] + 1
-                    queue.append((a, b))
-
-    def __call__(self, obs: np.ndarray) -> int:
-        env, pos = self.env, np.asarray(obs, dtype=np.float64) * self.env._scale
-        moves = [env.move(pos, a) for a in ACTIONS]
-        keys = [(self.dist[env.cell(p)], float(np.linalg.norm(p - env.goal))) for p in moves]
-        return keys.index(min(keys))
-
-
 # ---- Offline data: generated once and cached by a hash of its settings, or the user's own .npz --------------------
 DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 DATASET_VERSION = 1  # bump when the generator changes: old cache files are no longer matched
@@ -1576,9 +1552,8 @@ def adaptive_injection_due(args, step: int, metrics: dict, fired: list, start_st
 
 
 def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
-    """Checks of the shared flags beyond their types: ranges, steps inside the run, flags that need each other;
-    one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(network)."""
-    check_ranges(args)
+    """Checks of the shared flags beyond their types and ranges (check_ranges): steps inside the run, flags that need
+    each other; one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(net)."""
     check_steps("--reset-at", args.reset_at, total_steps)
     check_steps("--shrink-perturb-at", args.shrink_perturb_at, total_steps)
     metric, threshold = args.adaptive_inject_metric, args.adaptive_inject_threshold

@@ -692,8 +692,9 @@ def cached_paths(agent: Agent, args: Args) -> list:
 def validate_args(args: Args) -> tuple:
     """One-line errors naming the flag or file; fills the runtime fields. Returns the SB3 zip's contents (or None) and
     {kind: {iteration: step}} of --{kind}-at: each step acts at the first rollout boundary at or after it."""
+    check_ranges(args)
     metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
-    check_intervention_args(args, args.total_timesteps, metric_keys)  # also the range of every `bounded` flag
+    check_intervention_args(args, args.total_timesteps, metric_keys)
     parse_env_id(args.env_id)
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
@@ -1561,9 +1562,8 @@ def adaptive_injection_due(args, step: int, metrics: dict, fired: list, start_st
 
 
 def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
-    """Checks of the shared flags beyond their types: ranges, steps inside the run, flags that need each other;
-    one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(network)."""
-    check_ranges(args)
+    """Checks of the shared flags beyond their types and ranges (check_ranges): steps inside the run, flags that need
+    each other; one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(net)."""
     check_steps("--reset-at", args.reset_at, total_steps)
     check_steps("--shrink-perturb-at", args.shrink_perturb_at, total_steps)
     metric, threshold = args.adaptive_inject_metric, args.adaptive_inject_threshold

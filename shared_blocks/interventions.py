@@ -111,9 +111,8 @@ def adaptive_injection_due(args, step: int, metrics: dict, fired: list, start_st
 
 
 def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
-    """Checks of the shared flags beyond their types: ranges, steps inside the run, flags that need each other;
-    one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(network)."""
-    check_ranges(args)
+    """Checks of the shared flags beyond their types and ranges (check_ranges): steps inside the run, flags that need
+    each other; one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(net)."""
     check_steps("--reset-at", args.reset_at, total_steps)
     check_steps("--shrink-perturb-at", args.shrink_perturb_at, total_steps)
     metric, threshold = args.adaptive_inject_metric, args.adaptive_inject_threshold

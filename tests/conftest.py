@@ -17,11 +17,11 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-def load_script(name: str):
-    """Import e.g. 'dqn_atari_injection' from the repository root as a module (cached)."""
+def load_script(name: str, folder: str = ""):
+    """Import e.g. 'dqn_atari_injection' from the repository root (or `folder` in it) as a module (cached)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)

