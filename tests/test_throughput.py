@@ -53,3 +53,25 @@ def test_real_runs_and_an_external_command_side_by_side(capsys, tmp_path):
 def test_bad_input():
     assert T.main(["--repeats", "0"]) == 2
     assert T.main(["--scripts", "iql", "--only", "none", "--external", "nocommand"]) == 2
+
+
+def test_dqn_update_levers_time_the_scripts_own_update(capsys):
+    import copy
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("dqn_update_levers", ROOT / "benchmark" / "dqn_update_levers.py")
+    L = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(L)
+    D = L.load_dqn()
+    torch.manual_seed(0)
+    q = D.QNetwork((4, 84, 84), 4, atari=True)
+    mine, target = copy.deepcopy(q), copy.deepcopy(q)
+    obs = torch.randint(0, 256, (8, 4, 84, 84), dtype=torch.uint8)
+    batch = (obs, torch.randint(0, 4, (8,)), torch.rand(8), torch.zeros(8), obs.flip(0))
+    D.dqn_update(q, target, torch.optim.Adam(q.parameters(), lr=1e-4, foreach=True), batch, D.Args())
+    L.update(mine, target, torch.optim.Adam(mine.parameters(), lr=1e-4, foreach=True), batch)
+    assert all(torch.equal(a, b) for a, b in zip(q.parameters(), mine.parameters()))  # what the script computes
+    assert L.main(["--steps", "2", "--repeats", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 4 and float(rows[0][4]) == 0.0 and all(float(r[2]) > 0 for r in rows)
