@@ -94,8 +94,10 @@ def test_target_critic_is_mirrored_with_the_same_fresh_values():
     # the target's new terms are not trainable by anyone, and soft updates still pair the parameters
     assert not any(p.requires_grad for p in agent.qf_target.parameters())
     assert [n for n, _ in agent.qf.named_parameters()] == [n for n, _ in agent.qf_target.named_parameters()]
+    new_target_term = agent.qf_target.q1.head.terms[1][0].weight.clone()
     _train(agent, rb, rng, 5)
     assert not torch.equal(agent.qf.q1.head.terms[1][0].weight, agent.qf_target.q1.head.terms[1][0].weight)
+    assert not torch.equal(agent.qf_target.q1.head.terms[1][0].weight, new_target_term)  # the soft update follows
 
 
 def test_value_injection_and_reload():
