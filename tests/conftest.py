@@ -1,9 +1,12 @@
 """Test helpers: import the single-file scripts as modules, run them as subprocesses."""
 
+import atexit
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -15,6 +18,9 @@ torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if "SB3_LOGDIR" not in os.environ:  # SB3's default logger writes a /tmp folder per learn(): one, removed at exit
+    os.environ["SB3_LOGDIR"] = tempfile.mkdtemp(prefix="sb3-logs-")
+    atexit.register(shutil.rmtree, os.environ["SB3_LOGDIR"], ignore_errors=True)
 
 
 def load_script(name: str, folder: str = ""):
