@@ -690,7 +690,7 @@ def shrink_perturb_networks(agent, target: str, shrink: float, perturb: float) -
     change is over all the touched parameters."""
     count, sq_change, sq_norm = 0.0, 0.0, 0.0
     for net, paths, _, targets in intervention_parts(agent, target):
-        touched = [p for path in paths for p in net.get_submodule(path).parameters() if p.requires_grad]
+        touched = [p for path in paths for _, p in trainable_under(net, path)]  # what shrink_perturb changes
         before = [p.detach().clone() for p in touched]
         count += shrink_perturb(net, paths, shrink, perturb, targets=targets)["interventions/shrink_perturb_params"]
         for p, old in zip(touched, before):
@@ -1452,7 +1452,7 @@ def _canonical(name: str) -> str:  # a name in the un-injected network: `terms.K
     return re.sub(r"(^|\.)terms\.\d+\.", r"\1", name)
 
 
-def _trainable_under(model: nn.Module, path: str) -> list:
+def trainable_under(model: nn.Module, path: str) -> list:
     """(name, parameter) of every trainable parameter under `model.<path>`, the path read in the un-injected network:
     inside an injected module it names that part of each term (e.g. the head after injecting the whole network)."""
     prefix = f"{path}." if path else ""
@@ -1468,7 +1468,7 @@ def _trainable_with_fresh(model: nn.Module, path: str, make_fresh) -> list:
     factory = (make_fresh or {}).get(path)
     fresh = dict((factory() if factory else fresh_copy(sub)).named_parameters())
     out = []
-    for name, p in _trainable_under(model, path):
+    for name, p in trainable_under(model, path):
         key = _canonical(name)[len(path) + 1 if path else 0 :]
         if key not in fresh or fresh[key].shape != p.shape:
             raise ValueError(f"make_fresh['{path}'] gives no parameter '{key}' of shape {tuple(p.shape)}")
@@ -1502,7 +1502,7 @@ def shrink_perturb(model, paths=("",), shrink=1.0, perturb=0.01, make_fresh=None
         if perturb != 0:
             params = _trainable_with_fresh(model, path, make_fresh)
         else:
-            params = [(n, p, None) for n, p in _trainable_under(model, path)]
+            params = [(n, p, None) for n, p in trainable_under(model, path)]
         for name, p, fresh in params:
             for q in [p] + [t.get_parameter(name) for t in targets]:
                 before = q.detach().clone()
