@@ -725,22 +725,28 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             tp.lerp_(p, tau)
 
 
+def inject(q_network, target_network, optimizer, probe, args: Args) -> dict:
+    """Plasticity injection into --inject-target; the target network is synced first (--inject-sync-target) and gets
+    the same fresh values. `probe`, a batch of observations, only measures the output change."""
+    return inject_plasticity(
+        q_network,
+        INJECT_PATHS[args.inject_target],
+        probe,
+        targets=[target_network],
+        sync_targets=args.inject_sync_target,
+        optimizers=[optimizer],
+        reset_optimizer=args.inject_reset_optimizer,
+        keep_trainable=args.inject_keep_trainable,
+        third_term=not args.inject_no_third_term,
+    )
+
+
 def intervene(kind: str, step: int, q_network, target_network, optimizer, rb, rngs: dict, args: Args, writer, history):
     """Plasticity injection (`kind` "injection", or "adaptive" when the trigger fired) or a baseline it is compared
     against ("reset", "shrink_perturb") at `step`; the target network gets the same values. Logged as an event."""
-    if kind in ("injection", "adaptive"):  # the probe, a seeded replay batch, only measures the output change
+    if kind in ("injection", "adaptive"):  # the probe: a seeded replay batch
         probe = rb.sample(args.probe_batch_size, next(q_network.parameters()).device, rng=rngs["probe"])[0]
-        log = inject_plasticity(
-            q_network,
-            INJECT_PATHS[args.inject_target],
-            probe,
-            targets=[target_network],
-            sync_targets=args.inject_sync_target,
-            optimizers=[optimizer],
-            reset_optimizer=args.inject_reset_optimizer,
-            keep_trainable=args.inject_keep_trainable,
-            third_term=not args.inject_no_third_term,
-        )
+        log = inject(q_network, target_network, optimizer, probe, args)
         log["injection/adaptive"] = float(kind == "adaptive")
         log_event(writer, history["injections"], step, "injection", log)
     elif kind == "reset":

@@ -44,19 +44,7 @@ def train_steps(q, tgt, opt, spec, k, seed):
         dqn.dqn_update(q, tgt, opt, make_batch(spec, 16, seed + i), dqn.Args())  # Double DQN, Huber, γ 0.99
 
 
-def inject(q, tgt, opt, probe, args):
-    """The injection as train() calls it."""
-    return dqn.inject_plasticity(
-        q,
-        dqn.INJECT_PATHS[args.inject_target],
-        probe,
-        targets=[tgt],
-        sync_targets=args.inject_sync_target,
-        optimizers=[opt],
-        reset_optimizer=args.inject_reset_optimizer,
-        keep_trainable=args.inject_keep_trainable,
-        third_term=not args.inject_no_third_term,
-    )
+inject = dqn.inject  # the injection as train() calls it
 
 
 def n_params(module, trainable_only=False):
