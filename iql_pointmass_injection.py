@@ -125,6 +125,10 @@ class RunArgs:
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
+    compile: bool = False
+    """compile the networks in place with torch.compile (a warm-up of about a minute, again after each injection);
+    numbers equal within float tolerance, not bit for bit. On a 2-core CPU PPO ran 1.23x faster, DQN and IQL not
+    faster (benchmark/README.md)"""
     save_model: bool = False
     """save the trained networks (atomically) to `runs/{run_name}/{exp_name}.cleanrl_model` at the end"""
     checkpoint_every: int = bounded(0, min=0)
@@ -717,6 +721,8 @@ class IQLAgent:
         self.qf_target.requires_grad_(False)
         self.vf = split_mlp(obs_dim, 1, args).to(device)
         self.actor = mlp(obs_dim, args.hidden_sizes, n_actions, args.layer_norm, args.activation).to(device)
+        for net in self.networks().values() if args.compile else ():  # in place: state_dict keys, injection, hooks
+            net.compile()
         fused = device.type in ("cpu", "cuda")  # one kernel per parameter: much less overhead for small nets
         self.q_opt = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=fused)
         self.v_opt = torch.optim.Adam(self.vf.parameters(), lr=args.learning_rate, fused=fused)
@@ -1113,7 +1119,7 @@ RUN = {"stop": None, "checkpoint": None, "writer": None}  # the signal that aske
 # checkpoint; the run's TensorBoard writer (flushed before each checkpoint)
 # flags that may change when a run resumes; any other change is refused unless --resume-allow-changes
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
-RESUME_FREE |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
 
 
 def _request_stop(signum, frame):
@@ -1388,7 +1394,7 @@ def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
     keep = lambda n: lambda _m, _in, out: None if n in feats else feats.update({n: out.detach()})  # 1st call wins
     handles = [act.register_forward_hook(keep(n)) for n, (_, act) in hidden_layers(model).items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # the hooks fire in a compiled model too
             model(probe_inputs)
     finally:
         for h in handles:

@@ -69,17 +69,21 @@ def main(argv=None) -> int:
         "one batched forward for Q(s), Q(s')": (dict(foreach=True), dict(batched=True)),
         "channels-last convolutions": (dict(foreach=True), dict(channels_last=True)),
         "fused Adam": (dict(fused=True), {}),
+        "torch.compile (--compile)": (dict(foreach=True), dict(compiled=True)),
     }
     reference = None
     print("| lever | ms per update (median) | min–max | max abs parameter difference after the updates |")
     print("|---|---|---|---|")
-    for name, (adam, options) in levers.items():
+    for name, (adam, lever) in levers.items():
         times = []
         for _ in range(args.repeats):
-            q = copy.deepcopy(base)
+            q, options = copy.deepcopy(base), dict(lever)
             if options.get("channels_last"):
                 q = q.to(memory_format=torch.channels_last)
             target = copy.deepcopy(q)
+            if options.pop("compiled", False):  # as the scripts' --compile: in place, both networks
+                q.compile()
+                target.compile()
             opt = torch.optim.Adam(q.parameters(), lr=1e-4, **adam)
             update(q, target, opt, batch, **options)  # warm-up (allocations, kernel choice)
             start = time.perf_counter()

@@ -44,6 +44,9 @@ SCRIPTS = {
             "inject head": "--inject-at 2000",
             "inject all": "--inject-at 2000 --inject-target all",
             "no injection, vanilla DQN": "--no-double-dqn",
+            "no injection, --compile": "--compile",
+            "inject head, --compile": "--inject-at 2000 --compile",
+            "no injection, vanilla DQN, --compile": "--no-double-dqn --compile",
         },
     ),
     "ppo": (
@@ -56,13 +59,22 @@ SCRIPTS = {
             "inject heads": "--inject-at 0 --inject-target heads",
             "inject all": "--inject-at 0 --inject-target all",
             "inject encoder, no cache": "--inject-at 0 --inject-target encoder --no-inject-cache-frozen",
+            "no injection, --compile": "--compile",
+            "inject encoder, --compile": "--inject-at 0 --inject-target encoder --compile",
+            "inject heads, --compile": "--inject-at 0 --inject-target heads --compile",
         },
     ),
     "iql": (
         "iql_pointmass_injection.py",
         "--offline-steps 3000 --online-steps 3000 --log-every 250 --eval-every 100000 --eval-episodes 1 "
         "--metrics-every 0 --dataset-kind random --dataset-steps 2000 --no-cuda",
-        {"no injection": "", "inject q": "--inject-at 0", "inject qv": "--inject-at 0 --inject-target qv"},
+        {
+            "no injection": "",
+            "inject q": "--inject-at 0",
+            "inject qv": "--inject-at 0 --inject-target qv",
+            "no injection, --compile": "--compile",
+            "inject q, --compile": "--inject-at 0 --compile",
+        },
     ),
 }
 

@@ -115,7 +115,7 @@ RUN = {"stop": None, "checkpoint": None, "writer": None}  # the signal that aske
 # checkpoint; the run's TensorBoard writer (flushed before each checkpoint)
 # flags that may change when a run resumes; any other change is refused unless --resume-allow-changes
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
-RESUME_FREE |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
 
 
 def _request_stop(signum, frame):

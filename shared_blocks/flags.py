@@ -100,6 +100,10 @@ class RunArgs:
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
+    compile: bool = False
+    """compile the networks in place with torch.compile (a warm-up of about a minute, again after each injection);
+    numbers equal within float tolerance, not bit for bit. On a 2-core CPU PPO ran 1.23x faster, DQN and IQL not
+    faster (benchmark/README.md)"""
     save_model: bool = False
     """save the trained networks (atomically) to `runs/{run_name}/{exp_name}.cleanrl_model` at the end"""
     checkpoint_every: int = bounded(0, min=0)

@@ -83,7 +83,7 @@ def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
     keep = lambda n: lambda _m, _in, out: None if n in feats else feats.update({n: out.detach()})  # 1st call wins
     handles = [act.register_forward_hook(keep(n)) for n, (_, act) in hidden_layers(model).items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # the hooks fire in a compiled model too
             model(probe_inputs)
     finally:
         for h in handles:
