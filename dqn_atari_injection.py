@@ -830,6 +830,7 @@ def restore_run(ckpt: dict, q_network, target_network, optimizer, rb, rngs: dict
 def validate_args(args: Args) -> EnvSpec:
     """Every flag's range, then the rules between flags (one-line errors naming the flag); returns the env."""
     check_ranges(args)
+    check_compile(args)
     if args.learning_starts >= args.total_timesteps:
         raise UserError(f"--learning-starts {args.learning_starts} must be below --total-timesteps: no training")
     if args.buffer_size < args.batch_size:
@@ -1069,6 +1070,17 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_compile(args) -> None:
+    """--compile: one tiny compiled call on the run's device now, so that a machine where torch.compile cannot work
+    (no C++ compiler, an unsupported accelerator) stops with one line before anything is written."""
+    if args.compile:
+        try:
+            torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=pick_device(args.cuda)))
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
 
 
 def new_run_name(args) -> str:

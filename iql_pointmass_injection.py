@@ -806,6 +806,7 @@ def validate_args(args: Args) -> int:
     if args.env_id not in LEVELS:
         raise UserError(f"--env-id {args.env_id!r} is unknown; choose one of {sorted(LEVELS)}")
     check_ranges(args)
+    check_compile(args)
     total = args.offline_steps + args.online_steps
     if total <= 0:
         raise UserError("--offline-steps + --online-steps must be > 0")
@@ -1069,6 +1070,17 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_compile(args) -> None:
+    """--compile: one tiny compiled call on the run's device now, so that a machine where torch.compile cannot work
+    (no C++ compiler, an unsupported accelerator) stops with one line before anything is written."""
+    if args.compile:
+        try:
+            torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=pick_device(args.cuda)))
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
 
 
 def new_run_name(args) -> str:

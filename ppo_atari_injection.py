@@ -697,6 +697,7 @@ def validate_args(args: Args) -> tuple:
     """One-line errors naming the flag or file; fills the runtime fields. Returns the SB3 zip's contents (or None) and
     {kind: {iteration: step}} of --{kind}-at: each step acts at the first rollout boundary at or after it."""
     check_ranges(args)
+    check_compile(args)
     metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
     check_intervention_args(args, args.total_timesteps, metric_keys)
     parse_env_id(args.env_id)
@@ -1079,6 +1080,17 @@ def pick_device(cuda: bool) -> torch.device:
     if cuda and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_compile(args) -> None:
+    """--compile: one tiny compiled call on the run's device now, so that a machine where torch.compile cannot work
+    (no C++ compiler, an unsupported accelerator) stops with one line before anything is written."""
+    if args.compile:
+        try:
+            torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=pick_device(args.cuda)))
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
 
 
 def new_run_name(args) -> str:

@@ -67,6 +67,17 @@ def pick_device(cuda: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def check_compile(args) -> None:
+    """--compile: one tiny compiled call on the run's device now, so that a machine where torch.compile cannot work
+    (no C++ compiler, an unsupported accelerator) stops with one line before anything is written."""
+    if args.compile:
+        try:
+            torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=pick_device(args.cuda)))
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
+
+
 def new_run_name(args) -> str:
     """`{env_id}__{exp_name}__{seed}__{unix time}`, its folder runs/<name> created atomically: a run that starts in
     the same second as another of the same name and seed takes the next free second, never the other's folder."""

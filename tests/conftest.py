@@ -18,9 +18,12 @@ torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("MPLBACKEND", "Agg")
-if "SB3_LOGDIR" not in os.environ:  # SB3's default logger writes a /tmp folder per learn(): one, removed at exit
-    os.environ["SB3_LOGDIR"] = tempfile.mkdtemp(prefix="sb3-logs-")
-    atexit.register(shutil.rmtree, os.environ["SB3_LOGDIR"], ignore_errors=True)
+# SB3's default logger writes a /tmp folder per learn(), torch.compile its kernels to /tmp/torchinductor_<user>: one
+# temporary folder each per test process, removed at exit
+for variable in ("SB3_LOGDIR", "TORCHINDUCTOR_CACHE_DIR"):
+    if variable not in os.environ:
+        os.environ[variable] = tempfile.mkdtemp(prefix=f"{variable.lower()}-")
+        atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
 
 
 def load_script(name: str, folder: str = ""):
@@ -44,9 +47,9 @@ def load_blocks(*names):
     return mod
 
 
-def run_script(name: str, *args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    """Run a script with the given flags; returns the completed process (stdout/stderr captured)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline")
+def run_script(name: str, *args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run a script with the given flags (and extra environment variables); returns the completed process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline", **(env or {}))
     return subprocess.run(
         [sys.executable, str(ROOT / f"{name}.py"), *map(str, args)],
         cwd=cwd,

@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, run_script
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -144,3 +144,39 @@ def test_dqn_run_with_compile_saves_a_model_that_loads_uncompiled(tmp_cwd):
     net = D.load_model(summary["model_path"])
     obs = torch.as_tensor(np.random.default_rng(0).normal(size=(8, 4)), dtype=torch.float32)
     assert net(obs).shape == (8, 2) and net.net[1].injection_count == 1
+
+
+def test_resume_a_compiled_run_without_compile(tmp_cwd):
+    D = load_script("dqn_atari_injection")
+    args = D.Args(env_id="CartPole-v1", total_timesteps=600, learning_starts=200, buffer_size=1000, inject_at=[400])
+    args.compile, args.checkpoint_every, args.eval_episodes, args.metrics_every = True, 300, 0, 0
+    first = D.train(args)
+    checkpoint = f"{first['run_dir']}/checkpoints/step_{300:012d}.pt"
+    args.compile, args.resume = False, checkpoint  # --compile may change on resume: same weights, same keys
+    second = D.train(args)
+    assert second["run_name"] == first["run_name"] and second["global_step"] == 600
+    assert [e["global_step"] for e in second["injections"]] == [400]
+    assert second["injections"][0]["injection/output_change"] == 0.0  # uncompiled again: bit for bit
+
+
+@pytest.mark.parametrize("script", ["dqn_atari_injection", "ppo_atari_injection", "iql_pointmass_injection"])
+def test_compile_that_cannot_work_stops_before_anything_is_written(script, tmp_cwd, monkeypatch):
+    S = load_script(script)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    args = S.Args(compile=True, **({"env_id": "CartPole-v1"} if script.startswith("dqn") else {}))
+    with pytest.raises(S.UserError, match=r"^--compile: torch.compile does not work here \(InvalidCxxCompiler"):
+        S.train(args)
+    assert not (tmp_cwd / "runs").exists()
+
+
+def test_cli_compile_without_a_cxx_compiler_is_one_line(tmp_cwd):
+    env = dict(CXX="/nonexistent/g++", TORCHINDUCTOR_CACHE_DIR=str(tmp_cwd / "inductor-cache"))
+    proc = run_script("dqn_atari_injection", "--env-id", "CartPole-v1", "--compile", cwd=tmp_cwd, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert proc.stderr.startswith("error: --compile: torch.compile does not work here")
+    assert not (tmp_cwd / "runs").exists()
