@@ -126,8 +126,8 @@ class RunArgs:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     compile: bool = False
-    """compile the networks in place with torch.compile (a warm-up of about a minute, again after each injection);
-    numbers equal within float tolerance, not bit for bit. On a 2-core CPU PPO ran 1.23x faster, DQN and IQL not
+    """compile the networks in place with torch.compile (a warm-up of up to a minute, again after each injection);
+    numbers equal within float tolerance, not bit for bit. On a 2-core CPU PPO ran 1.24x faster, DQN and IQL not
     faster (benchmark/README.md)"""
     save_model: bool = False
     """save the trained networks (atomically) to `runs/{run_name}/{exp_name}.cleanrl_model` at the end"""
