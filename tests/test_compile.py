@@ -3,6 +3,7 @@ metrics and saved weights as without it, within float tolerance (the compiled ke
 
 import copy
 import functools
+import types
 
 import numpy as np
 import pytest
@@ -13,19 +14,21 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 @functools.cache
-def compile_works() -> bool:
+def compile_problem() -> str:
+    """Why torch.compile cannot work here, as the scripts' start-up check (check_compile) says it; "" when it works."""
+    D = load_script("dqn_atari_injection")
     try:
-        torch.compile(lambda x: x + 1)(torch.ones(2))
-        return True
-    except Exception:
-        return False
+        D.check_compile(types.SimpleNamespace(compile=True, cuda=False))
+    except D.UserError as e:
+        return str(e)
+    return ""
 
 
 @pytest.fixture
 def compiler():
     """A working torch.compile (it needs a C++ compiler on a CPU), its caches and counters fresh."""
-    if not compile_works():
-        pytest.skip("torch.compile does not work on this machine (no C++ compiler?)")
+    if compile_problem():
+        pytest.skip(compile_problem())
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     yield
