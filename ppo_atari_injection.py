@@ -652,7 +652,7 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, global_step: in
                 logratio, ratio = parts["logratio"], parts["logratio"].exp()
                 old_approx_kl = (-logratio).mean()
                 approx_kl = ((ratio - 1) - logratio).mean()
-                clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())  # on the device: no sync
             check_finite(loss, "PPO loss", global_step)
 
             optimizer.zero_grad()
@@ -664,10 +664,10 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, global_step: in
 
     y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
     var_y = np.var(y_true)
-    explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+    explained_var = np.nan if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
     stats = {f"losses/{k}": parts[k].item() for k in ("value_loss", "policy_loss", "entropy")}
     stats.update({"losses/old_approx_kl": old_approx_kl.item(), "losses/approx_kl": approx_kl.item()})
-    stats.update({"losses/clipfrac": float(np.mean(clipfracs)), "losses/explained_variance": float(explained_var)})
+    stats["losses/clipfrac"], stats["losses/explained_variance"] = torch.stack(clipfracs).mean().item(), explained_var
     return stats
 
 

@@ -76,3 +76,25 @@ def test_dqn_update_levers_time_the_scripts_own_update(capsys):
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
     assert len(rows) == 5 and float(rows[0][4]) == 0.0 and all(float(r[2]) > 0 for r in rows)
     assert float(rows[4][4]) < 1e-3  # --compile: the same numbers within float tolerance
+
+
+def test_injection_flops_count_what_the_scripts_compute(capsys):
+    spec = importlib.util.spec_from_file_location("injection_flops", ROOT / "benchmark" / "injection_flops.py")
+    F = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(F)
+    # The Nature DQN network's multiply-adds per observation: three convolutions, then the head (3136 -> 512 -> 4).
+    conv1, convs = 20 * 20 * 32 * (4 * 8 * 8), 20 * 20 * 32 * (4 * 8 * 8) + 9 * 9 * 64 * 512 + 7 * 7 * 64 * 576
+    head = 3136 * 512 + 512 * 4
+    macs, batch, actions = convs + head, 32, 4
+    # One Double DQN update: Q(s) forward, the online and target forwards on s', the backward (weight gradients of
+    # every layer, input gradients of all but the first); then --train-frequency one-observation action forwards.
+    update = 2 * batch * (5 * macs - conv1) + actions * 2 * macs
+    assert F.dqn_flops(F.load("dqn_atari_injection"), None) == update
+    # Head injection: two more head terms in each of the four passes over the batch (forward of s, s' twice, input
+    # gradients of the backward) and in every action forward; the frozen terms get no weight gradients.
+    assert F.dqn_flops(F.load("dqn_atari_injection"), "head") == update + 2 * 2 * head * (4 * batch + actions)
+    rows = {(r[0], r[1]): r[3] for r in F.main(["--scripts", "ppo"])}
+    assert rows[("ppo", "none")] == 1.0 and rows[("ppo", "heads")] > 0.999  # the heads are tiny
+    # encoder injection: three encoders per rollout observation; the update epochs reuse the cached frozen outputs
+    assert 0.8 < rows[("ppo", "encoder")] < 0.9
+    assert "| ppo | encoder |" in capsys.readouterr().out
