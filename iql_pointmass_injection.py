@@ -872,7 +872,30 @@ def evaluate(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> di
 
 
 HISTORY = ("injections", "interventions", "fired", "recent", "final")  # what a checkpoint keeps of the run's past
-LOSSES = ("losses/q_loss", "losses/v_loss", "losses/actor_loss")
+
+
+class NonFiniteWatch:
+    """The first step at which each IQL loss turned NaN or inf, noted on the device: no host sync per update, so a GPU
+    runs ahead through the offline phase. `check()` (one sync) raises check_finite's error for it; train() calls it
+    before anything is measured, logged or saved, so no non-finite number reaches a log, a checkpoint or a model."""
+
+    NAMES = ("losses/q_loss", "losses/v_loss", "losses/actor_loss")
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((len(self.NAMES),), -1, dtype=torch.long, device=device)
+        self.value = torch.zeros(len(self.NAMES), device=device)
+
+    def update(self, stats: dict, step: int) -> None:
+        losses = torch.stack([stats[k] for k in self.NAMES])
+        new = (self.step < 0) & ~torch.isfinite(losses)
+        self.step, self.value = torch.where(new, step, self.step), torch.where(new, losses, self.value)
+
+    def check(self) -> None:
+        steps = self.step.tolist()
+        bad = [i for i in range(len(steps)) if steps[i] >= 0]
+        if bad:
+            first = min(bad, key=lambda i: steps[i])  # the earliest; at the same step, the first loss named
+            check_finite(self.value[first], self.NAMES[first], steps[first])
 
 
 def train(args: Args) -> dict:
@@ -911,10 +934,18 @@ def train(args: Args) -> dict:
         obs, ep_ret, ep_len, start_step = *ckpt["episode"], ckpt["global_step"]
     injections, interventions, fired, recent, final = (history[k] for k in HISTORY)
 
-    start_time = time.time()
+    watch, start_time = NonFiniteWatch(device), time.time()
     for global_step in range(start_step, total):
+        # a NaN or inf loss stops the run, checked before this step measures, changes or saves anything
+        act = any(global_step in steps for steps in (args.inject_at, args.reset_at, args.shrink_perturb_at))
+        measure = args.metrics_every > 0 and global_step % args.metrics_every == 0
+        online = global_step >= args.offline_steps
+        checkpoint = checkpoint_due(args, global_step, max(global_step - 1, start_step))
+        if act or measure or online or checkpoint:  # online, act() syncs every step anyway
+            watch.check()
+
         # checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop
-        if checkpoint_due(args, global_step, max(global_step - 1, start_step)):
+        if checkpoint:
             state = dict(script="iql_pointmass_injection.py", args=vars(args), history=history, env=pickle.dumps(env))
             state.update(optimizers=[optimizer_state(opt, net) for opt, net in agent.trained])
             state.update(rng=rng_state({"train": rng}), episode=(obs, ep_ret, ep_len))
@@ -938,7 +969,7 @@ def train(args: Args) -> dict:
             log_event(writer, interventions, global_step, what, log, kind="shrink_perturb", target=target)
 
         # plasticity metrics of critic q1 on one fixed probe batch; the adaptive trigger reads them
-        if args.metrics_every > 0 and global_step % args.metrics_every == 0:
+        if measure:
             metrics = plasticity_metrics(agent, metrics_probe, args.dormant_tau)
             for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
@@ -948,7 +979,6 @@ def train(args: Args) -> dict:
                 what = f"injected plasticity into {args.inject_target} (adaptive: {reason})"
                 log_event(writer, injections, global_step, what, log)
 
-        online = global_step >= args.offline_steps
         if online:  # one environment step with the current policy
             action = agent.act(obs, rng, args.online_exploration, args.online_epsilon)
             next_obs, reward, term, trunc, info = env.step(action)
@@ -964,10 +994,12 @@ def train(args: Args) -> dict:
         # one IQL update on a batch of offline data and (online) the agent's own experience
         l2 = l2_coef(args, global_step, total)
         stats = agent.update(rb.sample(args.batch_size, rng), l2=l2)
-        if not bool(torch.isfinite(torch.stack([stats[k] for k in LOSSES])).all()):  # one host sync per step
-            for name in LOSSES:
-                check_finite(stats[name], name, global_step)  # names the loss at fault
-        if global_step % args.log_every == 0 or global_step == total - 1:
+        watch.update(stats, global_step)
+        last = global_step == total - 1
+        log_now, eval_now = global_step % args.log_every == 0 or last, (global_step + 1) % args.eval_every == 0 or last
+        if log_now or eval_now:
+            watch.check()
+        if log_now:
             sps = int((global_step + 1 - start_step) / (time.time() - start_time))
             scalars = {k: v.item() for k, v in stats.items()}
             scalars.update({"charts/learning_rate": agent.q_opt.param_groups[0]["lr"], "charts/SPS": sps})
@@ -978,7 +1010,7 @@ def train(args: Args) -> dict:
                 writer.add_scalar(k, v, global_step)
             if recent and global_step % (10 * args.log_every) == 0:
                 print(f"global_step={global_step}, SPS={sps}, charts/episodic_return(last 20)={np.mean(recent):.1f}")
-        if (global_step + 1) % args.eval_every == 0 or global_step == total - 1:
+        if eval_now:
             final.update(evaluate(agent, args, writer, run_dir, global_step + 1), global_step=global_step + 1)
 
     final.update({k: float(v) for k, v in stats.items()}, injections=injections, interventions=interventions)

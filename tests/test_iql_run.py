@@ -216,6 +216,33 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_cwd, monkeypatch):
     assert [e.step for e in acc.Scalars("losses/q_loss")] == [0, 1, 2]
 
 
+def test_non_finite_loss_between_log_points_is_named_at_the_next_check(tmp_cwd, monkeypatch):
+    """Offline, the losses are checked on the device without a host sync per update: a NaN at a step that logs
+    nothing is still named with its own step, before the run evaluates, logs or saves anything after it."""
+    real, calls = m.IQLAgent.update, []
+
+    def poisoned(self, batch, **kw):
+        stats = real(self, batch, **kw)
+        calls.append(1)
+        if len(calls) == 13:
+            stats["losses/actor_loss"] = torch.tensor(float("nan"))
+        return stats
+
+    monkeypatch.setattr(m.IQLAgent, "update", poisoned)
+    args = dict(hidden_sizes=[8], batch_size=16, dataset_kind="random", dataset_steps=100, offline_steps=30)
+    args.update(online_steps=0, cuda=False, log_every=20, eval_every=100, metrics_every=0, save_model=True)
+    with pytest.raises(m.UserError, match=r"losses/actor_loss became non-finite \(nan\) at global step 12"):
+        m.train(m.Args(**args))
+    assert len(calls) == 21  # stopped at the next log point (step 20), before logging or evaluating it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = (tmp_cwd / "runs").iterdir()
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("losses/actor_loss")] == [0]
+    assert "eval/episodic_return" not in acc.Tags()["scalars"] and not list(run_dir.glob("*.cleanrl_model"))
+
+
 def test_non_finite_loss_names_the_last_checkpoint_which_still_resumes(tmp_cwd, monkeypatch):
     real, calls = m.IQLAgent.update, []
 

@@ -237,3 +237,13 @@ def test_reset_and_shrink_perturb_touch_only_trainable_terms():
     for n, p in agent.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+def test_non_finite_loss_stops_before_any_step():
+    agent, optimizer = _agent()
+    batch = _batch(agent)
+    batch["returns"][5] = float("nan")  # one sample: its minibatch's value loss is NaN
+    with pytest.raises(P.UserError, match=r"PPO loss became non-finite \(nan\) at global step 4096; try a lower"):
+        P.ppo_update(agent, optimizer, batch, _args(norm_adv=True), global_step=4096)
+    # a step on the NaN loss would have made every weight it touches NaN; at most the other minibatch stepped
+    assert all(torch.isfinite(v).all() for v in agent.state_dict().values())
