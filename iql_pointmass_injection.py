@@ -882,8 +882,7 @@ class NonFiniteWatch:
     NAMES = ("losses/q_loss", "losses/v_loss", "losses/actor_loss")
 
     def __init__(self, device: torch.device):
-        self.step = torch.full((len(self.NAMES),), -1, dtype=torch.long, device=device)
-        self.value = torch.zeros(len(self.NAMES), device=device)
+        self.step, self.value = torch.full((3,), -1, device=device), torch.zeros(3, device=device)  # -1: finite so far
 
     def update(self, stats: dict, step: int) -> None:
         losses = torch.stack([stats[k] for k in self.NAMES])
@@ -892,9 +891,8 @@ class NonFiniteWatch:
 
     def check(self) -> None:
         steps = self.step.tolist()
-        bad = [i for i in range(len(steps)) if steps[i] >= 0]
-        if bad:
-            first = min(bad, key=lambda i: steps[i])  # the earliest; at the same step, the first loss named
+        if max(steps) >= 0:
+            first = min((s, i) for i, s in enumerate(steps) if s >= 0)[1]  # the earliest; then the first named
             check_finite(self.value[first], self.NAMES[first], steps[first])
 
 
