@@ -57,13 +57,14 @@ def dqn_flops(D, target):
     return count(work)
 
 
-def ppo_flops(P, target):
+def ppo_flops(P, label):
     """FLOPs of one PPO iteration: rollout (with the frozen-output cache), next value, update epochs."""
-    args = P.Args(inject_target=target or "encoder")
+    target, no_cache = (label or "encoder").removesuffix(NO_CACHE), (label or "").endswith(NO_CACHE)
+    args = P.Args(inject_target=target, inject_cache_frozen=not no_cache)
     agent, optimizer = P.build_agent(args, 4, torch.device("cpu"))
     n = args.num_envs * args.num_steps
     obs = torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8)
-    if target:
+    if label:
         P.intervene("inject", agent, optimizer, args, obs[: args.num_envs])
     cached = P.cached_paths(agent, args)
     batch = {}
@@ -97,9 +98,10 @@ def iql_flops(Q, target):
     return count(lambda: (agent.update(batch), agent.act(obs[0].numpy())))
 
 
+NO_CACHE = ", no frozen-output cache"  # PPO's --no-inject-cache-frozen
 SCRIPTS = {  # name: (script, counter, injection targets)
     "dqn": ("dqn_atari_injection", dqn_flops, ["head", "all"]),
-    "ppo": ("ppo_atari_injection", ppo_flops, ["encoder", "heads", "all"]),
+    "ppo": ("ppo_atari_injection", ppo_flops, ["encoder", "heads", "all", "encoder" + NO_CACHE]),
     "iql": ("iql_pointmass_injection", iql_flops, ["q", "qv"]),
 }
 
