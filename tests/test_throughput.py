@@ -93,6 +93,7 @@ def test_injection_flops_count_what_the_scripts_compute(capsys):
     # Head injection: two more head terms in each of the four passes over the batch (forward of s, s' twice, input
     # gradients of the backward) and in every action forward; the frozen terms get no weight gradients.
     assert F.dqn_flops(F.load("dqn_atari_injection"), "head") == update + 2 * 2 * head * (4 * batch + actions)
+    assert F.dqn_flops(F.load("dqn_atari_injection"), F.VANILLA) == update - 2 * batch * macs  # no online Q(s')
     rows = {(r[0], r[1]): r[3] for r in F.main(["--scripts", "ppo"])}
     assert rows[("ppo", "none")] == 1.0 and rows[("ppo", "heads")] > 0.999  # the heads are tiny
     # encoder injection: three encoders per rollout observation; the update epochs reuse the cached frozen outputs
