@@ -7,11 +7,11 @@ homework did, trains IQL offline for --offline-steps, then fine-tunes online for
 one update per global step). Flags, logs and results: README.md, section `iql_pointmass_injection.py`.
 """
 
-import pickle
 import hashlib
+import io
 import json
 import os
-import tempfile
+import pickle
 import time
 from collections import OrderedDict, deque
 
@@ -390,22 +390,28 @@ def generate_dataset(args: Args) -> dict:
     return {k: np.array(v, np.int64 if k == "actions" else np.float32) for k, v in buf.items()}
 
 
+def file_sha256(path: str) -> str:
+    """The content hash a checkpoint keeps of its dataset: a resume on a changed file is refused."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
     """(data, path, generated): --dataset if given, else the cached file for these settings (made once)."""
     if args.dataset is not None:
         return load_dataset_file(args.dataset), args.dataset, False
     path = dataset_path(args)
+    if os.path.isdir(args.dataset_dir):  # what cache writers killed mid-write left
+        remove_orphans(args.dataset_dir)
     if os.path.isfile(path):
         try:
             return load_dataset_file(path, "cached dataset"), path, False
         except UserError as e:
             raise UserError(f"{e}; delete it to regenerate") from None
     start, data = time.time(), generate_dataset(args)
-    os.makedirs(args.dataset_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.dataset_dir, prefix=".tmp-", suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **data)
-    os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written cache file
+    buffer = io.BytesIO()
+    np.savez(buffer, **data)
+    atomic_save(buffer.getvalue(), path)  # an interrupted run never leaves a half-written cache file
     if verbose:
         print(f"generated {len(data['actions'])} transitions in {time.time() - start:.1f}s: {path}")
     return data, path, True
@@ -781,13 +787,9 @@ class IQLAgent:
     def state_dict(self) -> dict:
         return {k: net.state_dict() for k, net in self.networks().items()}
 
-    def load(self, networks: dict, optimizers: list) -> None:
-        """Restore a checkpoint's networks (with their injection state) and optimizers."""
-        for k, net in self.networks().items():
-            load_injected_state_dict(net, networks[k])
-        self.qf_target.requires_grad_(False)
-        for (opt, net), saved in zip(self.trained, optimizers):
-            restore_optimizer(opt, net, saved)
+    def optimizers(self) -> dict:
+        """{name: (optimizer, the network it trains)}, as checkpoints save and restore them."""
+        return dict(q=(self.q_opt, self.qf), v=(self.v_opt, self.vf), actor=(self.a_opt, self.actor))
 
 
 def plasticity_metrics(agent: IQLAgent, batch, tau: float) -> dict:
@@ -898,17 +900,13 @@ class NonFiniteWatch:
 
 def train(args: Args) -> dict:
     """Run offline IQL, then online fine-tuning; returns the final metrics and the run's events."""
+    stop_on_signals()  # Ctrl-C / SIGTERM from here on: a checkpoint at the end of the current step, never a traceback
     total = validate_args(args)
-    ckpt = find_checkpoint(args, "iql_pointmass_injection.py")  # --resume: None for a new run
-    stop_on_signals()  # Ctrl-C / SIGTERM: a checkpoint at the end of the current step
+    ckpt = find_checkpoint(args, "iql_pointmass_injection.py")  # --resume: loaded and checked; None for a new run
     data, data_path, _ = load_or_make_dataset(args)  # validates --dataset before runs/ exists
-    run_name = ckpt["run_name"] if ckpt else new_run_name(args)  # a folder of its own under runs/
-    run_dir = os.path.join("runs", run_name)
-    writer = open_logs(args, run_name, ckpt)
-    goals = int(data["terminals"].sum())
-    if ckpt is None:
-        writer.add_text("dataset", f"{data_path}: {len(data['actions'])} transitions, {goals} goal-reaching")
-
+    data_sha256 = file_sha256(data_path)
+    if ckpt is not None and ckpt["dataset_sha256"] != data_sha256:
+        raise UserError(f"--resume: the dataset {data_path} changed since {RUN['checkpoint']} was written (sha256)")
     seed_everything(args.seed, args.torch_deterministic)
     device = pick_device(args.cuda)
     rng = np.random.default_rng(args.seed)
@@ -923,14 +921,18 @@ def train(args: Args) -> dict:
     env = PointmassEnv(args.env_id)
     obs, _ = env.reset(seed=args.seed)
     ep_ret, ep_len, start_step = 0.0, 0, 0
-    if ckpt is not None:  # resume: every state as it was, the environment included
-        agent.load(ckpt["networks"], ckpt["optimizers"])
+    if ckpt is not None:  # resume: every state as it was, the environment included (a misfit stops here)
+        restore_checkpoint(ckpt, agent.networks(), agent.optimizers(), {"train": rng})
+        agent.qf_target.requires_grad_(False)
         if ckpt["buffer"] is not None:
             rb.load_state_dict(ckpt["buffer"])
-        set_rng_state(ckpt["rng"], {"train": rng})
         history, env = ckpt["history"], pickle.loads(ckpt["env"])
         obs, ep_ret, ep_len, start_step = *ckpt["episode"], ckpt["global_step"]
     injections, interventions, fired, recent, final = (history[k] for k in HISTORY)
+    run_dir, writer = start_run(args, ckpt)  # the run's folder, locked; the first write of the run
+    goals = int(data["terminals"].sum())
+    if ckpt is None:
+        writer.add_text("dataset", f"{data_path}: {len(data['actions'])} transitions, {goals} goal-reaching")
 
     watch, start_time = NonFiniteWatch(device), time.time()
     for global_step in range(start_step, total):
@@ -939,18 +941,20 @@ def train(args: Args) -> dict:
         measure = args.metrics_every > 0 and global_step % args.metrics_every == 0
         online = global_step >= args.offline_steps
         checkpoint = checkpoint_due(args, global_step, max(global_step - 1, start_step))
-        if act or measure or online or checkpoint:  # online, act() syncs every step anyway
+        evaluate_now = global_step > 0 and global_step % args.eval_every == 0
+        if act or measure or online or checkpoint or evaluate_now:  # online, act() syncs every step anyway
             watch.check()
 
-        # checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop
+        # checkpoint every --checkpoint-every steps (after all that was logged before this step), and when Ctrl-C or
+        # SIGTERM asked the run to stop (then exit)
         if checkpoint:
-            state = dict(script="iql_pointmass_injection.py", args=vars(args), history=history, env=pickle.dumps(env))
-            state.update(optimizers=[optimizer_state(opt, net) for opt, net in agent.trained])
-            state.update(rng=rng_state({"train": rng}), episode=(obs, ep_ret, ep_len))
-            state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None)
-            path = save_checkpoint(state, run_name, global_step, args.keep_checkpoints, agent.networks())
-            if RUN["stop"] is not None:
-                exit_stopped(global_step, path)
+            state = dict(history=history, env=pickle.dumps(env), episode=(obs, ep_ret, ep_len))
+            state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None, dataset_sha256=data_sha256)
+            save_checkpoint(global_step, global_step, agent.networks(), agent.optimizers(), {"train": rng}, **state)
+
+        # greedy evaluation after every --eval-every updates (logged at this step)
+        if evaluate_now:
+            final.update(evaluate(agent, args, writer, run_dir, global_step), global_step=global_step)
 
         # plasticity injection and the interventions to compare it against
         if global_step in args.inject_at:
@@ -993,11 +997,8 @@ def train(args: Args) -> dict:
         l2 = l2_coef(args, global_step, total)
         stats = agent.update(rb.sample(args.batch_size, rng), l2=l2)
         watch.update(stats, global_step)
-        last = global_step == total - 1
-        log_now, eval_now = global_step % args.log_every == 0 or last, (global_step + 1) % args.eval_every == 0 or last
-        if log_now or eval_now:
+        if global_step % args.log_every == 0 or global_step == total - 1:
             watch.check()
-        if log_now:
             sps = int((global_step + 1 - start_step) / (time.time() - start_time))
             scalars = {k: v.item() for k, v in stats.items()}
             scalars.update({"charts/learning_rate": agent.q_opt.param_groups[0]["lr"], "charts/SPS": sps})
@@ -1008,9 +1009,9 @@ def train(args: Args) -> dict:
                 writer.add_scalar(k, v, global_step)
             if recent and global_step % (10 * args.log_every) == 0:
                 print(f"global_step={global_step}, SPS={sps}, charts/episodic_return(last 20)={np.mean(recent):.1f}")
-        if eval_now:
-            final.update(evaluate(agent, args, writer, run_dir, global_step + 1), global_step=global_step + 1)
 
+    watch.check()
+    final.update(evaluate(agent, args, writer, run_dir, total), global_step=total)
     final.update({k: float(v) for k, v in stats.items()}, injections=injections, interventions=interventions)
     elapsed = time.time() - start_time
     final.update({"charts/SPS": (total - start_step) / elapsed, "train_time_s": elapsed})
@@ -1022,22 +1023,18 @@ def train(args: Args) -> dict:
         model = {"model": agent.state_dict(), "args": vars(args), "global_step": total}
         atomic_save(dict(model, adaptive_trigger={"fired": fired}), final["model_path"])
         print(f"model saved to {final['model_path']}")
-    writer.close()
-    if args.track:
-        import wandb
-
-        wandb.finish()
-    if RUN["stop"] is not None:  # asked to stop during the last step: the run is complete
-        exit_stopped(total, final.get("model_path") or RUN["checkpoint"])
+    finish_run(total, final.get("model_path") or run_dir)  # a stop asked during the last step exits here
     return final
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
-# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves,
-# checkpoints with exact resume, and clean stops on Ctrl-C / SIGTERM.
+# Helpers every script shares: one-line errors, seeding, the device, atomic saves, and the run's life: its folder
+# (locked while it runs), logs, checkpoints, resume, and clean stops on Ctrl-C / SIGTERM.
 import atexit
+import fcntl
 import glob
 import hashlib
+import json
 import os
 import random
 import re
@@ -1057,6 +1054,8 @@ class UserError(Exception):
 def _print_user_errors(exc_type, exc, tb, default=sys.excepthook):
     if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr)
+    elif issubclass(exc_type, KeyboardInterrupt):  # before train() took over Ctrl-C: nothing was written yet
+        print("interrupted before the run started: nothing was written", file=sys.stderr)
     else:
         default(exc_type, exc, tb)
 
@@ -1113,21 +1112,6 @@ def check_compile(args) -> None:
             raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
 
 
-def new_run_name(args) -> str:
-    """`{env_id}__{exp_name}__{seed}__{unix time}`, its folder runs/<name> created atomically: a run that starts in
-    the same second as another of the same name and seed takes the next free second, never the other's folder."""
-    stamp = int(time.time())
-    while True:
-        name = f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}"
-        try:
-            os.makedirs(os.path.join("runs", name))
-            return name
-        except FileExistsError:
-            stamp += 1
-        except OSError as e:  # read-only, full, or `runs` is not a folder: say so before any training
-            raise UserError(f"cannot create the run folder runs/{name} ({type(e).__name__}: {e})") from None
-
-
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
     """An injection or an intervention: its values go to TensorBoard, stdout and the run's list of events."""
     events.append({"global_step": step, **extra, **log})
@@ -1137,14 +1121,14 @@ def log_event(writer, events: list, step: int, what: str, log: dict, **extra) ->
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file beside `path`, then rename: never a half-written file. A failure (disk full,
-    unwritable folder) is a one-line error naming the file and the last checkpoint, which stays intact."""
+    """torch.save (bytes: as they are) to `.tmp-<pid>-<name>` beside `path`, then rename: never a half-written file.
+    A failure (disk full, unwritable folder) is a one-line error naming the file and the last checkpoint."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1156,12 +1140,23 @@ def atomic_save(obj, path: str) -> None:
             os.remove(tmp)
 
 
-# ---- Checkpoints: `--checkpoint-every`, `--resume`, and a checkpoint when Ctrl-C or SIGTERM stops the run ----------
-RUN = {"stop": None, "checkpoint": None, "writer": None}  # the signal that asked the run to stop; the newest good
-# checkpoint; the run's TensorBoard writer (flushed before each checkpoint)
-# flags that may change when a run resumes; any other change is refused unless --resume-allow-changes
+def remove_orphans(folder: str, all_of_them: bool = False) -> None:
+    """Delete the `.tmp-<pid>-*` files that writers killed mid-write left under `folder`: all of them in a run
+    folder this process has locked, else those whose process is gone."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), "**", ".tmp-*"), recursive=True):
+        pid = re.match(r"\.tmp-(\d+)-", os.path.basename(tmp))
+        if all_of_them or not pid or not os.path.exists(f"/proc/{pid.group(1)}"):
+            os.remove(tmp)
+
+
+# ---- The run: its folder, logs, checkpoints (`--checkpoint-every`, `--resume`), stops (Ctrl-C, SIGTERM) ------------
+# One shape in every train(): stop_on_signals(); find_checkpoint(); build; restore_checkpoint(); start_run();
+# the loop, save_checkpoint() when checkpoint_due(); finish_run(). Nothing is written before start_run.
+RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None)
+# flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
 RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
 
 
 def _request_stop(signum, frame):
@@ -1173,19 +1168,164 @@ def _request_stop(signum, frame):
 
 
 def stop_on_signals() -> None:
-    """Ctrl-C (SIGINT) and SIGTERM (what schedulers send before preemption) set RUN["stop"]; the training loop
-    then writes a checkpoint and calls exit_stopped. Nothing is interrupted mid-write, so nothing can hang."""
+    """train()'s first line: Ctrl-C (SIGINT) and SIGTERM (sent by schedulers before preemption) set RUN["stop"];
+    the loop then checkpoints and exits. Nothing is interrupted mid-write. Forgets an earlier train() call."""
+    if RUN["lock"] is not None:
+        os.close(RUN["lock"])
+    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _request_stop)
 
 
-def exit_stopped(step: int, path: str) -> None:
+def exit_stopped(step: int, path) -> None:
     """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
     again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
-    name = signal.Signals(RUN["stop"]).name
     where = f"checkpoint {path}; continue with: python {again}" if path else "nothing to resume"
-    print(f"stopped by {name} at global step {step}, {where}", file=sys.stderr)
+    print(f"stopped by {signal.Signals(RUN['stop']).name} at global step {step}, {where}", file=sys.stderr)
     sys.exit(128 + RUN["stop"])
+
+
+def lock_run(folder: str) -> None:
+    """Hold the run folder for this process (the OS releases it when the process dies): one process per run."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another process (a run or resume of it); wait for it to end") from None
+    RUN.update(dir=folder, lock=fd)
+
+
+def checkpoint_paths(folder: str) -> list:
+    """The checkpoints step_<N>.pt in `folder`, oldest first."""
+    files = os.listdir(folder) if os.path.isdir(folder) else []
+    return [os.path.join(folder, f) for f in sorted(f for f in files if re.fullmatch(r"step_\d+\.pt", f))]
+
+
+def find_checkpoint(args, script: str):
+    """The checkpoint --resume names, loaded and checked against the flags (None: a new run). `auto`: the newest run
+    folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder;
+    or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
+    RUN["args"] = dict(vars(args), script=script)
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        prefix = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__")
+        runs = [d for d in glob.glob(glob.escape(prefix) + "*") if re.fullmatch(r"\d+", d[len(prefix) :])]
+        if not runs:
+            print(f"--resume auto: no run {prefix}*, starting a new run")
+            return None
+        folder = max(runs, key=lambda d: int(d[len(prefix) :]))
+    elif os.path.isdir(args.resume):  # a run folder or its checkpoints folder
+        folder = args.resume[: -len("checkpoints")] if os.path.basename(args.resume) == "checkpoints" else args.resume
+    elif os.path.isfile(args.resume) and os.path.basename(parent := os.path.dirname(args.resume)) == "checkpoints":
+        folder = os.path.dirname(parent)
+    else:
+        raise UserError(f"--resume {args.resume}: no such run folder or checkpoints/step_<N>.pt file (or: auto)")
+    folder = os.path.normpath(folder)
+    if os.path.isfile(os.path.join(folder, "finished.json")):
+        with open(os.path.join(folder, "finished.json")) as f:
+            done = json.load(f)
+        print(f"{folder} finished at global step {done['global_step']}; its results: {done['results']}; nothing to do")
+        sys.exit(0)
+    found = checkpoint_paths(os.path.join(folder, "checkpoints"))
+    if os.path.isfile(args.resume):
+        found = [p for p in found if os.path.basename(p) < os.path.basename(args.resume)] + [args.resume]
+    if not found and args.resume != "auto":
+        raise UserError(f"--resume {args.resume}: no checkpoint (checkpoints/step_<N>.pt) in {folder}")
+    lock_run(folder)
+    if not found:
+        print(f"--resume auto: {folder} has no checkpoint yet, starting it again from step 0")
+        return None
+    path = RUN["checkpoint"] = found[-1]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        older = f"; the previous checkpoint is intact: --resume {found[-2]}" if len(found) > 1 else ""
+        raise UserError(f"--resume: {path} is truncated or corrupt ({type(e).__name__}){older}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        raise UserError(f"--resume: {path} is not a checkpoint of {script}")
+    if "log_step" not in ckpt:
+        raise UserError(f"--resume: {path} was written by an older version of {script}; start a new run")
+    check_resume_flags(args, ckpt["args"], path)
+    print(f"resuming {folder} (its own folder) from {path} (global step {ckpt['global_step']})")
+    return ckpt
+
+
+def check_resume_flags(args, saved: dict, path: str) -> None:
+    """Only RESUME_FREE flags may differ from the checkpoint's, and RESUME_ALLOWED ones with --resume-allow-changes."""
+    changed = [k for k, v in saved.items() if k not in RESUME_FREE and getattr(args, k, v) != v]
+    fixed = [k for k in changed if k not in RESUME_ALLOWED or k.endswith("steps") and getattr(args, k) < saved[k]]
+    if fixed or (changed and not args.resume_allow_changes):
+        diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(args, k)!r})" for k in fixed or changed)
+        how = (
+            "these cannot change on resume (step counts can only grow)"
+            if fixed
+            else "give the same flags, or --resume-allow-changes"
+        )
+        raise UserError(f"--resume: {path} was made with {diff}; {how}")
+
+
+def restore_checkpoint(ckpt: dict, networks: dict, optimizers: dict, generators: dict) -> None:
+    """Load the networks (with their injection state), the optimizers (`{name: (optimizer, its model)}`, pointed at
+    the same parameters by name) and every random state; a checkpoint that does not fit is one line."""
+    try:
+        for name, net in networks.items():
+            load_injected_state_dict(net, ckpt["networks"][name])
+        for name, (opt, model) in optimizers.items():
+            params = dict(model.named_parameters())
+            for group, names in zip(opt.param_groups, ckpt["optimizers"][name]["params"]):
+                group["params"] = [params[n] for n in names]
+            opt.load_state_dict(ckpt["optimizers"][name]["state_dict"])
+        rng = ckpt["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        for k, g in generators.items():
+            g.bit_generator.state = rng["generators"][k]
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"--resume: {RUN['checkpoint']} does not fit what these flags build ({type(e).__name__}: {why})"
+        ) from None
+
+
+def start_run(args, ckpt):
+    """The run's folder (new: runs/{env_id}__{exp_name}__{seed}__{time}; resumed: its own, orphans removed), locked,
+    and its logs: TensorBoard (on resume readers hide what the stopped run logged from the checkpoint's step on) and,
+    with --track, wandb (the same run id on resume). The first write of a run. Returns (folder, writer)."""
+    if RUN["stop"] is not None:
+        print(f"stopped by {signal.Signals(RUN['stop']).name} before the run started: nothing was written")
+        sys.exit(128 + RUN["stop"])
+    purge = None if RUN["dir"] is None else ckpt["log_step"] if ckpt else 0
+    if RUN["dir"] is None:
+        stamp = int(time.time())  # a run that starts in the same second as another takes the next free second
+        while True:
+            folder = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
+            try:
+                os.makedirs(folder)
+                break
+            except FileExistsError:
+                stamp += 1
+            except OSError as e:  # read-only, full, or `runs` is not a folder
+                raise UserError(f"cannot create the run folder {folder} ({type(e).__name__}: {e})") from None
+        lock_run(folder)
+    remove_orphans(RUN["dir"], all_of_them=True)
+    if args.track:
+        import wandb
+
+        run_id = hashlib.sha1(os.path.basename(RUN["dir"]).encode()).hexdigest()[:16]  # the same on resume
+        name, config = os.path.basename(RUN["dir"]), vars(args)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
+                   name=name, id=run_id, resume="allow", save_code=True)  # fmt: skip
+    writer = RUN["writer"] = SummaryWriter(RUN["dir"], purge_step=purge)
+    atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
+    if ckpt is None:
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return RUN["dir"], writer
 
 
 def checkpoint_due(args, step: int, previous_step: int) -> bool:
@@ -1194,159 +1334,50 @@ def checkpoint_due(args, step: int, previous_step: int) -> bool:
     return RUN["stop"] is not None or (every > 0 and step // every > previous_step // every)
 
 
-def checkpoint_paths(folder: str) -> list:
-    """The checkpoints step_<N>.pt in `folder`, oldest first."""
-    files = os.listdir(folder) if os.path.isdir(folder) else []
-    found = [(int(m.group(1)), f) for f in files if (m := re.fullmatch(r"step_(\d+)\.pt", f))]
-    return [os.path.join(folder, f) for _, f in sorted(found)] if found else []
-
-
-def save_checkpoint(state: dict, run_name: str, step: int, keep: int, networks: dict) -> str:
-    """Write runs/<run>/checkpoints/step_<step>.pt atomically, then delete all but the newest `keep`: the previous
-    checkpoint survives until the new one is complete. Non-finite weights stop the run instead of being saved."""
+def save_checkpoint(step: int, log_step: int, networks: dict, optimizers: dict, generators: dict, **state) -> str:
+    """Write checkpoints/step_<step>.pt atomically after everything logged before `log_step` (the first step the
+    resumed run logs), then keep the newest --keep-checkpoints. Non-finite weights stop the run instead. After a
+    stop request, exits saying how to continue."""
     for name, net in networks.items():
         bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
             raise UserError(f"{name} has non-finite weights ({bad[0]}) at global step {step}{last}")
-    folder = os.path.join("runs", run_name, "checkpoints")
-    path = os.path.join(folder, f"step_{step:012d}.pt")
-    if RUN["writer"] is not None:  # the events logged so far reach the disk before the checkpoint does
-        RUN["writer"].flush()
-    state = dict(state, run_name=run_name, global_step=step, log_time=time.time())
-    atomic_save(dict(state, networks={k: v.state_dict() for k, v in networks.items()}), path)
-    for old in checkpoint_paths(folder)[:-keep]:
+    RUN["writer"].flush()  # the events logged so far reach the disk before the checkpoint does
+    state.update(script=RUN["args"]["script"], args={k: v for k, v in RUN["args"].items() if k != "script"})
+    state.update(global_step=step, log_step=log_step, networks={k: v.state_dict() for k, v in networks.items()})
+    state["optimizers"] = {}
+    for name, (opt, model) in optimizers.items():
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+        state["optimizers"][name] = {"state_dict": opt.state_dict(), "params": groups}
+    state["rng"] = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    state["rng"]["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    state["rng"]["generators"] = {k: g.bit_generator.state for k, g in generators.items()}
+    path = os.path.join(RUN["dir"], "checkpoints", f"step_{step:012d}.pt")
+    atomic_save(state, path)
+    for old in checkpoint_paths(os.path.dirname(path))[: -RUN["args"]["keep_checkpoints"]]:
         os.remove(old)
     RUN["checkpoint"] = path
+    if RUN["stop"] is not None:
+        exit_stopped(step, path)
     return path
 
 
-def find_checkpoint(args, script: str):
-    """The checkpoint `--resume` names, loaded and checked (None: a new run). `auto`: the newest checkpoint of the
-    newest run folder of this env, exp-name and seed that has one (a new run when there is none); a run folder:
-    its newest checkpoint; or a checkpoint file. Stray temporary files of killed saves in that run are removed."""
-    RUN.update(stop=None, checkpoint=None, writer=None)  # a new train() call: nothing of an earlier one
-    if args.resume is None:
-        return None
-    if args.resume == "auto":
-        prefix = os.path.join("runs", glob.escape(f"{args.env_id}__{args.exp_name}__{args.seed}__"))
-        runs = sorted(glob.glob(prefix + "[0-9]*"), key=lambda d: int(d.rpartition("__")[2]))
-        found = [ckpts for d in runs if (ckpts := checkpoint_paths(os.path.join(d, "checkpoints")))]
-        if not found:
-            print(f"--resume auto: no checkpoint under {prefix}*, starting a new run")
-            return None
-        found = found[-1]
-    elif os.path.isdir(args.resume):  # a run folder or its checkpoints folder
-        found = checkpoint_paths(os.path.join(args.resume, "checkpoints")) or checkpoint_paths(args.resume)
-        if not found:
-            raise UserError(f"--resume {args.resume}: no checkpoint (checkpoints/step_<N>.pt) in this folder")
-    elif os.path.isfile(args.resume):
-        found = [p for p in checkpoint_paths(os.path.dirname(args.resume) or ".") if p < args.resume]
-        found.append(args.resume)
-    else:
-        raise UserError(f"--resume {args.resume}: no such file or folder (give a checkpoint, a run folder, or auto)")
-    path = found[-1]
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        older = f"; the previous checkpoint is intact: --resume {found[-2]}" if len(found) > 1 else ""
-        raise UserError(f"--resume: {path} is truncated or corrupt ({type(e).__name__}){older}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        raise UserError(f"--resume: {path} is not a checkpoint of {script}")
-    if "log_time" not in ckpt:
-        raise UserError(f"--resume: {path} was written by an older version of {script}; start a new run")
-    changed = [k for k, v in ckpt["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
-    if changed and not args.resume_allow_changes:
-        diff = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (now {getattr(args, k)!r})" for k in changed)
-        raise UserError(f"--resume: {path} was made with {diff}; give the same flags, or --resume-allow-changes")
-    run_dir = os.path.join("runs", ckpt["run_name"])
-    for tmp in glob.glob(os.path.join(glob.escape(run_dir), "**", ".tmp-*"), recursive=True):
-        os.remove(tmp)
-    RUN["checkpoint"] = path
-    print(f"resuming {run_dir} from {path} (global step {ckpt['global_step']})")
-    return ckpt
-
-
-def rng_state(generators: dict) -> dict:
-    """Every random state a run draws from: python, numpy, torch (and CUDA), and the run's numpy Generators."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return dict(state, generators={k: g.bit_generator.state for k, g in generators.items()})
-
-
-def set_rng_state(state: dict, generators: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for k, g in generators.items():
-        g.bit_generator.state = state["generators"][k]
-
-
-def optimizer_state(optimizer, model) -> dict:
-    """The optimizer's state_dict and the names of its parameters in `model` (injection re-points optimizers)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    return {"state_dict": optimizer.state_dict(), "params": groups}
-
-
-def restore_optimizer(optimizer, model, saved: dict) -> None:
-    """Point `optimizer` at the same parameters of the rebuilt (injected) `model`, then load its state."""
-    params = dict(model.named_parameters())
-    for group, names in zip(optimizer.param_groups, saved["params"]):
-        group["params"] = [params[n] for n in names]
-    optimizer.load_state_dict(saved["state_dict"])
-
-
-def drop_events_after(folder: str, log_time: float) -> None:
-    """Rewrite the TensorBoard event files in `folder` without the events logged after `log_time` (by wall clock:
-    a step's events can come on both sides of its checkpoint). Each file is replaced atomically."""
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))):
-        events = list(RawEventFileLoader(path).Load())  # the records as written
-        kept = [e for e in events if Event.FromString(e).wall_time < log_time]
-        if not kept:
-            os.remove(path)
-        elif len(kept) < len(events):
-            tmp = os.path.join(folder, ".tmp-events")
-            with open(tmp, "wb") as f:
-                records = RecordWriter(f)
-                for e in kept:
-                    records.write(e)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-
-
-def open_logs(args, run_name: str, ckpt=None):
-    """TensorBoard writer for runs/<run_name> (and wandb with --track, same run id on resume). On resume the events
-    logged after the checkpoint (by the run that was stopped) are dropped, so the curves continue seamlessly."""
-    if ckpt is not None:
-        drop_events_after(os.path.join("runs", run_name), ckpt["log_time"])
-    if args.track:
+def finish_run(step: int, results: str) -> None:
+    """The run is complete: close its logs, mark it finished (`finished.json`: a later --resume says so and trains
+    nothing) and release its folder. Exits after a stop request that came during the last step."""
+    RUN["writer"].close()
+    if RUN["args"]["track"]:
         import wandb
 
-        run_id = hashlib.sha1(run_name.encode()).hexdigest()[:16]
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            id=run_id,
-            resume="allow",
-            save_code=True,
-        )
-    writer = RUN["writer"] = SummaryWriter(f"runs/{run_name}")
-    atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
-    if ckpt is None:
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
+        wandb.finish()
+    done = json.dumps({"global_step": step, "results": results, "time": time.time()})
+    atomic_save(done.encode(), os.path.join(RUN["dir"], "finished.json"))
+    os.close(RUN["lock"])
+    RUN["lock"] = None
+    if RUN["stop"] is not None:
+        exit_stopped(step, results)
 
 
 # ==== END SHARED BLOCK: common ====

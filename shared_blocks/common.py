@@ -1,8 +1,10 @@
-# Helpers every script shares: one-line errors for bad input, seeding, the device, event logs, atomic saves,
-# checkpoints with exact resume, and clean stops on Ctrl-C / SIGTERM.
+# Helpers every script shares: one-line errors, seeding, the device, atomic saves, and the run's life: its folder
+# (locked while it runs), logs, checkpoints, resume, and clean stops on Ctrl-C / SIGTERM.
 import atexit
+import fcntl
 import glob
 import hashlib
+import json
 import os
 import random
 import re
@@ -22,6 +24,8 @@ class UserError(Exception):
 def _print_user_errors(exc_type, exc, tb, default=sys.excepthook):
     if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr)
+    elif issubclass(exc_type, KeyboardInterrupt):  # before train() took over Ctrl-C: nothing was written yet
+        print("interrupted before the run started: nothing was written", file=sys.stderr)
     else:
         default(exc_type, exc, tb)
 
@@ -78,21 +82,6 @@ def check_compile(args) -> None:
             raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
 
 
-def new_run_name(args) -> str:
-    """`{env_id}__{exp_name}__{seed}__{unix time}`, its folder runs/<name> created atomically: a run that starts in
-    the same second as another of the same name and seed takes the next free second, never the other's folder."""
-    stamp = int(time.time())
-    while True:
-        name = f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}"
-        try:
-            os.makedirs(os.path.join("runs", name))
-            return name
-        except FileExistsError:
-            stamp += 1
-        except OSError as e:  # read-only, full, or `runs` is not a folder: say so before any training
-            raise UserError(f"cannot create the run folder runs/{name} ({type(e).__name__}: {e})") from None
-
-
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
     """An injection or an intervention: its values go to TensorBoard, stdout and the run's list of events."""
     events.append({"global_step": step, **extra, **log})
@@ -102,14 +91,14 @@ def log_event(writer, events: list, step: int, what: str, log: dict, **extra) ->
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file beside `path`, then rename: never a half-written file. A failure (disk full,
-    unwritable folder) is a one-line error naming the file and the last checkpoint, which stays intact."""
+    """torch.save (bytes: as they are) to `.tmp-<pid>-<name>` beside `path`, then rename: never a half-written file.
+    A failure (disk full, unwritable folder) is a one-line error naming the file and the last checkpoint."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -121,12 +110,23 @@ def atomic_save(obj, path: str) -> None:
             os.remove(tmp)
 
 
-# ---- Checkpoints: `--checkpoint-every`, `--resume`, and a checkpoint when Ctrl-C or SIGTERM stops the run ----------
-RUN = {"stop": None, "checkpoint": None, "writer": None}  # the signal that asked the run to stop; the newest good
-# checkpoint; the run's TensorBoard writer (flushed before each checkpoint)
-# flags that may change when a run resumes; any other change is refused unless --resume-allow-changes
+def remove_orphans(folder: str, all_of_them: bool = False) -> None:
+    """Delete the `.tmp-<pid>-*` files that writers killed mid-write left under `folder`: all of them in a run
+    folder this process has locked, else those whose process is gone."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), "**", ".tmp-*"), recursive=True):
+        pid = re.match(r"\.tmp-(\d+)-", os.path.basename(tmp))
+        if all_of_them or not pid or not os.path.exists(f"/proc/{pid.group(1)}"):
+            os.remove(tmp)
+
+
+# ---- The run: its folder, logs, checkpoints (`--checkpoint-every`, `--resume`), stops (Ctrl-C, SIGTERM) ------------
+# One shape in every train(): stop_on_signals(); find_checkpoint(); build; restore_checkpoint(); start_run();
+# the loop, save_checkpoint() when checkpoint_due(); finish_run(). Nothing is written before start_run.
+RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None)
+# flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
 RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
 
 
 def _request_stop(signum, frame):
@@ -138,19 +138,164 @@ def _request_stop(signum, frame):
 
 
 def stop_on_signals() -> None:
-    """Ctrl-C (SIGINT) and SIGTERM (what schedulers send before preemption) set RUN["stop"]; the training loop
-    then writes a checkpoint and calls exit_stopped. Nothing is interrupted mid-write, so nothing can hang."""
+    """train()'s first line: Ctrl-C (SIGINT) and SIGTERM (sent by schedulers before preemption) set RUN["stop"];
+    the loop then checkpoints and exits. Nothing is interrupted mid-write. Forgets an earlier train() call."""
+    if RUN["lock"] is not None:
+        os.close(RUN["lock"])
+    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _request_stop)
 
 
-def exit_stopped(step: int, path: str) -> None:
+def exit_stopped(step: int, path) -> None:
     """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
     again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
-    name = signal.Signals(RUN["stop"]).name
     where = f"checkpoint {path}; continue with: python {again}" if path else "nothing to resume"
-    print(f"stopped by {name} at global step {step}, {where}", file=sys.stderr)
+    print(f"stopped by {signal.Signals(RUN['stop']).name} at global step {step}, {where}", file=sys.stderr)
     sys.exit(128 + RUN["stop"])
+
+
+def lock_run(folder: str) -> None:
+    """Hold the run folder for this process (the OS releases it when the process dies): one process per run."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another process (a run or resume of it); wait for it to end") from None
+    RUN.update(dir=folder, lock=fd)
+
+
+def checkpoint_paths(folder: str) -> list:
+    """The checkpoints step_<N>.pt in `folder`, oldest first."""
+    files = os.listdir(folder) if os.path.isdir(folder) else []
+    return [os.path.join(folder, f) for f in sorted(f for f in files if re.fullmatch(r"step_\d+\.pt", f))]
+
+
+def find_checkpoint(args, script: str):
+    """The checkpoint --resume names, loaded and checked against the flags (None: a new run). `auto`: the newest run
+    folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder;
+    or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
+    RUN["args"] = dict(vars(args), script=script)
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        prefix = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__")
+        runs = [d for d in glob.glob(glob.escape(prefix) + "*") if re.fullmatch(r"\d+", d[len(prefix) :])]
+        if not runs:
+            print(f"--resume auto: no run {prefix}*, starting a new run")
+            return None
+        folder = max(runs, key=lambda d: int(d[len(prefix) :]))
+    elif os.path.isdir(args.resume):  # a run folder or its checkpoints folder
+        folder = args.resume[: -len("checkpoints")] if os.path.basename(args.resume) == "checkpoints" else args.resume
+    elif os.path.isfile(args.resume) and os.path.basename(parent := os.path.dirname(args.resume)) == "checkpoints":
+        folder = os.path.dirname(parent)
+    else:
+        raise UserError(f"--resume {args.resume}: no such run folder or checkpoints/step_<N>.pt file (or: auto)")
+    folder = os.path.normpath(folder)
+    if os.path.isfile(os.path.join(folder, "finished.json")):
+        with open(os.path.join(folder, "finished.json")) as f:
+            done = json.load(f)
+        print(f"{folder} finished at global step {done['global_step']}; its results: {done['results']}; nothing to do")
+        sys.exit(0)
+    found = checkpoint_paths(os.path.join(folder, "checkpoints"))
+    if os.path.isfile(args.resume):
+        found = [p for p in found if os.path.basename(p) < os.path.basename(args.resume)] + [args.resume]
+    if not found and args.resume != "auto":
+        raise UserError(f"--resume {args.resume}: no checkpoint (checkpoints/step_<N>.pt) in {folder}")
+    lock_run(folder)
+    if not found:
+        print(f"--resume auto: {folder} has no checkpoint yet, starting it again from step 0")
+        return None
+    path = RUN["checkpoint"] = found[-1]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        older = f"; the previous checkpoint is intact: --resume {found[-2]}" if len(found) > 1 else ""
+        raise UserError(f"--resume: {path} is truncated or corrupt ({type(e).__name__}){older}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        raise UserError(f"--resume: {path} is not a checkpoint of {script}")
+    if "log_step" not in ckpt:
+        raise UserError(f"--resume: {path} was written by an older version of {script}; start a new run")
+    check_resume_flags(args, ckpt["args"], path)
+    print(f"resuming {folder} (its own folder) from {path} (global step {ckpt['global_step']})")
+    return ckpt
+
+
+def check_resume_flags(args, saved: dict, path: str) -> None:
+    """Only RESUME_FREE flags may differ from the checkpoint's, and RESUME_ALLOWED ones with --resume-allow-changes."""
+    changed = [k for k, v in saved.items() if k not in RESUME_FREE and getattr(args, k, v) != v]
+    fixed = [k for k in changed if k not in RESUME_ALLOWED or k.endswith("steps") and getattr(args, k) < saved[k]]
+    if fixed or (changed and not args.resume_allow_changes):
+        diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(args, k)!r})" for k in fixed or changed)
+        how = (
+            "these cannot change on resume (step counts can only grow)"
+            if fixed
+            else "give the same flags, or --resume-allow-changes"
+        )
+        raise UserError(f"--resume: {path} was made with {diff}; {how}")
+
+
+def restore_checkpoint(ckpt: dict, networks: dict, optimizers: dict, generators: dict) -> None:
+    """Load the networks (with their injection state), the optimizers (`{name: (optimizer, its model)}`, pointed at
+    the same parameters by name) and every random state; a checkpoint that does not fit is one line."""
+    try:
+        for name, net in networks.items():
+            load_injected_state_dict(net, ckpt["networks"][name])
+        for name, (opt, model) in optimizers.items():
+            params = dict(model.named_parameters())
+            for group, names in zip(opt.param_groups, ckpt["optimizers"][name]["params"]):
+                group["params"] = [params[n] for n in names]
+            opt.load_state_dict(ckpt["optimizers"][name]["state_dict"])
+        rng = ckpt["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        for k, g in generators.items():
+            g.bit_generator.state = rng["generators"][k]
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"--resume: {RUN['checkpoint']} does not fit what these flags build ({type(e).__name__}: {why})"
+        ) from None
+
+
+def start_run(args, ckpt):
+    """The run's folder (new: runs/{env_id}__{exp_name}__{seed}__{time}; resumed: its own, orphans removed), locked,
+    and its logs: TensorBoard (on resume readers hide what the stopped run logged from the checkpoint's step on) and,
+    with --track, wandb (the same run id on resume). The first write of a run. Returns (folder, writer)."""
+    if RUN["stop"] is not None:
+        print(f"stopped by {signal.Signals(RUN['stop']).name} before the run started: nothing was written")
+        sys.exit(128 + RUN["stop"])
+    purge = None if RUN["dir"] is None else ckpt["log_step"] if ckpt else 0
+    if RUN["dir"] is None:
+        stamp = int(time.time())  # a run that starts in the same second as another takes the next free second
+        while True:
+            folder = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
+            try:
+                os.makedirs(folder)
+                break
+            except FileExistsError:
+                stamp += 1
+            except OSError as e:  # read-only, full, or `runs` is not a folder
+                raise UserError(f"cannot create the run folder {folder} ({type(e).__name__}: {e})") from None
+        lock_run(folder)
+    remove_orphans(RUN["dir"], all_of_them=True)
+    if args.track:
+        import wandb
+
+        run_id = hashlib.sha1(os.path.basename(RUN["dir"]).encode()).hexdigest()[:16]  # the same on resume
+        name, config = os.path.basename(RUN["dir"]), vars(args)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
+                   name=name, id=run_id, resume="allow", save_code=True)  # fmt: skip
+    writer = RUN["writer"] = SummaryWriter(RUN["dir"], purge_step=purge)
+    atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
+    if ckpt is None:
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return RUN["dir"], writer
 
 
 def checkpoint_due(args, step: int, previous_step: int) -> bool:
@@ -159,156 +304,47 @@ def checkpoint_due(args, step: int, previous_step: int) -> bool:
     return RUN["stop"] is not None or (every > 0 and step // every > previous_step // every)
 
 
-def checkpoint_paths(folder: str) -> list:
-    """The checkpoints step_<N>.pt in `folder`, oldest first."""
-    files = os.listdir(folder) if os.path.isdir(folder) else []
-    found = [(int(m.group(1)), f) for f in files if (m := re.fullmatch(r"step_(\d+)\.pt", f))]
-    return [os.path.join(folder, f) for _, f in sorted(found)] if found else []
-
-
-def save_checkpoint(state: dict, run_name: str, step: int, keep: int, networks: dict) -> str:
-    """Write runs/<run>/checkpoints/step_<step>.pt atomically, then delete all but the newest `keep`: the previous
-    checkpoint survives until the new one is complete. Non-finite weights stop the run instead of being saved."""
+def save_checkpoint(step: int, log_step: int, networks: dict, optimizers: dict, generators: dict, **state) -> str:
+    """Write checkpoints/step_<step>.pt atomically after everything logged before `log_step` (the first step the
+    resumed run logs), then keep the newest --keep-checkpoints. Non-finite weights stop the run instead. After a
+    stop request, exits saying how to continue."""
     for name, net in networks.items():
         bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
             raise UserError(f"{name} has non-finite weights ({bad[0]}) at global step {step}{last}")
-    folder = os.path.join("runs", run_name, "checkpoints")
-    path = os.path.join(folder, f"step_{step:012d}.pt")
-    if RUN["writer"] is not None:  # the events logged so far reach the disk before the checkpoint does
-        RUN["writer"].flush()
-    state = dict(state, run_name=run_name, global_step=step, log_time=time.time())
-    atomic_save(dict(state, networks={k: v.state_dict() for k, v in networks.items()}), path)
-    for old in checkpoint_paths(folder)[:-keep]:
+    RUN["writer"].flush()  # the events logged so far reach the disk before the checkpoint does
+    state.update(script=RUN["args"]["script"], args={k: v for k, v in RUN["args"].items() if k != "script"})
+    state.update(global_step=step, log_step=log_step, networks={k: v.state_dict() for k, v in networks.items()})
+    state["optimizers"] = {}
+    for name, (opt, model) in optimizers.items():
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+        state["optimizers"][name] = {"state_dict": opt.state_dict(), "params": groups}
+    state["rng"] = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    state["rng"]["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    state["rng"]["generators"] = {k: g.bit_generator.state for k, g in generators.items()}
+    path = os.path.join(RUN["dir"], "checkpoints", f"step_{step:012d}.pt")
+    atomic_save(state, path)
+    for old in checkpoint_paths(os.path.dirname(path))[: -RUN["args"]["keep_checkpoints"]]:
         os.remove(old)
     RUN["checkpoint"] = path
+    if RUN["stop"] is not None:
+        exit_stopped(step, path)
     return path
 
 
-def find_checkpoint(args, script: str):
-    """The checkpoint `--resume` names, loaded and checked (None: a new run). `auto`: the newest checkpoint of the
-    newest run folder of this env, exp-name and seed that has one (a new run when there is none); a run folder:
-    its newest checkpoint; or a checkpoint file. Stray temporary files of killed saves in that run are removed."""
-    RUN.update(stop=None, checkpoint=None, writer=None)  # a new train() call: nothing of an earlier one
-    if args.resume is None:
-        return None
-    if args.resume == "auto":
-        prefix = os.path.join("runs", glob.escape(f"{args.env_id}__{args.exp_name}__{args.seed}__"))
-        runs = sorted(glob.glob(prefix + "[0-9]*"), key=lambda d: int(d.rpartition("__")[2]))
-        found = [ckpts for d in runs if (ckpts := checkpoint_paths(os.path.join(d, "checkpoints")))]
-        if not found:
-            print(f"--resume auto: no checkpoint under {prefix}*, starting a new run")
-            return None
-        found = found[-1]
-    elif os.path.isdir(args.resume):  # a run folder or its checkpoints folder
-        found = checkpoint_paths(os.path.join(args.resume, "checkpoints")) or checkpoint_paths(args.resume)
-        if not found:
-            raise UserError(f"--resume {args.resume}: no checkpoint (checkpoints/step_<N>.pt) in this folder")
-    elif os.path.isfile(args.resume):
-        found = [p for p in checkpoint_paths(os.path.dirname(args.resume) or ".") if p < args.resume]
-        found.append(args.resume)
-    else:
-        raise UserError(f"--resume {args.resume}: no such file or folder (give a checkpoint, a run folder, or auto)")
-    path = found[-1]
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        older = f"; the previous checkpoint is intact: --resume {found[-2]}" if len(found) > 1 else ""
-        raise UserError(f"--resume: {path} is truncated or corrupt ({type(e).__name__}){older}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        raise UserError(f"--resume: {path} is not a checkpoint of {script}")
-    if "log_time" not in ckpt:
-        raise UserError(f"--resume: {path} was written by an older version of {script}; start a new run")
-    changed = [k for k, v in ckpt["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
-    if changed and not args.resume_allow_changes:
-        diff = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]!r} (now {getattr(args, k)!r})" for k in changed)
-        raise UserError(f"--resume: {path} was made with {diff}; give the same flags, or --resume-allow-changes")
-    run_dir = os.path.join("runs", ckpt["run_name"])
-    for tmp in glob.glob(os.path.join(glob.escape(run_dir), "**", ".tmp-*"), recursive=True):
-        os.remove(tmp)
-    RUN["checkpoint"] = path
-    print(f"resuming {run_dir} from {path} (global step {ckpt['global_step']})")
-    return ckpt
-
-
-def rng_state(generators: dict) -> dict:
-    """Every random state a run draws from: python, numpy, torch (and CUDA), and the run's numpy Generators."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return dict(state, generators={k: g.bit_generator.state for k, g in generators.items()})
-
-
-def set_rng_state(state: dict, generators: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for k, g in generators.items():
-        g.bit_generator.state = state["generators"][k]
-
-
-def optimizer_state(optimizer, model) -> dict:
-    """The optimizer's state_dict and the names of its parameters in `model` (injection re-points optimizers)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    return {"state_dict": optimizer.state_dict(), "params": groups}
-
-
-def restore_optimizer(optimizer, model, saved: dict) -> None:
-    """Point `optimizer` at the same parameters of the rebuilt (injected) `model`, then load its state."""
-    params = dict(model.named_parameters())
-    for group, names in zip(optimizer.param_groups, saved["params"]):
-        group["params"] = [params[n] for n in names]
-    optimizer.load_state_dict(saved["state_dict"])
-
-
-def drop_events_after(folder: str, log_time: float) -> None:
-    """Rewrite the TensorBoard event files in `folder` without the events logged after `log_time` (by wall clock:
-    a step's events can come on both sides of its checkpoint). Each file is replaced atomically."""
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))):
-        events = list(RawEventFileLoader(path).Load())  # the records as written
-        kept = [e for e in events if Event.FromString(e).wall_time < log_time]
-        if not kept:
-            os.remove(path)
-        elif len(kept) < len(events):
-            tmp = os.path.join(folder, ".tmp-events")
-            with open(tmp, "wb") as f:
-                records = RecordWriter(f)
-                for e in kept:
-                    records.write(e)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-
-
-def open_logs(args, run_name: str, ckpt=None):
-    """TensorBoard writer for runs/<run_name> (and wandb with --track, same run id on resume). On resume the events
-    logged after the checkpoint (by the run that was stopped) are dropped, so the curves continue seamlessly."""
-    if ckpt is not None:
-        drop_events_after(os.path.join("runs", run_name), ckpt["log_time"])
-    if args.track:
+def finish_run(step: int, results: str) -> None:
+    """The run is complete: close its logs, mark it finished (`finished.json`: a later --resume says so and trains
+    nothing) and release its folder. Exits after a stop request that came during the last step."""
+    RUN["writer"].close()
+    if RUN["args"]["track"]:
         import wandb
 
-        run_id = hashlib.sha1(run_name.encode()).hexdigest()[:16]
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            id=run_id,
-            resume="allow",
-            save_code=True,
-        )
-    writer = RUN["writer"] = SummaryWriter(f"runs/{run_name}")
-    atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
-    if ckpt is None:
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
+        wandb.finish()
+    done = json.dumps({"global_step": step, "results": results, "time": time.time()})
+    atomic_save(done.encode(), os.path.join(RUN["dir"], "finished.json"))
+    os.close(RUN["lock"])
+    RUN["lock"] = None
+    if RUN["stop"] is not None:
+        exit_stopped(step, results)
