@@ -77,7 +77,8 @@ def find_runs(paths) -> list:
 
 def read_scalars(run_dir: Path, keys) -> dict:
     """{key: {step: value}} for the wanted keys (the last write of a step wins), from every event file in
-    the folder in file-name (creation) order."""
+    the folder in file-name (creation) order. A resumed run's purge (its file starts with a SessionLog START at the
+    checkpoint's step) hides what the stopped run logged from that step on, as TensorBoard does."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util import tensor_util
 
@@ -86,6 +87,8 @@ def read_scalars(run_dir: Path, keys) -> dict:
     for f in sorted(run_dir.glob("events.out.tfevents.*")):
         try:
             for ev in EventFileLoader(str(f)).Load():
+                if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+                    out = {k: {s: v for s, v in vals.items() if s < ev.step} for k, vals in out.items()}
                 if not ev.HasField("summary"):
                     continue
                 for v in ev.summary.value:

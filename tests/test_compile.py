@@ -3,6 +3,7 @@ metrics and saved weights as without it, within float tolerance (the compiled ke
 
 import copy
 import functools
+import os
 import types
 
 import numpy as np
@@ -168,6 +169,7 @@ def test_resume_a_compiled_run_without_compile(compiler, tmp_cwd):
     args.compile, args.checkpoint_every, args.eval_episodes, args.metrics_every = True, 300, 0, 0
     first = D.train(args)
     checkpoint = f"{first['run_dir']}/checkpoints/step_{300:012d}.pt"
+    os.remove(f"{first['run_dir']}/finished.json")  # as if killed after that checkpoint: it can be resumed
     args.compile, args.resume = False, checkpoint  # --compile may change on resume: same weights, same keys
     second = D.train(args)
     assert second["run_name"] == first["run_name"] and second["global_step"] == 600
