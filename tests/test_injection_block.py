@@ -127,6 +127,22 @@ def test_ablations(blk):
     assert log["injection/output_change"] > 0  # without −h_θ'2 the output jumps
 
 
+def test_optimizer_groups_follow_model_order(blk):
+    """New parameters join the group of those they replace; in each group the model's trainable parameters come in
+    model order, in the slots the model's parameters held (another module's stay where they were)."""
+    net, _, _, x = setup()
+    net.aux, other = nn.Linear(16, 2), nn.Linear(3, 3)  # a head registered after the injected one; another module
+    weights = [p for n, p in net.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.Adam([{"params": [*other.parameters(), *weights]}, {"params": biases, "lr": 1e-3}])
+    for _ in (1, 2):
+        blk.inject_plasticity(net, ["head"], x, optimizers=[opt])
+        trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        assert [id(p) for p in opt.param_groups[0]["params"][:2]] == [id(p) for p in other.parameters()]
+        assert [id(p) for p in opt.param_groups[0]["params"][2:]] == [id(p) for n, p in trainable if "weight" in n]
+        assert [id(p) for p in opt.param_groups[1]["params"]] == [id(p) for n, p in trainable if "bias" in n]
+
+
 class Wrapper(nn.Module):
     """A whole network as a sub-module, and an output that is a tuple (as an actor-critic's)."""
 
@@ -167,6 +183,11 @@ def test_injecting_around_an_injected_head_draws_the_original_architecture(blk):
     assert [n for n, _ in fresh.named_parameters()] == [n for n, _ in Net().named_parameters()]
     log = blk.inject_plasticity(wrapper, ["net"], x)  # the whole network, around the injected head
     assert log["injection/output_change"] == 0.0 and log["injection/count"] == 1.0
+    reloaded = Wrapper()  # the inner head's θ'1, frozen with the rest of the old network, stays frozen on reload
+    blk.load_injected_state_dict(reloaded, wrapper.state_dict())
+    assert [p.requires_grad for p in reloaded.parameters()] == [p.requires_grad for p in wrapper.parameters()]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x)[0], wrapper(x)[0])
 
 
 def test_reload_of_an_injected_model_computes_the_same_function(blk, tmp_path):
