@@ -1354,12 +1354,17 @@ def unit_matrix(features: torch.Tensor) -> torch.Tensor:
     return features.movedim(1, -1).reshape(-1, features.shape[1])
 
 
-def dormant_ratio(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
-    """ReDo (Sokar et al. 2023): share of units with mean|h_i| / mean_j mean|h_j| <= tau; 1.0 for all-zero features."""
+def dormant_units(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
+    """ReDo (Sokar et al. 2023): per unit, mean|h_i| / mean_j mean|h_j| <= tau (bool); all for all-zero features."""
     score = unit_matrix(features).detach().abs().float().mean(0)
     avg = score.mean()
     s = torch.where(avg > 0, score / avg.clamp_min(torch.finfo(score.dtype).tiny), torch.zeros_like(score))
-    return (s <= tau).float().mean()
+    return s <= tau
+
+
+def dormant_ratio(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
+    """Share of dormant units (dormant_units); 1.0 for all-zero features."""
+    return dormant_units(features, tau).float().mean()
 
 
 def updated_units_fraction(grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -1453,12 +1458,14 @@ def plasticity_keys(model: nn.Module, with_grads: bool = True) -> set:
 # ==== END SHARED BLOCK: plasticity ====
 # ==== BEGIN SHARED BLOCK: interventions (shared_blocks/interventions.py; sync: tools/sync_blocks.py) ====
 # Interventions to compare plasticity injection against, generic over any nn.Module: resets, shrink-and-perturb,
-# L2 schedules and an adaptive injection trigger; and the cross-flag checks of the shared flags (flags block).
+# ReDo, L2 schedules and an adaptive injection trigger; and the cross-flag checks of the shared flags (flags block).
 # Targets (DQN/IQL target networks) get the same new values. Pass make_fresh={path: factory} when the network
 # has its own init (e.g. orthogonal), since `reset_parameters` gives PyTorch's default init.
-# Uses fresh_copy and InjectedModule (injection block) and math (flags block).
+# Uses fresh_copy and InjectedModule (injection block), hidden_layers, weight_layers and dormant_units (plasticity
+# block) and math (flags block).
 import difflib
 import re
+from functools import partial
 
 
 def _canonical(name: str) -> str:  # a name in the un-injected network: `terms.K.` levels dropped
@@ -1528,6 +1535,89 @@ def shrink_perturb(model, paths=("",), shrink=1.0, perturb=0.01, make_fresh=None
             count += p.numel()
     rel_change = math.sqrt(sq_change / sq_norm) if sq_norm > 0 else 0.0
     return {"interventions/shrink_perturb_params": float(count), "interventions/shrink_perturb_rel_change": rel_change}
+
+
+def _fresh_part(module: nn.Module, name: str, make_fresh, drawn: dict) -> nn.Module:
+    """A fresh draw of `module` at `name`: its part of the longest make_fresh path above it (drawn once), or its own."""
+    name = _canonical(name)
+    key = max((k for k in make_fresh or {} if k in ("", name) or name.startswith(k + ".")), key=len, default=None)
+    if key is not None and key not in drawn:
+        drawn[key] = make_fresh[key]()
+    return fresh_copy(module) if key is None else drawn[key].get_submodule(name[len(key) :].lstrip("."))
+
+
+def _keep_first(store: dict, name: str, _module, args, out=None) -> None:  # forward hook: output; pre-hook: input
+    store.setdefault(name, (args[0] if out is None else out).detach())
+
+
+def _redo_scan(model: nn.Module, probe, tau: float) -> dict:
+    """{hidden layer: (dormant units, the Linear/Conv layers whose input is its activation's output or a view of all
+    of it (nn.Flatten), whether they all read it as channels or flat features)} from one forward of the probe."""
+    feats, inputs, layers = {}, {}, weight_layers(model)
+    handles = [a.register_forward_hook(partial(_keep_first, feats, n)) for n, (_, a) in hidden_layers(model).items()]
+    handles += [m.register_forward_pre_hook(partial(_keep_first, inputs, n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, h in feats.items():
+        readers = [r for r, x in inputs.items() if x.data_ptr() == h.data_ptr() and x.numel() == h.numel()]
+        fits = all(layers[r].weight.shape[1] in (h.shape[1], h[0].numel()) for r in readers)
+        out[n] = (dormant_units(h, tau), readers, fits)
+    return out
+
+
+def _dormant_share(scan: dict, layers: dict) -> float:  # dormant units / units, over the trainable hidden layers
+    masks = [d for n, (d, _, _) in scan.items() if layers[n].weight.requires_grad]
+    return float(torch.cat(masks).float().mean()) if masks else 0.0
+
+
+@torch.no_grad()
+def redo(model, probe, tau=0.025, optimizers=(), targets=(), make_fresh=None) -> dict:
+    """ReDo (Sokar et al. 2023): recycle the hidden units (of a hidden_layers layer that Linear/Conv layers read)
+    dormant on the probe. Incoming weights (row, bias entry) get a fresh draw of the layer's init (make_fresh as in
+    reset_modules, e.g. PPO's orthogonal init), outgoing ones (its columns in every reader, all of a channel's after
+    a flatten) 0: the output moves by at most the units' former contribution, not at all for dead units. A norm
+    between layer and activation is part of the unit (its affine entries are reset too: a unit killed by its norm's
+    bias would stay dead); it mixes the layer's units, so there the others and the output move too. A layer is
+    recycled only if it, its norm and all its readers train (after a head injection: in θ'1, not in the frozen terms
+    nor the encoder's output they read). The optimizers' per-entry state (Adam's moments) of the recycled entries
+    is zeroed, the rest and `step` kept; targets get the same new values."""
+    layers, hidden, scan = weight_layers(model), hidden_layers(model), _redo_scan(model, probe, tau)
+    leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+    pos, drawn, touched, units = {id(m): i for i, (_, m) in enumerate(leaves)}, {}, {}, 0
+    for name, (dormant, readers, fits) in scan.items():
+        layer, act = hidden[name]
+        parts = [(name, layer)] + [(n, m) for n, m in leaves[pos[id(layer)] + 1 : pos[id(act)]] if list(m.parameters())]
+        trains = all(p.requires_grad and p.shape[0] == len(dormant) for _, m in parts for p in m.parameters())
+        if not (dormant.any() and readers and fits and trains and all(layers[r].weight.requires_grad for r in readers)):
+            continue
+        for part_name, part in parts:
+            fresh = _fresh_part(part, part_name, make_fresh, drawn)
+            for key, p in part.named_parameters(recurse=False):
+                rows = dormant.view(-1, *[1] * (p.dim() - 1)).expand_as(p)
+                p.copy_(torch.where(rows, fresh.get_parameter(key).to(p), p))
+                touched.setdefault(f"{part_name}.{key}", [p, torch.zeros_like(rows)])[1] |= rows
+        for r in readers:
+            w = layers[r].weight
+            cols = dormant.view(1, -1, 1).expand(w.shape[0], -1, w[0].numel() // len(dormant)).reshape(w.shape)
+            touched.setdefault(f"{r}.weight", [w, torch.zeros_like(cols)])[1] |= cols
+            w.masked_fill_(cols, 0.0)
+        units += int(dormant.sum())
+    for key, (p, mask) in touched.items():
+        states = [v for opt in optimizers for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
+        for state in (s for s in states if s.shape == p.shape):  # Adam's exp_avg and exp_avg_sq, not `step`
+            state.masked_fill_(mask, 0.0)
+        for target in targets:
+            target.get_parameter(key).copy_(torch.where(mask, p, target.get_parameter(key)))
+    return {
+        "interventions/redo_units": float(units),
+        "interventions/redo_dormant_before": _dormant_share(scan, layers),
+        "interventions/redo_dormant_after": _dormant_share(_redo_scan(model, probe, tau), layers),
+    }
 
 
 def l2_coef(args, step: int, total_steps: int) -> float:

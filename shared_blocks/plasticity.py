@@ -36,12 +36,17 @@ def unit_matrix(features: torch.Tensor) -> torch.Tensor:
     return features.movedim(1, -1).reshape(-1, features.shape[1])
 
 
-def dormant_ratio(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
-    """ReDo (Sokar et al. 2023): share of units with mean|h_i| / mean_j mean|h_j| <= tau; 1.0 for all-zero features."""
+def dormant_units(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
+    """ReDo (Sokar et al. 2023): per unit, mean|h_i| / mean_j mean|h_j| <= tau (bool); all for all-zero features."""
     score = unit_matrix(features).detach().abs().float().mean(0)
     avg = score.mean()
     s = torch.where(avg > 0, score / avg.clamp_min(torch.finfo(score.dtype).tiny), torch.zeros_like(score))
-    return (s <= tau).float().mean()
+    return s <= tau
+
+
+def dormant_ratio(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
+    """Share of dormant units (dormant_units); 1.0 for all-zero features."""
+    return dormant_units(features, tau).float().mean()
 
 
 def updated_units_fraction(grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None = None) -> torch.Tensor:
