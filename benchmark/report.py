@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_checks.py, also when this file is imported by path
+from cli_checks import Parser, at_least, did_you_mean, finite_problem, folder_problem, seed_problem  # noqa: E402
+
 INJECTION_KEY = "injection/count"
 
 
@@ -170,7 +173,7 @@ def collect(paths, keys, only=None, optional=()) -> tuple:
         have = sorted(t for t in rs[0]["tags"] if not t.startswith("plasticity/"))
         names = ", ".join(str(r["path"]) for r in rs[:5]) + (f" and {len(rs) - 5} more" if len(rs) > 5 else "")
         raise ReportError(
-            f"--key {k}: missing in {len(rs)} of {len(runs)} runs: {names} "
+            f"--key {k}: missing in {len(rs)} of {len(runs)} runs: {names}{did_you_mean(k, tags_of(runs))} "
             f"(keys in {rs[0]['path'].name}: {', '.join(have) or 'none'})"
         )
     groups = defaultdict(list)
@@ -180,6 +183,11 @@ def collect(paths, keys, only=None, optional=()) -> tuple:
     order = sorted(groups, key=lambda g: (g[0], min(r["time"] for r in groups[g]), g[1]))
     grouped = [dict(env_id=g[0], exp_name=g[1], runs=sorted(groups[g], key=lambda r: r["seed"])) for g in order]
     return grouped, not_started
+
+
+def tags_of(runs) -> set:
+    """Every key logged by any of the runs (read by collect)."""
+    return set().union(*(r["tags"] for r in runs))
 
 
 def injection_cell(runs) -> str:
@@ -497,8 +505,11 @@ def plot_speed(complete: dict, key: str, threshold, path: Path) -> None:
     save_figure(fig, path)
 
 
+MIN_REPS = 100  # fewer leave under 3 resamples in each 2.5% tail of a 95% interval: its ends would be noise
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", default=["runs"], help="run folders or folders of runs (default: runs)")
     ap.add_argument("--key", action="append", help="scalar key to summarise (repeatable; default eval/episodic_return)")
     ap.add_argument(
@@ -507,10 +518,11 @@ def main(argv=None) -> int:
         nargs="+",
         default=[],
         metavar="STEP",
+        check=at_least(0),
         help="also report the last value logged at or before each STEP",
     )
     ap.add_argument("--only", nargs="+", metavar="EXP_NAME", help="only these exp_names (setups)")
-    ap.add_argument("--precision", type=int, default=2, help="decimals in the table (default 2)")
+    ap.add_argument("--precision", type=int, default=2, check=at_least(0), help="decimals in the table (default 2)")
     ap.add_argument("--plot", metavar="OUT.png", help="also draw the curves (mean, 95%% bootstrap band) to this image")
     ap.add_argument(
         "--out",
@@ -519,10 +531,32 @@ def main(argv=None) -> int:
         "with stratified-bootstrap CIs (rliable), probability of improvement, AUC and steps to --threshold",
     )
     ap.add_argument("--baseline", metavar="SETUP", help="probability of improvement of every setup over this one")
-    ap.add_argument("--threshold", type=float, help="report the steps each run takes to reach this value (first key)")
-    ap.add_argument("--steps", type=int, help="the step a complete run reaches (default: the longest run of its env)")
-    ap.add_argument("--seeds", type=int, nargs="+", help="the seeds every setup should have (default: all seen)")
-    ap.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        check=finite_problem,
+        help="report the steps each run takes to reach this value (first key)",
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        check=at_least(1),
+        help="the step a complete run reaches (default: the longest run of its env)",
+    )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        check=seed_problem,
+        help="the seeds every setup should have (default: all seen)",
+    )
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=2000,
+        check=at_least(MIN_REPS, "fewer resamples leave a 95% interval's ends to chance"),
+        help=f"bootstrap resamples (default 2000, at least {MIN_REPS})",
+    )
     ap.add_argument(
         "--metric",
         action="append",
@@ -531,22 +565,28 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     keys = list(dict.fromkeys(a.key or ["eval/episodic_return"]))
     try:
-        if a.precision < 0:
-            raise ReportError(f"--precision {a.precision}: must be >= 0")
-        if any(s < 0 for s in a.at_step):
-            raise ReportError(f"--at-step {min(a.at_step)}: steps must be >= 0")
+        # where the output goes, before any run is read
         if a.plot:
             p = Path(a.plot)
             if p.suffix.lower() not in (".png", ".pdf", ".svg"):
                 raise ReportError(f"--plot {a.plot}: use a .png, .pdf or .svg file name")
+            if p.is_dir():
+                raise ReportError(f"--plot {a.plot}: is a folder, not a file name")
             if not p.resolve().parent.is_dir():
                 raise ReportError(f"--plot {a.plot}: folder {p.resolve().parent} does not exist")
-        if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
-            raise ReportError(f"--out {a.out}: not a folder")
+            if folder_problem(p.resolve().parent):
+                raise ReportError(f"--plot {a.plot}: folder {p.resolve().parent} is not writable")
+        if a.out and folder_problem(a.out):
+            raise ReportError(f"--out {a.out}: {folder_problem(a.out)}")
         metrics = a.metric or [f"plasticity/{m}_mean" for m in ("erank_features", "dormant_ratio", "weight_magnitude")]
         groups, not_started = collect(a.paths, keys, a.only, optional=metrics)
-        if a.baseline and a.baseline not in {g["exp_name"] for g in groups}:
-            raise ReportError(f"--baseline {a.baseline}: no such setup")
+        logged = tags_of(r for g in groups for r in g["runs"])
+        for m in dict.fromkeys(a.metric or []):
+            if m not in logged:
+                raise ReportError(f"--metric {m}: no run logged it{did_you_mean(m, logged, 'keys the runs have')}")
+        setups = {g["exp_name"] for g in groups}
+        if a.baseline and a.baseline not in setups:
+            raise ReportError(f"--baseline {a.baseline}: no such setup{did_you_mean(a.baseline, setups, 'have')}")
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

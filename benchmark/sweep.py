@@ -7,7 +7,10 @@ first seed start first). tyro keeps the LAST value of a repeated flag, so setup 
 recipe's `common`, and `--common` on the command line overrides both (handy to shorten a recipe for a
 smoke test). Each job's stdout/stderr go to `<out>/<SETUP>__<SEED>.out` / `.err`; `<out>/summary.json`
 lists every job's command, exit code and wall time. At the end a summary names every failed job with its
-exit code and the last line of its stderr; the sweep exits with 1 if any job failed.
+exit code and the line of its stderr that says what went wrong (its last `error: ...` line, the exception line of a
+traceback, or the message inside the box tyro draws around its errors); the sweep exits with 1 if any job failed.
+Bad input (a flag, a recipe key, a seed outside 0 <= seed < 2**32, an output folder that is a file or not writable)
+stops the sweep with one `error: ...` line before anything is run or written.
 
 Setups come from a TOML recipe (`--recipe FILE`), from repeated `--setup NAME="FLAGS"` options, or both
 (a `--setup` with a recipe's setup name replaces it). Recipe format (see benchmark/recipes/):
@@ -46,12 +49,16 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_checks.py, also when this file is imported by path
+from cli_checks import Parser, above, at_least, folder_problem, seed_problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -76,17 +83,26 @@ def load_recipe(path: Path) -> dict:
             f"--recipe {path}: unknown keys {sorted(unknown)} (allowed: description, script, seeds, envs, "
             "common, vars, setups)"
         )
+    if not isinstance(rec.get("script", ""), str):
+        raise SweepError(f"--recipe {path}: script must be a string (the script's path)")
     if not isinstance(rec.get("envs", []), list) or not all(isinstance(e, str) for e in rec.get("envs", [])):
         raise SweepError(f"--recipe {path}: envs must be a list of env ids")
+    if rec.get("envs") == []:
+        raise SweepError(f"--recipe {path}: envs = [] lists no env id (leave the key out to keep the script's own)")
     if not isinstance(rec.get("setups", {}), dict) or not all(
         isinstance(v, str) for v in rec.get("setups", {}).values()
     ):
         raise SweepError(f"--recipe {path}: [setups] must map names to flag strings")
     if not isinstance(rec.get("common", ""), str):
         raise SweepError(f"--recipe {path}: common must be a string of flags")
-    seeds = rec.get("seeds", [])
+    seeds = rec.get("seeds", [1])
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise SweepError(f"--recipe {path}: seeds must be a list of integers")
+    if not seeds:
+        raise SweepError(f"--recipe {path}: seeds = [] lists no seed (give at least one, or leave the key out for 1)")
+    for s in seeds:
+        if seed_problem(s):
+            raise SweepError(f"--recipe {path}: seeds: {s}: {seed_problem(s)}")
     if not isinstance(rec.get("vars", {}), dict):
         raise SweepError(f"--recipe {path}: [vars] must map names to descriptions")
     return rec
@@ -145,14 +161,22 @@ def build_jobs(a) -> tuple:
     if not spath.is_file():
         raise SweepError(f"--script {script}: no such file (relative paths are taken from {ROOT})")
 
-    seeds = a.seeds if a.seeds is not None else rec.get("seeds") or [1]
-    if len(set(seeds)) != len(seeds):
-        raise SweepError(f"--seeds {seeds}: repeated seed")
-    if a.jobs < 1:
-        raise SweepError(f"--jobs {a.jobs}: must be >= 1")
+    seeds = a.seeds if a.seeds is not None else rec.get("seeds", [1])
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise SweepError(f"{'--seeds' if a.seeds is not None else where_rec + ': seeds'}: seed {repeated[0]} repeated")
     cwd = Path(a.cwd)
     if not cwd.is_dir():
         raise SweepError(f"--cwd {a.cwd}: no such directory")
+    if not a.dry_run:  # where the jobs and the sweep write, and what runs them (a dry run writes and runs nothing)
+        if folder_problem(cwd / "runs"):
+            raise SweepError(
+                f"--cwd {a.cwd}: the jobs write their runs into {cwd / 'runs'}: {folder_problem(cwd / 'runs')}"
+            )
+        if a.out and folder_problem(a.out):
+            raise SweepError(f"--out {a.out}: {folder_problem(a.out)}")
+        if a.launcher != "slurm" and shutil.which(a.python) is None:
+            raise SweepError(f"--python {a.python}: no such executable")
 
     setups = {
         k: (substitute(f"{where_rec} setup {k}", v, values, described), where_rec)
@@ -286,20 +310,53 @@ def run_submitit(jobs: list, cwd: Path, out: Path, a, group: str) -> list:
             job["returncode"], job["last_stderr"] = -1, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         job["wall_s"], job["submitit_id"] = round(time.time() - t0, 2), handle.job_id
         if job["returncode"] != 0 and "last_stderr" not in job:
-            job["last_stderr"] = last_line(Path(job["stderr"]))
+            job["last_stderr"] = error_line(Path(job["stderr"]))
         print(
             f"{'done' if job['returncode'] == 0 else 'FAILED'} {job['setup']} seed {job['seed']} (job {handle.job_id})"
         )
     return [j for j, _ in handles]
 
 
-def last_line(path: Path) -> str:
+BOX_CHARS = "".join(map(chr, range(0x2500, 0x2580)))  # box drawing: tyro prints its errors inside such a box
+
+
+def error_line(path: Path) -> str:
+    """The line of a failed job's stderr that says what went wrong: the last `error: ...` line, the exception line
+    that ends a traceback, or the message inside a box tyro drew (its first paragraph, without the border), whichever
+    came last; without any of them, the last line."""
     try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").replace("\r", "\n").splitlines()]
+        lines = path.read_text(errors="replace").replace("\r", "\n").splitlines()
     except OSError:
         return ""
-    lines = [ln for ln in lines if ln]
-    return lines[-1] if lines else ""
+    found, last, box, in_traceback = [], "", None, False
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        if line[0] in "╭┌┏":  # a box opens: collect its paragraphs
+            box = [[]]
+            continue
+        if box is not None:
+            if line[0] in "╰└┗":  # it closes: its first paragraph is the message
+                message = " ".join(" ".join(next((p for p in box if p), [])).split())
+                if message:
+                    found.append(message)
+                box = None
+            elif not line.strip(BOX_CHARS + " "):  # a rule between paragraphs
+                box.append([])
+            else:
+                box[-1].append(line.strip(BOX_CHARS + " "))
+            continue
+        if line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and raw[0] not in " \t":  # the first line not indented: the exception
+            found.append(line)
+            in_traceback = False
+        elif re.search(r"(^|: )error: ", line):
+            found.append(line)
+        if line.strip(BOX_CHARS + " "):
+            last = line.strip(BOX_CHARS + " ")
+    return found[-1] if found else last
 
 
 def run_jobs(jobs: list, cwd: Path, out: Path, n_parallel: int, quiet: bool = False, group: str = "") -> list:
@@ -341,7 +398,7 @@ def run_jobs(jobs: list, cwd: Path, out: Path, n_parallel: int, quiet: bool = Fa
                 running.remove(item)
                 job.update(returncode=rc, wall_s=round(time.time() - t0, 2))
                 if rc != 0:
-                    job["last_stderr"] = last_line(Path(job["stderr"]))
+                    job["last_stderr"] = error_line(Path(job["stderr"]))
                 done.append(job)
                 log(
                     f"{'done' if rc == 0 else 'FAILED'} {job['setup']} seed {job['seed']} "
@@ -386,7 +443,7 @@ def summary(jobs: list) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", help="TOML recipe (script, seeds, common, vars, setups); see benchmark/recipes/")
     ap.add_argument("--script", help="script to run (overrides the recipe's), e.g. dqn_atari_injection.py")
     ap.add_argument(
@@ -397,7 +454,7 @@ def main(argv=None) -> int:
         help="a setup (repeatable); NAME becomes --exp-name; replaces a recipe setup of that name",
     )
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these setups (of the recipe / --setup)")
-    ap.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the recipe's, else 1)")
+    ap.add_argument("--seeds", type=int, nargs="+", check=seed_problem, help="seeds (default: the recipe's, else 1)")
     ap.add_argument("--envs", nargs="+", metavar="ENV_ID", help="env ids, one --env-id per job (default: the recipe's)")
     ap.add_argument("--common", default="", help="flags appended to every job, after the setup's (they win)")
     ap.add_argument(
@@ -407,7 +464,13 @@ def main(argv=None) -> int:
         metavar="NAME=VALUE",
         help="value of a ${NAME} placeholder of the recipe (repeatable)",
     )
-    ap.add_argument("--jobs", type=int, default=1, help="jobs run at the same time (default 1), one thread each")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        check=at_least(1),
+        help="jobs run at the same time (default 1), one thread each",
+    )
     ap.add_argument("--cwd", default=".", help="working directory of the jobs; runs go to <cwd>/runs/ (default .)")
     ap.add_argument(
         "--out",
@@ -423,10 +486,14 @@ def main(argv=None) -> int:
         help="local subprocesses (default), submitit's local executor, or a SLURM array job through submitit",
     )
     ap.add_argument("--partition", help="SLURM partition (--launcher slurm)")
-    ap.add_argument("--gpus", type=int, help="GPUs per job (submitit)")
-    ap.add_argument("--cpus", type=int, default=1, help="CPUs per job (submitit, default 1)")
-    ap.add_argument("--mem-gb", type=float, help="memory per job in GB (submitit; DQN Atari needs about 10)")
-    ap.add_argument("--time", type=int, default=60, help="time limit per job in minutes (submitit, default 60)")
+    ap.add_argument("--gpus", type=int, check=at_least(0), help="GPUs per job (submitit)")
+    ap.add_argument("--cpus", type=int, default=1, check=at_least(1), help="CPUs per job (submitit, default 1)")
+    ap.add_argument(
+        "--mem-gb", type=float, check=above(0), help="memory per job in GB (submitit; DQN Atari needs about 10)"
+    )
+    ap.add_argument(
+        "--time", type=int, default=60, check=at_least(1), help="time limit per job in minutes (submitit, default 60)"
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     a = ap.parse_args(argv)
     try:
