@@ -81,6 +81,11 @@ class PlasticityArgs:
     """shrink factor S of shrink-and-perturb"""
     sp_perturb: float = bounded(0.01, min=0)
     """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
+    redo_every: int = bounded(0, min=0)
+    """ReDo (Sokar et al. 2023): every this many env steps recycle the units dormant on a seeded probe batch
+    (fresh incoming weights, zero outgoing weights, their Adam moments cleared; targets mirrored); 0 = never"""
+    redo_tau: float = bounded(0.1, min=0, max=1)
+    """ReDo's dormancy threshold: a unit is recycled when its normalised mean activation is <= this"""
     l2_schedule: Literal["none", "constant", "incremental", "periodic"] = "none"
     """L2 penalty on the critic loss: constant --l2-coef, incremental --l2-start -> --l2-end, or periodic"""
     l2_coef: float = bounded(1e-5, min=0)
@@ -207,6 +212,13 @@ class Args(PlasticityArgs, RunArgs):
     shrink_perturb_target: Literal["head", "all"] = "all"
     """what --shrink-perturb-at changes"""
 
+    # Continual mode (vector observations only)
+    task_switch_every: int = bounded(0, min=0)
+    """continual learning: every this many env steps the task changes (the episodes in progress end): task k shows
+    the observation features in a seeded random order with random signs (task 0: the env itself); 0 = off"""
+    task_permute_actions: bool = False
+    """continual mode: each task also relabels the actions (a seeded random permutation)"""
+
     # Atari-only options (an error on other envs when changed from the default)
     frame_stack: int = bounded(4, min=1)
     """Atari only: number of stacked frames"""
@@ -259,10 +271,47 @@ def make_env_spec(args: Args) -> EnvSpec:
     return EnvSpec(env_id, None, tuple(obs_space.shape), int(n_actions))
 
 
-def make_envs(spec: EnvSpec, args: Args, num_envs: int):
-    """A gymnasium 1.x vector env with next-step autoreset (Atari: ale-py's native C++ vector env)."""
+class PermutedTask(gym.Wrapper):
+    """Continual mode (--task-switch-every): task k shows the observation features in a seeded random order with
+    random signs and, with --task-permute-actions, relabels the actions; task 0 is the env itself. Every task is the
+    same MDP with its inputs (and outputs) renamed, so all are equally hard for an MLP."""
+
+    def __init__(self, env: gym.Env, seed: int, task: int, permute_actions: bool):
+        super().__init__(env)
+        n, rng = env.observation_space.shape[0], np.random.default_rng([seed, task])
+        self.task, self.order, self.signs = task, np.arange(n), np.ones(n, np.float32)
+        self.actions = np.arange(env.action_space.n)
+        if task > 0:
+            self.order, self.signs = rng.permutation(n), rng.choice([-1.0, 1.0], n).astype(np.float32)
+            self.actions = rng.permutation(env.action_space.n) if permute_actions else self.actions
+        low, high = (b[self.order] * self.signs for b in (env.observation_space.low, env.observation_space.high))
+        self.observation_space = gym.spaces.Box(np.minimum(low, high), np.maximum(low, high), dtype=np.float32)
+
+    def observation(self, obs) -> np.ndarray:
+        return (np.asarray(obs, np.float32)[self.order] * self.signs).astype(np.float32)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self.observation(obs), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(int(self.actions[action]))
+        return self.observation(obs), reward, terminated, truncated, info
+
+
+def task_at(args: Args, step: int) -> int:
+    """The continual mode's task index at `step` (always 0 when it is off)."""
+    return step // args.task_switch_every if args.task_switch_every else 0
+
+
+def make_envs(spec: EnvSpec, args: Args, num_envs: int, task: int = 0):
+    """A gymnasium 1.x vector env with next-step autoreset (Atari: ale-py's native C++ vector env); in continual
+    mode each env shows `task`."""
     if not spec.atari:
-        return gym.vector.SyncVectorEnv([lambda: gym.make(spec.env_id) for _ in range(num_envs)])
+        make = lambda: gym.make(spec.env_id)
+        if args.task_switch_every:
+            make = lambda: PermutedTask(gym.make(spec.env_id), args.seed, task, args.task_permute_actions)
+        return gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
     return ale_py.vector_env.AtariVectorEnv(
         spec.atari_game,
         num_envs,
@@ -712,6 +761,10 @@ def intervene(kind: str, step: int, q_network, target_network, optimizer, rb, rn
         log = inject(q_network, target_network, optimizer, probe, args)
         log["injection/adaptive"] = float(kind == "adaptive")
         log_event(writer, history["injections"], step, "injection", log)
+    elif kind == "redo":
+        probe = rb.sample(args.probe_batch_size, next(q_network.parameters()).device, rng=rngs["probe"])[0]
+        log = redo(q_network, probe, args.redo_tau, optimizers=[optimizer], targets=[target_network])
+        log_event(writer, history["interventions"], step, kind, log, kind=kind)
     elif kind == "reset":
         paths = INJECT_PATHS[args.reset_target]
         log = reset_modules(q_network, paths, optimizers=[optimizer], targets=[target_network])
@@ -742,8 +795,9 @@ def play(q_network, envs, seed: int, epsilon: float, device) -> Optional[np.ndar
 
 
 def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) -> list:
-    """RAW returns of --eval-episodes whole games (one per env of a fresh vector env), logged; [] after a stop."""
-    envs = make_envs(spec, args, args.eval_episodes)
+    """RAW returns of --eval-episodes whole games (one per env of a fresh vector env, on the task of `step`), logged;
+    [] after a stop."""
+    envs = make_envs(spec, args, args.eval_episodes, task_at(args, max(step - 1, 0)))
     returns = play(q_network, envs, args.seed + 100_000, args.eval_epsilon, device)
     envs.close()
     if returns is None:
@@ -761,6 +815,15 @@ def record_video(q_network, video_env, device, seed: int):
         return video_env
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
+
+
+def new_games(envs, rb: ReplayBuffer, tracker: EpisodeTracker, seed: int) -> np.ndarray:
+    """New episodes in every env (a new run, a resume with envs that cannot be saved, a task switch)."""
+    obs, info = envs.reset(seed=seed)
+    rb.end_episodes()
+    rb.reset(obs)
+    tracker.reset(info)
+    return obs
 
 
 def env_state(envs):
@@ -784,6 +847,8 @@ def validate_args(args: Args) -> EnvSpec:
     if early := [s for s in args.inject_at if s < args.learning_starts]:
         raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}: nothing learned yet")
     spec = make_env_spec(args)
+    if args.task_switch_every and spec.atari:
+        raise UserError(f"--task-switch-every permutes observation features: not for the Atari game {args.env_id!r}")
     for f in fields(args) if not spec.atari else ():
         if f.name in ATARI_ONLY and getattr(args, f.name) != f.default:
             flag = ("--no-" if getattr(args, f.name) is False else "--") + f.name.replace("_", "-")
@@ -806,7 +871,8 @@ def train(args: Args) -> dict:
     device = pick_device(args.cuda)
     frames = ((84, 84), np.uint8, args.frame_stack) if spec.atari else (spec.obs_shape, np.float32, 1)
     rb = ReplayBuffer(args.buffer_size, args.num_envs, *frames, stacked=spec.atari, seed=args.seed + 1)
-    envs = make_envs(spec, args, args.num_envs)
+    start_step = ckpt["global_step"] if ckpt else 0
+    envs = make_envs(spec, args, args.num_envs, task_at(args, start_step))
 
     q_network = build_network(spec, args).to(device)
     # foreach: one kernel per step for all tensors, the same numbers as the per-tensor loop, ~1.5x faster on a CPU
@@ -824,7 +890,6 @@ def train(args: Args) -> dict:
     history = dict(injections=[], interventions=[], train_returns=[], eval_returns=[], fired=[], metrics={})
     history["metrics_probe"] = None
     networks = dict(q_network=q_network, target_network=target_network)
-    start_step = ckpt["global_step"] if ckpt else 0
     if ckpt:  # resume: every state as it was (a checkpoint that does not fit stops here, before anything is written)
         restore_checkpoint(ckpt, networks, {"optimizer": (optimizer, q_network)}, rngs)
         if ckpt["buffer"] is not None:
@@ -843,10 +908,7 @@ def train(args: Args) -> dict:
         vars(tracker).update(ckpt["tracker"])
         obs = ckpt["obs"]
     else:  # new games: a new run, or a resume with envs that cannot be saved (Atari, Box2D)
-        obs, info = envs.reset(seed=args.seed + start_step)
-        rb.end_episodes()
-        rb.reset(obs)
-        tracker.reset(info)
+        obs = new_games(envs, rb, tracker, args.seed + start_step)
     # learning starts once --learning-starts steps filled the replay buffer (again, when a checkpoint lacks it)
     learning_starts = start_step + args.learning_starts if ckpt and ckpt["buffer"] is None else args.learning_starts
     start_time = time.time()
@@ -858,6 +920,12 @@ def train(args: Args) -> dict:
             state["buffer"] = rb.state_dict() if args.checkpoint_buffer else None
             state["envs"] = None if spec.atari else env_state(envs)  # CartPole: exact resume; Atari, Box2D: new games
             save_checkpoint(global_step, global_step, networks, {"optimizer": (optimizer, q_network)}, rngs, **state)
+
+        # continual mode: a new task every --task-switch-every steps (the episodes in progress end there)
+        if global_step > start_step and task_at(args, global_step) != task_at(args, global_step - args.num_envs):
+            envs.close()
+            envs = make_envs(spec, args, args.num_envs, task_at(args, global_step))
+            obs = new_games(envs, rb, tracker, args.seed + global_step)
 
         # ALGO LOGIC: epsilon-greedy actions of every env
         epsilon = linear_schedule(args.start_e, args.end_e, explore_steps, global_step)
@@ -872,6 +940,8 @@ def train(args: Args) -> dict:
             writer.add_scalar("charts/episodic_return", ep_return, global_step)
             writer.add_scalar("charts/episodic_length", ep_length, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
+            if args.task_switch_every:
+                writer.add_scalar("charts/task", task_at(args, global_step), global_step)
         rb.add(actions, train_rewards, train_terminated, next_obs, last)
         obs = next_obs
 
@@ -881,6 +951,8 @@ def train(args: Args) -> dict:
             for kind, steps in schedule.items():
                 if step in steps:
                     intervene(kind, step, q_network, target_network, optimizer, rb, rngs, args, writer, history)
+            if args.redo_every > 0 and step > learning_starts and step % args.redo_every == 0:
+                intervene("redo", step, q_network, target_network, optimizer, rb, rngs, args, writer, history)
 
             # ALGO LOGIC: one gradient step every --train-frequency steps; the target network follows
             if step > learning_starts and step % args.train_frequency == 0:

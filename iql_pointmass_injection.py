@@ -81,6 +81,11 @@ class PlasticityArgs:
     """shrink factor S of shrink-and-perturb"""
     sp_perturb: float = bounded(0.01, min=0)
     """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
+    redo_every: int = bounded(0, min=0)
+    """ReDo (Sokar et al. 2023): every this many env steps recycle the units dormant on a seeded probe batch
+    (fresh incoming weights, zero outgoing weights, their Adam moments cleared; targets mirrored); 0 = never"""
+    redo_tau: float = bounded(0.1, min=0, max=1)
+    """ReDo's dormancy threshold: a unit is recycled when its normalised mean activation is <= this"""
     l2_schedule: Literal["none", "constant", "incremental", "periodic"] = "none"
     """L2 penalty on the critic loss: constant --l2-coef, incremental --l2-start -> --l2-end, or periodic"""
     l2_coef: float = bounded(1e-5, min=0)
@@ -669,6 +674,13 @@ def shrink_perturb_networks(agent, target: str, shrink: float, perturb: float) -
     return {"interventions/shrink_perturb_params": count, "interventions/shrink_perturb_rel_change": rel_change}
 
 
+def redo_critics(agent, probe: torch.Tensor, tau: float) -> dict:
+    """--redo-every: ReDo in both Q critics (the target critics mirrored) and in V; the dormant shares are Q's."""
+    log = redo(agent.qf, probe, tau, optimizers=[agent.q_opt], targets=[agent.qf_target])
+    v_units = redo(agent.vf, probe, tau, optimizers=[agent.v_opt])["interventions/redo_units"]
+    return dict(log, **{"interventions/redo_units": log["interventions/redo_units"] + v_units})
+
+
 # ---- IQL ----------------------------------------------------------------------------------------------------------
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     weight = torch.where(diff > 0, expectile, 1 - expectile)
@@ -897,6 +909,7 @@ def train(args: Args) -> dict:
     for global_step in range(start_step, total):
         # a NaN or inf loss stops the run, checked before this step measures, changes or saves anything
         act = any(global_step in steps for steps in (args.inject_at, args.reset_at, args.shrink_perturb_at))
+        act |= args.redo_every > 0 and global_step > 0 and global_step % args.redo_every == 0
         measure = args.metrics_every > 0 and global_step % args.metrics_every == 0
         online = global_step >= args.offline_steps
         checkpoint = checkpoint_due(args, global_step, max(global_step - 1, start_step))
@@ -928,6 +941,11 @@ def train(args: Args) -> dict:
             log = shrink_perturb_networks(agent, target, args.sp_shrink, args.sp_perturb)
             what = f"shrink_perturb of {target}"
             log_event(writer, interventions, global_step, what, log, kind="shrink_perturb", target=target)
+
+        if args.redo_every > 0 and global_step > 0 and global_step % args.redo_every == 0:
+            log_event(
+                writer, interventions, global_step, "redo", redo_critics(agent, probe, args.redo_tau), kind="redo"
+            )
 
         # plasticity metrics of critic q1 on one fixed probe batch; the adaptive trigger reads them
         if measure:

@@ -82,6 +82,11 @@ class PlasticityArgs:
     """shrink factor S of shrink-and-perturb"""
     sp_perturb: float = bounded(0.01, min=0)
     """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
+    redo_every: int = bounded(0, min=0)
+    """ReDo (Sokar et al. 2023): every this many env steps recycle the units dormant on a seeded probe batch
+    (fresh incoming weights, zero outgoing weights, their Adam moments cleared; targets mirrored); 0 = never"""
+    redo_tau: float = bounded(0.1, min=0, max=1)
+    """ReDo's dormancy threshold: a unit is recycled when its normalised mean activation is <= this"""
     l2_schedule: Literal["none", "constant", "incremental", "periodic"] = "none"
     """L2 penalty on the critic loss: constant --l2-coef, incremental --l2-start -> --l2-end, or periodic"""
     l2_coef: float = bounded(1e-5, min=0)
@@ -821,14 +826,17 @@ class VideoRecorder:
 
 # ---- Training --------------------------------------------------------------------------------------------------------
 def intervene(kind: str, agent: Agent, optimizer, args: Args, obs: torch.Tensor) -> dict:
-    """Injection (`inject`), `reset` or `shrink_perturb` of --{kind}-target, in place; returns the values to log."""
-    fresh = target_modules(agent, getattr(args, f"{kind}_target"))
+    """Injection (`inject`), `reset` or `shrink_perturb` of --{kind}-target, or `redo` (ReDo, over the whole network),
+    in place; returns the values to log."""
+    fresh = target_modules(agent, getattr(args, f"{kind}_target", "all"))
     if kind == "inject":
         ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
         adam = dict(optimizers=[optimizer], reset_optimizer=args.inject_reset_optimizer)
         return inject_plasticity(agent, list(fresh), obs, make_fresh=fresh, **adam, **ablations)
     if kind == "reset":
         return reset_modules(agent, list(fresh), optimizers=[optimizer], make_fresh=fresh)
+    if kind == "redo":  # the whole network, each part with its own init
+        return redo(agent, obs, args.redo_tau, optimizers=[optimizer], make_fresh=fresh)
     return shrink_perturb(agent, list(fresh), args.sp_shrink, args.sp_perturb, make_fresh=fresh)
 
 
@@ -857,6 +865,7 @@ def train(args: Args) -> dict:
     next_obs, next_valid = (torch.as_tensor(a, device=device) for a in envs.reset())
 
     for iteration in range(summary["iteration"], args.num_iterations + 1):
+        previous_step = max(global_step - args.batch_size, start_step)
         # --- injection (at --inject-at, or when the adaptive trigger fired), reset, shrink-and-perturb ---------------
         adaptive, summary["adaptive_reason"] = summary["adaptive_reason"], None
         if summary["intervened"] < iteration:  # not yet done (a checkpoint of this iteration is written after them)
@@ -869,14 +878,15 @@ def train(args: Args) -> dict:
                     log["injection/adaptive"] = 1.0
                     print(f"global_step={global_step}, adaptive injection: {adaptive}")
                 log_event(writer, summary["injections"], global_step, f"injected into {args.inject_target}", log)
-            for kind in ("reset", "shrink_perturb"):
-                if iteration in plan[kind]:
+            redo_due = args.redo_every > 0 and global_step // args.redo_every > previous_step // args.redo_every
+            for kind in ("reset", "shrink_perturb", "redo"):
+                if iteration in plan.get(kind, ()) or kind == "redo" and redo_due:
                     log = intervene(kind, agent, optimizer, args, next_obs)
-                    what = f"{kind} of {getattr(args, f'{kind}_target')}"
+                    what = f"{kind} of {getattr(args, f'{kind}_target', 'all')}"
                     log_event(writer, summary["interventions"], global_step, what, log, kind=kind)
         # --- checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop ------------
         # (after everything logged at global_step: the resumed run logs from global_step + 1 on)
-        if checkpoint_due(args, global_step, max(global_step - args.batch_size, start_step)):
+        if checkpoint_due(args, global_step, previous_step):
             summary.update(iteration=iteration, global_step=global_step)
             networks, optimizers = {"agent": agent}, {"optimizer": (optimizer, agent)}
             save_checkpoint(global_step, global_step + 1, networks, optimizers, {}, history=summary)
