@@ -1,9 +1,12 @@
 """The continual mode of the vector-observation DQN (--task-switch-every) and ReDo (--redo-every) in the scripts."""
 
+import subprocess
+import sys
+
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import load_script, read_scalars, run_script
+from conftest import ROOT, load_script, read_scalars, run_script
 
 D = load_script("dqn_atari_injection")
 TINY = dict(env_id="CartPole-v1", total_timesteps=3000, learning_starts=300, buffer_size=1000, batch_size=32)
@@ -84,3 +87,33 @@ def test_redo_runs_in_every_script_at_its_steps(tmp_cwd):
     ppo = P.train(P.Args(**args, metrics_every=0, redo_every=64, cuda=False))
     assert [e["global_step"] for e in ppo["interventions"]] == [64]  # at the first iteration boundary at 64
     assert ppo["interventions"][0]["interventions/redo_units"] >= 0
+
+
+def test_continual_report_scores_each_task_from_the_runs(tmp_path):
+    """Fake runs with known returns: the per-task means, the change from task 0 and the comparison are computed."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    report = load_script("continual_report", "benchmark")
+    for setup, later in (("no_intervention", 10.0), ("inject_each_switch", 30.0)):
+        for seed in (1, 2, 3):
+            writer = SummaryWriter(str(tmp_path / "runs" / f"CartPole-v1__{setup}__{seed}__100"))
+            for step in range(0, 300, 10):  # tasks of 100 steps: task 0 scores 20 and 21 (seeds), later `later`
+                writer.add_scalar("charts/episodic_return", (20.0 + step % 20 // 10 if step < 100 else later), step)
+            writer.close()
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "runs"), "--task-steps", "100", "--out", str(out), "--reps", "200"]) == 0
+    text = (out / "report.md").read_text()
+    assert (
+        "| no_intervention | 3 | 20.5 [20.5, 20.5] | 10.0 [10.0, 10.0] | 10.0 [10.0, 10.0] | -10.5 [-10.5, -10.5] |"
+        in (text)
+    )
+    assert "| inject_each_switch | +20.0 [+20.0, +20.0] | 1.00 [1.00, 1.00] |" in text
+    assert (out / "tasks.png").stat().st_size > 0
+    before = sorted(p.name for p in out.iterdir())
+    tool = [sys.executable, str(ROOT / "benchmark" / "continual_report.py"), str(tmp_path / "runs")]
+    flags = ["--task-steps", "100", "--out", str(out), "--baseline", "nope"]
+    proc = subprocess.run([*tool, *flags], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --baseline nope: no such setup (have: inject_each_switch, no_intervention)"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == before
