@@ -214,8 +214,10 @@ class Args(PlasticityArgs, RunArgs):
 
     # Continual mode (vector observations only)
     task_switch_every: int = bounded(0, min=0)
-    """continual learning: every this many env steps the task changes (the episodes in progress end): task k shows
-    the observation features in a seeded random order with random signs (task 0: the env itself); 0 = off"""
+    """continual learning: every this many env steps the task changes: task k shows the observation features in a
+    seeded random order with random signs (task 0: the env itself); each task starts new episodes with an empty
+    replay buffer, learns after --learning-starts of its steps and decays epsilon anew (over --exploration-fraction
+    of a task); the networks and optimizer carry over; 0 = off"""
     task_permute_actions: bool = False
     """continual mode: each task also relabels the actions (a seeded random permutation)"""
 
@@ -302,6 +304,11 @@ class PermutedTask(gym.Wrapper):
 def task_at(args: Args, step: int) -> int:
     """The continual mode's task index at `step` (always 0 when it is off)."""
     return step // args.task_switch_every if args.task_switch_every else 0
+
+
+def task_start(args: Args, step: int) -> int:
+    """The step at which the task of `step` began (0 when the continual mode is off)."""
+    return task_at(args, step) * args.task_switch_every
 
 
 def make_envs(spec: EnvSpec, args: Args, num_envs: int, task: int = 0):
@@ -844,8 +851,9 @@ def validate_args(args: Args) -> EnvSpec:
     if args.buffer_size < args.batch_size:
         raise UserError(f"--buffer-size {args.buffer_size} is smaller than --batch-size {args.batch_size}")
     check_steps("--inject-at", args.inject_at, args.total_timesteps)
-    if early := [s for s in args.inject_at if s < args.learning_starts]:
-        raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}: nothing learned yet")
+    if early := [s for s in args.inject_at if s - task_start(args, s) < args.learning_starts]:
+        task = " of its task" if args.task_switch_every else ""
+        raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}{task}: no data yet")
     spec = make_env_spec(args)
     if args.task_switch_every and spec.atari:
         raise UserError(f"--task-switch-every permutes observation features: not for the Atari game {args.env_id!r}")
@@ -901,7 +909,8 @@ def train(args: Args) -> dict:
     schedule = {"injection": args.inject_at, "reset": args.reset_at, "shrink_perturb": args.shrink_perturb_at}
     video_env = make_video_env(spec, args, os.path.basename(run_dir)) if args.capture_video else None
     loss = q_mean = None
-    explore_steps = args.exploration_fraction * args.total_timesteps  # epsilon decays from start-e to end-e over these
+    # epsilon decays from start-e to end-e over these steps (in continual mode: of each task)
+    explore_steps = args.exploration_fraction * (args.task_switch_every or args.total_timesteps)
 
     if ckpt and ckpt["envs"] is not None:
         vars(envs).update(pickle.loads(ckpt["envs"]))
@@ -911,6 +920,7 @@ def train(args: Args) -> dict:
         obs = new_games(envs, rb, tracker, args.seed + start_step)
     # learning starts once --learning-starts steps filled the replay buffer (again, when a checkpoint lacks it)
     learning_starts = start_step + args.learning_starts if ckpt and ckpt["buffer"] is None else args.learning_starts
+    learning_starts = max(learning_starts, task_start(args, start_step) + args.learning_starts)  # continual mode
     start_time = time.time()
     for global_step in range(start_step, args.total_timesteps, args.num_envs):
         # checkpoint every --checkpoint-every steps (after all that was logged before this step), and when Ctrl-C or
@@ -921,14 +931,16 @@ def train(args: Args) -> dict:
             state["envs"] = None if spec.atari else env_state(envs)  # CartPole: exact resume; Atari, Box2D: new games
             save_checkpoint(global_step, global_step, networks, {"optimizer": (optimizer, q_network)}, rngs, **state)
 
-        # continual mode: a new task every --task-switch-every steps (the episodes in progress end there)
+        # continual mode: a new task every --task-switch-every steps: new episodes, an empty replay buffer, learning
+        # again after --learning-starts steps, epsilon decaying anew; the networks and their optimizer carry over
         if global_step > start_step and task_at(args, global_step) != task_at(args, global_step - args.num_envs):
             envs.close()
             envs = make_envs(spec, args, args.num_envs, task_at(args, global_step))
+            rb.t, learning_starts = 0, global_step + args.learning_starts  # what the buffer held is out of reach
             obs = new_games(envs, rb, tracker, args.seed + global_step)
 
         # ALGO LOGIC: epsilon-greedy actions of every env
-        epsilon = linear_schedule(args.start_e, args.end_e, explore_steps, global_step)
+        epsilon = linear_schedule(args.start_e, args.end_e, explore_steps, global_step - task_start(args, global_step))
         actions = select_actions(q_network, obs, epsilon, spec.n_actions, rngs["act"], device)
 
         # execute the game and log data; the autoreset step after an episode's end is no transition
