@@ -995,6 +995,7 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 
 class UserError(Exception):
@@ -1045,8 +1046,7 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 
 def pick_device(cuda: bool) -> torch.device:
-    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (the start line says
-    so)."""
+    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (Progress says so)."""
     if cuda and torch.cuda.is_available():
         return torch.device("cuda")
     if cuda and torch.backends.mps.is_available():
@@ -1340,34 +1340,24 @@ def finish_run(step: int, results: str) -> None:
         exit_stopped(step, results)
 
 
-# seconds between two status lines when stderr is not a terminal (the environment variable PROGRESS_EVERY sets it)
+# seconds between two status lines when stdout is not a terminal (the environment variable PROGRESS_EVERY sets it)
 PROGRESS_EVERY = float(os.environ.get("PROGRESS_EVERY", 60))
 
 
 class Progress:
     """Made right after start_run: the start line (run folder, steps, device), then `update(step)` in the loop: a tqdm
-    bar (steps done of total, steps/s, time left) when stderr is a terminal, else a status line every PROGRESS_EVERY
-    seconds (a SLURM log). `episode()`: a line per training episode, with --verbose only (TensorBoard has them all)."""
+    bar (steps done of total, steps/s, time left; printed lines go above it) when stdout is a terminal, else a status
+    line every PROGRESS_EVERY seconds (a SLURM log). `episode()`: a line per training episode, with --verbose only."""
 
     def __init__(self, args, device: torch.device, start: int, total: int):
         self.verbose, self.start, self.total, self.t0 = args.verbose, start, total, time.time()
-        self.last, self.stdout, self.part, self.bar, RUN["progress"] = self.t0, sys.stdout, "", None, self
+        self.last, self.stdout, self.bar, RUN["progress"] = self.t0, sys.stdout, None, self
         cpu = " (--cuda, but there is no CUDA device here)" if args.cuda and device.type == "cpu" else ""
         gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else cpu
         print(f"run {RUN['dir']}: {f'steps {start} to {total}' if start else f'{total} steps'} on {device}{gpu}")
-        if sys.stderr.isatty():
-            self.bar = tqdm(total=total, initial=start, unit="step", unit_scale=True, dynamic_ncols=True)
-            sys.stdout = self  # print() goes through write(): each line above the bar
-
-    def write(self, text: str) -> int:
-        *lines, self.part = (self.part + text).split("\n")
-        if lines:
-            with tqdm.external_write_mode(file=sys.stderr):
-                self.stdout.write("\n".join(lines) + "\n")
-        return len(text)
-
-    def __getattr__(self, name):  # the rest of sys.stdout's interface (flush, isatty, ...)
-        return getattr(self.stdout, name)
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=total, initial=start, unit="step", unit_scale=True, file=sys.stdout)
+            sys.stdout = DummyTqdmFile(sys.stdout)  # print() clears the bar, writes, redraws it
 
     def update(self, step: int) -> None:
         if self.bar is not None:
