@@ -77,8 +77,8 @@ class PlasticityArgs:
     target network gets the same values, the Adam state of the reset parameters is cleared)"""
     shrink_perturb_at: List[int] = field(default_factory=list)
     """global step(s) at which to shrink-and-perturb --shrink-perturb-target: θ <- S·θ + P·ε"""
-    sp_shrink: float = bounded(1.0, min=0)
-    """shrink factor S of shrink-and-perturb"""
+    sp_shrink: float = bounded(1.0, min=0, max=1)
+    """shrink factor S of shrink-and-perturb (1 = no shrink)"""
     sp_perturb: float = bounded(0.01, min=0)
     """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
     redo_every: int = bounded(0, min=0)
@@ -119,8 +119,8 @@ class PlasticityArgs:
 class RunArgs:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (networks, sampling, environments)"""
+    seed: int = bounded(1, min=0, below=2**32)
+    """seed of the experiment (networks, sampling, environments); NumPy takes seeds in [0, 2**32)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -149,6 +149,9 @@ class RunArgs:
     seed; a new run if there is none)"""
     resume_allow_changes: bool = False
     """resume even when flags that change the run differ from the checkpoint's"""
+    verbose: bool = False
+    """print a line per finished training episode (`global_step=..., episodic_return=...`) instead of the progress
+    display alone (the TensorBoard logs have every episode either way)"""
 
 
 # ==== END SHARED BLOCK: flags ====
@@ -789,11 +792,16 @@ def plasticity_metrics(q_network, target_network, probe, args: Args) -> dict:
     return measure_plasticity(q_network, probe[0], loss_fn=loss_fn, tau=args.dormant_tau)
 
 
+def env_seeds(envs, seed: int):
+    """The seeds seed, seed + 1, ... of a vector env's envs; ale-py's C++ envs take them below 2**31 (a NumPy array)."""
+    return (seed + np.arange(envs.num_envs)) % 2**31 if isinstance(envs, ale_py.vector_env.AtariVectorEnv) else seed
+
+
 def play(q_network, envs, seed: int, epsilon: float, device) -> Optional[np.ndarray]:
     """One seeded, epsilon-greedy episode per env of `envs`: their raw returns (None if a stop request cut them)."""
     rng = np.random.default_rng(seed)
     returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, bool)
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=env_seeds(envs, seed))
     while not done.all() and RUN["stop"] is None:
         actions = select_actions(q_network, obs, epsilon, envs.single_action_space.n, rng, device)
         obs, rewards, terminated, truncated, _ = envs.step(actions)
@@ -827,7 +835,7 @@ def record_video(q_network, video_env, device, seed: int):
 
 def new_games(envs, rb: ReplayBuffer, tracker: EpisodeTracker, seed: int) -> np.ndarray:
     """New episodes in every env (a new run, a resume with envs that cannot be saved, a task switch)."""
-    obs, info = envs.reset(seed=seed)
+    obs, info = envs.reset(seed=env_seeds(envs, seed))
     rb.end_episodes()
     rb.reset(obs)
     tracker.reset(info)
@@ -847,6 +855,11 @@ def validate_args(args: Args) -> EnvSpec:
     """Every flag's range, then the rules between flags (one-line errors naming the flag); returns the env."""
     check_ranges(args)
     check_compile(args)
+    if args.total_timesteps < args.num_envs:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one step of the --num-envs envs")
+    if rest := args.total_timesteps % args.num_envs:  # a whole number of vector steps: rounded down, said once
+        args.total_timesteps -= rest
+        print(f"--total-timesteps rounded down to {args.total_timesteps}, a multiple of --num-envs {args.num_envs}")
     if args.learning_starts >= args.total_timesteps:
         raise UserError(f"--learning-starts {args.learning_starts} must be below --total-timesteps: no training")
     if args.buffer_size < args.batch_size:
@@ -907,6 +920,7 @@ def train(args: Args) -> dict:
         if history["metrics_probe"] is not None:  # checkpoints load onto the CPU
             history["metrics_probe"] = tuple(t.to(device) for t in history["metrics_probe"])
     run_dir, writer = start_run(args, ckpt)  # the run's folder, locked; the first write of the run
+    progress = Progress(args, device, start_step, args.total_timesteps)  # the start line, then a bar or status lines
     schedule = {"injection": args.inject_at, "reset": args.reset_at, "shrink_perturb": args.shrink_perturb_at}
     video_env = make_video_env(spec, args, os.path.basename(run_dir)) if args.capture_video else None
     loss = q_mean = None
@@ -949,7 +963,7 @@ def train(args: Args) -> dict:
         train_rewards, train_terminated, last, finished = tracker.step(rewards, terminated, truncated, info)
         for _, ep_return, ep_length in finished:
             history["train_returns"].append(ep_return)
-            print(f"global_step={global_step}, episodic_return={ep_return}")
+            progress.episode(global_step, ep_return)
             writer.add_scalar("charts/episodic_return", ep_return, global_step)
             writer.add_scalar("charts/episodic_length", ep_length, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
@@ -959,7 +973,7 @@ def train(args: Args) -> dict:
         obs = next_obs
 
         # every env step of this vector step: interventions, training, metrics, evaluation
-        for step in range(global_step, min(global_step + args.num_envs, args.total_timesteps)):
+        for step in range(global_step, global_step + args.num_envs):
             # plasticity injection, and the baselines it is compared against, at their --*-at steps
             for kind, steps in schedule.items():
                 if step in steps:
@@ -996,6 +1010,7 @@ def train(args: Args) -> dict:
             if args.eval_episodes > 0 and args.eval_every > 0 and step > 0 and step % args.eval_every == 0:
                 history["eval_returns"] = evaluate(q_network, spec, args, device, step, writer)
                 video_env = record_video(q_network, video_env, device, args.seed + 200_000 + step)
+        progress.update(global_step + args.num_envs)
 
     global_step = args.total_timesteps
     if args.eval_episodes > 0:
@@ -1046,6 +1061,8 @@ import time
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 
 class UserError(Exception):
@@ -1053,6 +1070,7 @@ class UserError(Exception):
 
 
 def _print_user_errors(exc_type, exc, tb, default=sys.excepthook):
+    close_progress()  # the message goes below the progress bar, not into it
     if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr)
     elif issubclass(exc_type, KeyboardInterrupt):  # before train() took over Ctrl-C: nothing was written yet
@@ -1074,15 +1092,16 @@ def check_steps(flag: str, steps, total: int) -> list:
     return steps
 
 
-def check_finite(value: torch.Tensor, name: str, step: int) -> None:
-    """Stop with a clear message when a loss turns NaN or inf (files already written stay as they were)."""
+def check_finite(value: torch.Tensor, name: str, step: int = None) -> None:
+    """Stop with a clear message when a loss or a policy's logits turn NaN or inf (files written stay as they were)."""
     if not bool(torch.isfinite(value).all()):
         if RUN["writer"] is not None:  # what was logged up to here reaches the disk
             RUN["writer"].flush()
-        last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        at = "" if step is None else f" at global step {step}"
+        at += f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        mean = float(value.detach().float().mean())
         raise UserError(
-            f"{name} became non-finite ({float(value.detach().float().mean())}) at global step {step}{last}; "
-            "try a lower --learning-rate, gradient clipping, or another --seed"
+            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, gradient clipping, or another --seed"
         )
 
 
@@ -1094,7 +1113,7 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 
 def pick_device(cuda: bool) -> torch.device:
-    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU."""
+    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (Progress says so)."""
     if cuda and torch.cuda.is_available():
         return torch.device("cuda")
     if cuda and torch.backends.mps.is_available():
@@ -1153,10 +1172,10 @@ def remove_orphans(folder: str, all_of_them: bool = False) -> None:
 # ---- The run: its folder, logs, checkpoints (`--checkpoint-every`, `--resume`), stops (Ctrl-C, SIGTERM) ------------
 # One shape in every train(): stop_on_signals(); find_checkpoint(); build; restore_checkpoint(); start_run();
 # the loop, save_checkpoint() when checkpoint_due(); finish_run(). Nothing is written before start_run.
-RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None)
+RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None, progress=None)
 # flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
-RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "verbose"}
 RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
 
 
@@ -1171,9 +1190,10 @@ def _request_stop(signum, frame):
 def stop_on_signals() -> None:
     """train()'s first line: Ctrl-C (SIGINT) and SIGTERM (sent by schedulers before preemption) set RUN["stop"];
     the loop then checkpoints and exits. Nothing is interrupted mid-write. Forgets an earlier train() call."""
+    close_progress()
     if RUN["lock"] is not None:
         os.close(RUN["lock"])
-    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None)
+    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None, progress=None)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _request_stop)
 
@@ -1182,6 +1202,7 @@ def exit_stopped(step: int, path) -> None:
     """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
     again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
     where = f"checkpoint {path}; continue with: python {again}" if path else "nothing to resume"
+    close_progress()
     print(f"stopped by {signal.Signals(RUN['stop']).name} at global step {step}, {where}", file=sys.stderr)
     sys.exit(128 + RUN["stop"])
 
@@ -1208,6 +1229,10 @@ def find_checkpoint(args, script: str):
     folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder;
     or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
     RUN["args"] = dict(vars(args), script=script)
+    if "/" in args.exp_name:  # the run folder is runs/{env_id}__{exp_name}__{seed}__{time}: it stays inside runs/
+        raise UserError(f"--exp-name {args.exp_name!r} contains '/': it names a folder inside runs/, not a path")
+    if os.path.isabs(args.env_id) or ".." in args.env_id.split("/"):
+        raise UserError(f"--env-id {args.env_id!r} would put the run folder outside runs/")
     if args.resume is None:
         return None
     if args.resume == "auto":
@@ -1368,6 +1393,7 @@ def save_checkpoint(step: int, log_step: int, networks: dict, optimizers: dict, 
 def finish_run(step: int, results: str) -> None:
     """The run is complete: close its logs, mark it finished (`finished.json`: a later --resume says so and trains
     nothing) and release its folder. Exits after a stop request that came during the last step."""
+    close_progress()
     RUN["writer"].close()
     if RUN["args"]["track"]:
         import wandb
@@ -1379,6 +1405,50 @@ def finish_run(step: int, results: str) -> None:
     RUN["lock"] = None
     if RUN["stop"] is not None:
         exit_stopped(step, results)
+
+
+# seconds between two status lines when stdout is not a terminal (the environment variable PROGRESS_EVERY sets it)
+PROGRESS_EVERY = float(os.environ.get("PROGRESS_EVERY", 60))
+
+
+class Progress:
+    """Made right after start_run: the start line (run folder, steps, device), then `update(step)` in the loop: a tqdm
+    bar (steps done of total, steps/s, time left; printed lines go above it) when stdout is a terminal, else a status
+    line every PROGRESS_EVERY seconds (a SLURM log). `episode()`: a line per training episode, with --verbose only."""
+
+    def __init__(self, args, device: torch.device, start: int, total: int):
+        self.verbose, self.start, self.total, self.t0 = args.verbose, start, total, time.time()
+        self.last, self.stdout, self.bar, RUN["progress"] = self.t0, sys.stdout, None, self
+        cpu = " (--cuda, but there is no CUDA device here)" if args.cuda and device.type == "cpu" else ""
+        gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else cpu
+        print(f"run {RUN['dir']}: {f'steps {start} to {total}' if start else f'{total} steps'} on {device}{gpu}")
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=total, initial=start, unit="step", unit_scale=True, file=sys.stdout)
+            sys.stdout = DummyTqdmFile(sys.stdout)  # print() clears the bar, writes, redraws it
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        elif time.time() - self.last >= PROGRESS_EVERY:
+            self.last = time.time()
+            rate = max(step - self.start, 1) / (self.last - self.t0)
+            left = int((self.total - step) / rate)
+            done = f"step {step} of {self.total} ({step / self.total:.0%}), {rate:.0f} steps/s"
+            print(f"{done}, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
+
+    def episode(self, step: int, episodic_return: float) -> None:
+        if self.verbose:
+            print(f"global_step={step}, episodic_return={episodic_return}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            sys.stdout, self.bar = self.stdout, None
+
+
+def close_progress() -> None:
+    if RUN["progress"] is not None:
+        RUN["progress"].close()
 
 
 # ==== END SHARED BLOCK: common ====
@@ -1726,6 +1796,8 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
     each other; one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(net)."""
     check_steps("--reset-at", args.reset_at, total_steps)
     check_steps("--shrink-perturb-at", args.shrink_perturb_at, total_steps)
+    if args.l2_schedule == "incremental" and args.l2_end < args.l2_start:
+        raise UserError(f"--l2-end {args.l2_end} is below --l2-start {args.l2_start}: an incremental schedule grows")
     metric, threshold = args.adaptive_inject_metric, args.adaptive_inject_threshold
     if threshold is None:
         if metric is not None:

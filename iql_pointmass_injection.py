@@ -77,8 +77,8 @@ class PlasticityArgs:
     target network gets the same values, the Adam state of the reset parameters is cleared)"""
     shrink_perturb_at: List[int] = field(default_factory=list)
     """global step(s) at which to shrink-and-perturb --shrink-perturb-target: θ <- S·θ + P·ε"""
-    sp_shrink: float = bounded(1.0, min=0)
-    """shrink factor S of shrink-and-perturb"""
+    sp_shrink: float = bounded(1.0, min=0, max=1)
+    """shrink factor S of shrink-and-perturb (1 = no shrink)"""
     sp_perturb: float = bounded(0.01, min=0)
     """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
     redo_every: int = bounded(0, min=0)
@@ -119,8 +119,8 @@ class PlasticityArgs:
 class RunArgs:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (networks, sampling, environments)"""
+    seed: int = bounded(1, min=0, below=2**32)
+    """seed of the experiment (networks, sampling, environments); NumPy takes seeds in [0, 2**32)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -149,6 +149,9 @@ class RunArgs:
     seed; a new run if there is none)"""
     resume_allow_changes: bool = False
     """resume even when flags that change the run differ from the checkpoint's"""
+    verbose: bool = False
+    """print a line per finished training episode (`global_step=..., episodic_return=...`) instead of the progress
+    display alone (the TensorBoard logs have every episode either way)"""
 
 
 # ==== END SHARED BLOCK: flags ====
@@ -167,7 +170,7 @@ class Args(PlasticityArgs, RunArgs):
     """folder of the generated-dataset cache (file name holds a hash of the generation settings)"""
     dataset_steps: int = bounded(10000, min=1)
     """environment steps of data generation"""
-    dataset_seed: Optional[int] = None
+    dataset_seed: Optional[int] = bounded(None, min=0, below=2**32)
     """seed of the data generation (default: --seed)"""
     rnd_epsilon: float = bounded(0.3, min=0, max=1)
     """epsilon of the eps-greedy RND exploration DQN"""
@@ -183,7 +186,7 @@ class Args(PlasticityArgs, RunArgs):
     """learning rate of the critics, the value network and the actor (Adam)"""
     gamma: float = bounded(0.99, min=0, max=1)
     """the discount factor gamma"""
-    tau: float = bounded(0.005, min=0, max=1)
+    tau: float = bounded(0.005, above=0, max=1)
     """soft target-critic update rate"""
     expectile: float = bounded(0.9, above=0, below=1)
     """expectile of the V regression, in (0, 1): 0.5 = mean, higher = closer to max_a Q"""
@@ -312,9 +315,10 @@ def dataset_path(args: Args) -> str:
     return os.path.join(args.dataset_dir, f"{args.env_id}__{args.dataset_kind}__{args.dataset_steps}__{digest}.npz")
 
 
-def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5) -> dict:
+def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5, batch_size: int = 1) -> dict:
     """A dataset file's arrays, float32 (actions int64), or a one-line UserError naming the file (`what`: the flag or
-    the cache): unreadable, missing keys, wrong shapes or dtypes, NaN/inf, actions out of range, non-boolean flags."""
+    the cache) and the array: unreadable, missing keys, fewer transitions than a batch, wrong shapes or dtypes, NaN,
+    inf or beyond float32, observations outside the env's [0, 1]^2, actions out of range, non-boolean flags."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
     try:
@@ -326,18 +330,24 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5) ->
         raise UserError(f"dataset {path}: missing key(s) {missing}; needs {', '.join(DATASET_KEYS)} [, truncations]")
     out = {k: np.asarray(data[k]) for k in (*DATASET_KEYS, "truncations") if k in data}
     n = len(out["actions"])
-    if n == 0:
-        raise UserError(f"dataset {path}: it holds no transitions")
     out.setdefault("truncations", np.zeros(n))
     for k, v in out.items():
         shape = (n, 2) if k.endswith("observations") else (n,)
         if v.shape != shape:
             raise UserError(f"dataset {path}: {k} has shape {v.shape}, expected {shape}")
+    if n < batch_size:
+        raise UserError(f"dataset {path}: actions holds {n} transitions, fewer than one --batch-size ({batch_size})")
     for k in ("observations", "next_observations", "rewards"):
         if not np.issubdtype(out[k].dtype, np.number) or np.issubdtype(out[k].dtype, np.complexfloating):
             raise UserError(f"dataset {path}: {k} has dtype {out[k].dtype}, expected a real number type")
         if not np.isfinite(out[k].astype(np.float64)).all():
             raise UserError(f"dataset {path}: {k} holds NaN or inf values")
+        if np.abs(out[k]).max() > np.finfo(np.float32).max:
+            big = f"|x| up to {np.abs(out[k]).max():g} > 3.4e38"
+            raise UserError(f"dataset {path}: {k} does not fit float32, the dtype training uses ({big})")
+        if k != "rewards" and not (0 <= out[k].min() and out[k].max() <= 1):
+            values = f"[{out[k].min():g}, {out[k].max():g}]"
+            raise UserError(f"dataset {path}: {k} range over {values}, outside the env's observation space [0, 1]^2")
     a = out["actions"]
     if not np.issubdtype(a.dtype, np.integer):
         raise UserError(f"dataset {path}: actions have dtype {a.dtype}, expected integers in [0, {n_actions})")
@@ -405,13 +415,13 @@ def file_sha256(path: str) -> str:
 def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
     """(data, path, generated): --dataset if given, else the cached file for these settings (made once)."""
     if args.dataset is not None:
-        return load_dataset_file(args.dataset), args.dataset, False
+        return load_dataset_file(args.dataset, batch_size=args.batch_size), args.dataset, False
     path = dataset_path(args)
     if os.path.isdir(args.dataset_dir):  # what cache writers killed mid-write left
         remove_orphans(args.dataset_dir)
     if os.path.isfile(path):
         try:
-            return load_dataset_file(path, "cached dataset"), path, False
+            return load_dataset_file(path, "cached dataset", batch_size=args.batch_size), path, False
         except UserError as e:
             raise UserError(f"{e}; delete it to regenerate") from None
     start, data = time.time(), generate_dataset(args)
@@ -791,6 +801,14 @@ def validate_args(args: Args) -> int:
             f"--critic-encoder-layers {args.critic_encoder_layers} must lie in [0, {len(args.hidden_sizes)}]"
         )
     args.inject_at = check_steps("--inject-at", args.inject_at, total)
+    if args.dataset is None and args.dataset_steps < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} exceeds the data: --dataset-steps {args.dataset_steps}")
+    if args.dataset is None and not os.path.isfile(folder := dataset_path(args)):  # the dataset will be generated
+        while not os.path.exists(folder := os.path.dirname(folder) or "."):  # its cache goes in the nearest folder
+            pass
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+            why = "not writable" if os.path.isdir(folder) else "a file, not a folder"
+            raise UserError(f"--dataset-dir {args.dataset_dir}: {folder} is {why} (the generated dataset's cache)")
     keys = None
     if args.adaptive_inject_threshold is not None:  # the keys measure_plasticity gives for critic q1
         with torch.random.fork_rng():
@@ -902,6 +920,7 @@ def train(args: Args) -> dict:
         obs, ep_ret, ep_len, start_step = *ckpt["episode"], ckpt["global_step"]
     injections, interventions, fired, recent, final = (history[k] for k in HISTORY)
     run_dir, writer = start_run(args, ckpt)  # the run's folder, locked; the first write of the run
+    progress = Progress(args, device, start_step, total)  # the start line, then a bar or status lines
     goals = int(data["terminals"].sum())
     if ckpt is None:
         writer.add_text("dataset", f"{data_path}: {len(data['actions'])} transitions, {goals} goal-reaching")
@@ -968,6 +987,7 @@ def train(args: Args) -> dict:
                 writer.add_scalar("charts/episodic_return", ep_ret, global_step)
                 writer.add_scalar("charts/episodic_length", ep_len, global_step)
                 writer.add_scalar("charts/success", float(info["success"]), global_step)
+                progress.episode(global_step, ep_ret)
                 recent.append(ep_ret)
                 (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
 
@@ -985,8 +1005,7 @@ def train(args: Args) -> dict:
                 scalars["losses/l2_coef"] = l2
             for k, v in scalars.items():
                 writer.add_scalar(k, v, global_step)
-            if recent and global_step % (10 * args.log_every) == 0:
-                print(f"global_step={global_step}, SPS={sps}, charts/episodic_return(last 20)={np.mean(recent):.1f}")
+        progress.update(global_step + 1)
 
     watch.check()
     final.update(evaluate(agent, args, writer, run_dir, total), global_step=total)
@@ -1023,6 +1042,8 @@ import time
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 
 class UserError(Exception):
@@ -1030,6 +1051,7 @@ class UserError(Exception):
 
 
 def _print_user_errors(exc_type, exc, tb, default=sys.excepthook):
+    close_progress()  # the message goes below the progress bar, not into it
     if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr)
     elif issubclass(exc_type, KeyboardInterrupt):  # before train() took over Ctrl-C: nothing was written yet
@@ -1051,15 +1073,16 @@ def check_steps(flag: str, steps, total: int) -> list:
     return steps
 
 
-def check_finite(value: torch.Tensor, name: str, step: int) -> None:
-    """Stop with a clear message when a loss turns NaN or inf (files already written stay as they were)."""
+def check_finite(value: torch.Tensor, name: str, step: int = None) -> None:
+    """Stop with a clear message when a loss or a policy's logits turn NaN or inf (files written stay as they were)."""
     if not bool(torch.isfinite(value).all()):
         if RUN["writer"] is not None:  # what was logged up to here reaches the disk
             RUN["writer"].flush()
-        last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        at = "" if step is None else f" at global step {step}"
+        at += f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        mean = float(value.detach().float().mean())
         raise UserError(
-            f"{name} became non-finite ({float(value.detach().float().mean())}) at global step {step}{last}; "
-            "try a lower --learning-rate, gradient clipping, or another --seed"
+            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, gradient clipping, or another --seed"
         )
 
 
@@ -1071,7 +1094,7 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 
 def pick_device(cuda: bool) -> torch.device:
-    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU."""
+    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (Progress says so)."""
     if cuda and torch.cuda.is_available():
         return torch.device("cuda")
     if cuda and torch.backends.mps.is_available():
@@ -1130,10 +1153,10 @@ def remove_orphans(folder: str, all_of_them: bool = False) -> None:
 # ---- The run: its folder, logs, checkpoints (`--checkpoint-every`, `--resume`), stops (Ctrl-C, SIGTERM) ------------
 # One shape in every train(): stop_on_signals(); find_checkpoint(); build; restore_checkpoint(); start_run();
 # the loop, save_checkpoint() when checkpoint_due(); finish_run(). Nothing is written before start_run.
-RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None)
+RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None, progress=None)
 # flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
-RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "verbose"}
 RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
 
 
@@ -1148,9 +1171,10 @@ def _request_stop(signum, frame):
 def stop_on_signals() -> None:
     """train()'s first line: Ctrl-C (SIGINT) and SIGTERM (sent by schedulers before preemption) set RUN["stop"];
     the loop then checkpoints and exits. Nothing is interrupted mid-write. Forgets an earlier train() call."""
+    close_progress()
     if RUN["lock"] is not None:
         os.close(RUN["lock"])
-    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None)
+    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None, progress=None)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _request_stop)
 
@@ -1159,6 +1183,7 @@ def exit_stopped(step: int, path) -> None:
     """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
     again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
     where = f"checkpoint {path}; continue with: python {again}" if path else "nothing to resume"
+    close_progress()
     print(f"stopped by {signal.Signals(RUN['stop']).name} at global step {step}, {where}", file=sys.stderr)
     sys.exit(128 + RUN["stop"])
 
@@ -1185,6 +1210,10 @@ def find_checkpoint(args, script: str):
     folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder;
     or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
     RUN["args"] = dict(vars(args), script=script)
+    if "/" in args.exp_name:  # the run folder is runs/{env_id}__{exp_name}__{seed}__{time}: it stays inside runs/
+        raise UserError(f"--exp-name {args.exp_name!r} contains '/': it names a folder inside runs/, not a path")
+    if os.path.isabs(args.env_id) or ".." in args.env_id.split("/"):
+        raise UserError(f"--env-id {args.env_id!r} would put the run folder outside runs/")
     if args.resume is None:
         return None
     if args.resume == "auto":
@@ -1345,6 +1374,7 @@ def save_checkpoint(step: int, log_step: int, networks: dict, optimizers: dict, 
 def finish_run(step: int, results: str) -> None:
     """The run is complete: close its logs, mark it finished (`finished.json`: a later --resume says so and trains
     nothing) and release its folder. Exits after a stop request that came during the last step."""
+    close_progress()
     RUN["writer"].close()
     if RUN["args"]["track"]:
         import wandb
@@ -1356,6 +1386,50 @@ def finish_run(step: int, results: str) -> None:
     RUN["lock"] = None
     if RUN["stop"] is not None:
         exit_stopped(step, results)
+
+
+# seconds between two status lines when stdout is not a terminal (the environment variable PROGRESS_EVERY sets it)
+PROGRESS_EVERY = float(os.environ.get("PROGRESS_EVERY", 60))
+
+
+class Progress:
+    """Made right after start_run: the start line (run folder, steps, device), then `update(step)` in the loop: a tqdm
+    bar (steps done of total, steps/s, time left; printed lines go above it) when stdout is a terminal, else a status
+    line every PROGRESS_EVERY seconds (a SLURM log). `episode()`: a line per training episode, with --verbose only."""
+
+    def __init__(self, args, device: torch.device, start: int, total: int):
+        self.verbose, self.start, self.total, self.t0 = args.verbose, start, total, time.time()
+        self.last, self.stdout, self.bar, RUN["progress"] = self.t0, sys.stdout, None, self
+        cpu = " (--cuda, but there is no CUDA device here)" if args.cuda and device.type == "cpu" else ""
+        gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else cpu
+        print(f"run {RUN['dir']}: {f'steps {start} to {total}' if start else f'{total} steps'} on {device}{gpu}")
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=total, initial=start, unit="step", unit_scale=True, file=sys.stdout)
+            sys.stdout = DummyTqdmFile(sys.stdout)  # print() clears the bar, writes, redraws it
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        elif time.time() - self.last >= PROGRESS_EVERY:
+            self.last = time.time()
+            rate = max(step - self.start, 1) / (self.last - self.t0)
+            left = int((self.total - step) / rate)
+            done = f"step {step} of {self.total} ({step / self.total:.0%}), {rate:.0f} steps/s"
+            print(f"{done}, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
+
+    def episode(self, step: int, episodic_return: float) -> None:
+        if self.verbose:
+            print(f"global_step={step}, episodic_return={episodic_return}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            sys.stdout, self.bar = self.stdout, None
+
+
+def close_progress() -> None:
+    if RUN["progress"] is not None:
+        RUN["progress"].close()
 
 
 # ==== END SHARED BLOCK: common ====
@@ -1703,6 +1777,8 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
     each other; one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(net)."""
     check_steps("--reset-at", args.reset_at, total_steps)
     check_steps("--shrink-perturb-at", args.shrink_perturb_at, total_steps)
+    if args.l2_schedule == "incremental" and args.l2_end < args.l2_start:
+        raise UserError(f"--l2-end {args.l2_end} is below --l2-start {args.l2_start}: an incremental schedule grows")
     metric, threshold = args.adaptive_inject_metric, args.adaptive_inject_threshold
     if threshold is None:
         if metric is not None:

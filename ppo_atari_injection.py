@@ -78,8 +78,8 @@ class PlasticityArgs:
     target network gets the same values, the Adam state of the reset parameters is cleared)"""
     shrink_perturb_at: List[int] = field(default_factory=list)
     """global step(s) at which to shrink-and-perturb --shrink-perturb-target: θ <- S·θ + P·ε"""
-    sp_shrink: float = bounded(1.0, min=0)
-    """shrink factor S of shrink-and-perturb"""
+    sp_shrink: float = bounded(1.0, min=0, max=1)
+    """shrink factor S of shrink-and-perturb (1 = no shrink)"""
     sp_perturb: float = bounded(0.01, min=0)
     """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
     redo_every: int = bounded(0, min=0)
@@ -120,8 +120,8 @@ class PlasticityArgs:
 class RunArgs:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (networks, sampling, environments)"""
+    seed: int = bounded(1, min=0, below=2**32)
+    """seed of the experiment (networks, sampling, environments); NumPy takes seeds in [0, 2**32)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -150,6 +150,9 @@ class RunArgs:
     seed; a new run if there is none)"""
     resume_allow_changes: bool = False
     """resume even when flags that change the run differ from the checkpoint's"""
+    verbose: bool = False
+    """print a line per finished training episode (`global_step=..., episodic_return=...`) instead of the progress
+    display alone (the TensorBoard logs have every episode either way)"""
 
 
 # ==== END SHARED BLOCK: flags ====
@@ -286,7 +289,7 @@ class AtariEnvs:
         return ~self.autoreset & np.array([not p for p in self.pending])
 
     def reset(self):
-        frames, info = self.env.reset(seed=self.seed)
+        frames, info = self.env.reset(seed=(self.seed + np.arange(self.num_envs)) % 2**31)  # ale-py: seeds < 2**31
         self.lives = info["lives"].astype(np.int64)
         self.stack[:, -1] = frames[:, 0]
         self.pending = [list(self.fire) for _ in range(self.num_envs)]
@@ -391,10 +394,12 @@ class Agent(nn.Module):
         outs = {path: self.get_submodule(path).frozen_outputs(obs.float() / 255.0) for path in paths}
         return {f"frozen/{p}/{i}": o for p, terms in outs.items() for i, o in enumerate(terms) if o is not None}
 
-    def get_action_and_value(self, obs, action=None, cache=None, deterministic=False):
+    def get_action_and_value(self, obs, action=None, cache=None, deterministic=False, step=None):
         out = self(obs, cache)
         logits = out[:, : self.n_actions]
-        probs = Categorical(logits=logits)
+        if action is None:  # acting needs finite logits; in an update non-finite ones make the loss non-finite
+            check_finite(logits, "the policy's logits", step)
+        probs = Categorical(logits=logits, validate_args=False)
         if action is None:
             action = logits.argmax(dim=1) if deterministic else probs.sample()
         return action, probs.log_prob(action), probs.entropy(), out[:, self.n_actions]
@@ -671,8 +676,14 @@ def validate_args(args: Args) -> tuple:
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.num_iterations < 1:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} steps)")
-    if args.num_minibatches > args.batch_size:
-        raise UserError(f"--num-minibatches {args.num_minibatches} exceeds the batch size {args.batch_size}")
+    if args.total_timesteps % args.batch_size:  # rounded down, as cleanRL does, but said
+        steps = f"{args.num_iterations * args.batch_size} steps ({args.num_iterations} rollouts of {args.batch_size})"
+        print(f"--total-timesteps {args.total_timesteps} is not a whole number of rollouts: running {steps}")
+    if args.batch_size % args.num_minibatches:
+        raise UserError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch of {args.batch_size} steps "
+            "(--num-envs x --num-steps)"
+        )
     args.inject_at = sorted(args.inject_at)
     plan = {}
     for kind in ("inject", "reset", "shrink_perturb"):
@@ -698,6 +709,7 @@ def validate_args(args: Args) -> tuple:
             f"--pretrained {args.pretrained}: the agent has {info['n_actions']} actions but --env-id {args.env_id} "
             f"has {envs.n_actions}; use the game the agent was trained on"
         )
+    print(f"continuing the {envs.n_actions}-action agent of {args.pretrained} on {args.env_id} (a zip names no game)")
     args.share_features_extractor = info["share"]
     if args.pretrained_load_optimizer:  # check the Adam state now, before any run folder exists
         build_agent(args, info["n_actions"], torch.device("cpu"), info)
@@ -785,6 +797,8 @@ def read_sb3_zip(path: str) -> dict:
             f"{flag}: weights do not match SB3's NatureCNN CnnPolicy (missing {missing[:3]}, unexpected {extra[:3]}, "
             f"wrong shape {bad[:3]}); custom net_arch or features extractors are not supported"
         )
+    if bad := [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]:
+        raise UserError(f"{flag}: its weights hold NaN or inf values ({bad[0]})")
     return dict(path=path, state_dict=state, optimizer=params.get("policy.optimizer"), share=share, n_actions=n_actions)
 
 
@@ -861,6 +875,7 @@ def train(args: Args) -> dict:
         restore_checkpoint(ckpt, {"agent": agent}, {"optimizer": (optimizer, agent)}, {})
         summary = ckpt["history"]
     run_dir, writer = start_run(args, ckpt)  # the run's folder, locked; the first write of the run
+    progress = Progress(args, device, start_step, args.num_iterations * args.batch_size)  # a bar or status lines
     video = VideoRecorder(f"videos/{os.path.basename(run_dir)}") if args.capture_video else None
     global_step, start_time = start_step, time.time()
     next_obs, next_valid = (torch.as_tensor(a, device=device) for a in envs.reset())
@@ -901,7 +916,7 @@ def train(args: Args) -> dict:
             global_step += args.num_envs
             with torch.no_grad():
                 cache = agent.frozen_outputs(next_obs, cached)
-                action, logprob, _, value = agent.get_action_and_value(next_obs, cache=cache)
+                action, logprob, _, value = agent.get_action_and_value(next_obs, cache=cache, step=global_step)
             rollout.append(dict(obs=next_obs, valid=next_valid, actions=action, logprobs=logprob))
             next_obs_np, reward, terminated, _, next_valid_np, info = envs.step(action.cpu().numpy())
             rollout[-1].update(cache, values=value.flatten(), rewards=torch.as_tensor(reward, device=device))
@@ -911,7 +926,7 @@ def train(args: Args) -> dict:
             if video is not None:
                 video.add(next_obs_np[0, -1], info["games"])
             for _, score, length in info["games"]:
-                print(f"global_step={global_step}, episodic_return={score}")
+                progress.episode(global_step, score)
                 writer.add_scalar("charts/episodic_return", score, global_step)
                 writer.add_scalar("charts/episodic_length", length, global_step)
                 summary["games"].append((global_step, score))
@@ -929,7 +944,7 @@ def train(args: Args) -> dict:
         update_time = time.time() - update_start
 
         sps = int((global_step - start_step) / (time.time() - start_time))
-        print("SPS:", sps)
+        progress.update(global_step)
         scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps}
         scalars.update({"charts/rollout_time": rollout_time, "charts/update_time": update_time})
         scalars["charts/valid_fraction"] = float(buf["valid"].float().mean())
@@ -990,6 +1005,8 @@ import time
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 
 class UserError(Exception):
@@ -997,6 +1014,7 @@ class UserError(Exception):
 
 
 def _print_user_errors(exc_type, exc, tb, default=sys.excepthook):
+    close_progress()  # the message goes below the progress bar, not into it
     if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr)
     elif issubclass(exc_type, KeyboardInterrupt):  # before train() took over Ctrl-C: nothing was written yet
@@ -1018,15 +1036,16 @@ def check_steps(flag: str, steps, total: int) -> list:
     return steps
 
 
-def check_finite(value: torch.Tensor, name: str, step: int) -> None:
-    """Stop with a clear message when a loss turns NaN or inf (files already written stay as they were)."""
+def check_finite(value: torch.Tensor, name: str, step: int = None) -> None:
+    """Stop with a clear message when a loss or a policy's logits turn NaN or inf (files written stay as they were)."""
     if not bool(torch.isfinite(value).all()):
         if RUN["writer"] is not None:  # what was logged up to here reaches the disk
             RUN["writer"].flush()
-        last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        at = "" if step is None else f" at global step {step}"
+        at += f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        mean = float(value.detach().float().mean())
         raise UserError(
-            f"{name} became non-finite ({float(value.detach().float().mean())}) at global step {step}{last}; "
-            "try a lower --learning-rate, gradient clipping, or another --seed"
+            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, gradient clipping, or another --seed"
         )
 
 
@@ -1038,7 +1057,7 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 
 def pick_device(cuda: bool) -> torch.device:
-    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU."""
+    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (Progress says so)."""
     if cuda and torch.cuda.is_available():
         return torch.device("cuda")
     if cuda and torch.backends.mps.is_available():
@@ -1097,10 +1116,10 @@ def remove_orphans(folder: str, all_of_them: bool = False) -> None:
 # ---- The run: its folder, logs, checkpoints (`--checkpoint-every`, `--resume`), stops (Ctrl-C, SIGTERM) ------------
 # One shape in every train(): stop_on_signals(); find_checkpoint(); build; restore_checkpoint(); start_run();
 # the loop, save_checkpoint() when checkpoint_due(); finish_run(). Nothing is written before start_run.
-RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None)
+RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None, progress=None)
 # flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
-RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "verbose"}
 RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
 
 
@@ -1115,9 +1134,10 @@ def _request_stop(signum, frame):
 def stop_on_signals() -> None:
     """train()'s first line: Ctrl-C (SIGINT) and SIGTERM (sent by schedulers before preemption) set RUN["stop"];
     the loop then checkpoints and exits. Nothing is interrupted mid-write. Forgets an earlier train() call."""
+    close_progress()
     if RUN["lock"] is not None:
         os.close(RUN["lock"])
-    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None)
+    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None, progress=None)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _request_stop)
 
@@ -1126,6 +1146,7 @@ def exit_stopped(step: int, path) -> None:
     """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
     again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
     where = f"checkpoint {path}; continue with: python {again}" if path else "nothing to resume"
+    close_progress()
     print(f"stopped by {signal.Signals(RUN['stop']).name} at global step {step}, {where}", file=sys.stderr)
     sys.exit(128 + RUN["stop"])
 
@@ -1152,6 +1173,10 @@ def find_checkpoint(args, script: str):
     folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder;
     or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
     RUN["args"] = dict(vars(args), script=script)
+    if "/" in args.exp_name:  # the run folder is runs/{env_id}__{exp_name}__{seed}__{time}: it stays inside runs/
+        raise UserError(f"--exp-name {args.exp_name!r} contains '/': it names a folder inside runs/, not a path")
+    if os.path.isabs(args.env_id) or ".." in args.env_id.split("/"):
+        raise UserError(f"--env-id {args.env_id!r} would put the run folder outside runs/")
     if args.resume is None:
         return None
     if args.resume == "auto":
@@ -1312,6 +1337,7 @@ def save_checkpoint(step: int, log_step: int, networks: dict, optimizers: dict, 
 def finish_run(step: int, results: str) -> None:
     """The run is complete: close its logs, mark it finished (`finished.json`: a later --resume says so and trains
     nothing) and release its folder. Exits after a stop request that came during the last step."""
+    close_progress()
     RUN["writer"].close()
     if RUN["args"]["track"]:
         import wandb
@@ -1323,6 +1349,50 @@ def finish_run(step: int, results: str) -> None:
     RUN["lock"] = None
     if RUN["stop"] is not None:
         exit_stopped(step, results)
+
+
+# seconds between two status lines when stdout is not a terminal (the environment variable PROGRESS_EVERY sets it)
+PROGRESS_EVERY = float(os.environ.get("PROGRESS_EVERY", 60))
+
+
+class Progress:
+    """Made right after start_run: the start line (run folder, steps, device), then `update(step)` in the loop: a tqdm
+    bar (steps done of total, steps/s, time left; printed lines go above it) when stdout is a terminal, else a status
+    line every PROGRESS_EVERY seconds (a SLURM log). `episode()`: a line per training episode, with --verbose only."""
+
+    def __init__(self, args, device: torch.device, start: int, total: int):
+        self.verbose, self.start, self.total, self.t0 = args.verbose, start, total, time.time()
+        self.last, self.stdout, self.bar, RUN["progress"] = self.t0, sys.stdout, None, self
+        cpu = " (--cuda, but there is no CUDA device here)" if args.cuda and device.type == "cpu" else ""
+        gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else cpu
+        print(f"run {RUN['dir']}: {f'steps {start} to {total}' if start else f'{total} steps'} on {device}{gpu}")
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=total, initial=start, unit="step", unit_scale=True, file=sys.stdout)
+            sys.stdout = DummyTqdmFile(sys.stdout)  # print() clears the bar, writes, redraws it
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        elif time.time() - self.last >= PROGRESS_EVERY:
+            self.last = time.time()
+            rate = max(step - self.start, 1) / (self.last - self.t0)
+            left = int((self.total - step) / rate)
+            done = f"step {step} of {self.total} ({step / self.total:.0%}), {rate:.0f} steps/s"
+            print(f"{done}, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
+
+    def episode(self, step: int, episodic_return: float) -> None:
+        if self.verbose:
+            print(f"global_step={step}, episodic_return={episodic_return}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            sys.stdout, self.bar = self.stdout, None
+
+
+def close_progress() -> None:
+    if RUN["progress"] is not None:
+        RUN["progress"].close()
 
 
 # ==== END SHARED BLOCK: common ====
@@ -1670,6 +1740,8 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
     each other; one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(net)."""
     check_steps("--reset-at", args.reset_at, total_steps)
     check_steps("--shrink-perturb-at", args.shrink_perturb_at, total_steps)
+    if args.l2_schedule == "incremental" and args.l2_end < args.l2_start:
+        raise UserError(f"--l2-end {args.l2_end} is below --l2-start {args.l2_start}: an incremental schedule grows")
     metric, threshold = args.adaptive_inject_metric, args.adaptive_inject_threshold
     if threshold is None:
         if metric is not None:

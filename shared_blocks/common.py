@@ -15,6 +15,8 @@ import time
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 
 class UserError(Exception):
@@ -22,6 +24,7 @@ class UserError(Exception):
 
 
 def _print_user_errors(exc_type, exc, tb, default=sys.excepthook):
+    close_progress()  # the message goes below the progress bar, not into it
     if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr)
     elif issubclass(exc_type, KeyboardInterrupt):  # before train() took over Ctrl-C: nothing was written yet
@@ -43,15 +46,16 @@ def check_steps(flag: str, steps, total: int) -> list:
     return steps
 
 
-def check_finite(value: torch.Tensor, name: str, step: int) -> None:
-    """Stop with a clear message when a loss turns NaN or inf (files already written stay as they were)."""
+def check_finite(value: torch.Tensor, name: str, step: int = None) -> None:
+    """Stop with a clear message when a loss or a policy's logits turn NaN or inf (files written stay as they were)."""
     if not bool(torch.isfinite(value).all()):
         if RUN["writer"] is not None:  # what was logged up to here reaches the disk
             RUN["writer"].flush()
-        last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        at = "" if step is None else f" at global step {step}"
+        at += f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        mean = float(value.detach().float().mean())
         raise UserError(
-            f"{name} became non-finite ({float(value.detach().float().mean())}) at global step {step}{last}; "
-            "try a lower --learning-rate, gradient clipping, or another --seed"
+            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, gradient clipping, or another --seed"
         )
 
 
@@ -63,7 +67,7 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 
 def pick_device(cuda: bool) -> torch.device:
-    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU."""
+    """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (Progress says so)."""
     if cuda and torch.cuda.is_available():
         return torch.device("cuda")
     if cuda and torch.backends.mps.is_available():
@@ -122,10 +126,10 @@ def remove_orphans(folder: str, all_of_them: bool = False) -> None:
 # ---- The run: its folder, logs, checkpoints (`--checkpoint-every`, `--resume`), stops (Ctrl-C, SIGTERM) ------------
 # One shape in every train(): stop_on_signals(); find_checkpoint(); build; restore_checkpoint(); start_run();
 # the loop, save_checkpoint() when checkpoint_due(); finish_run(). Nothing is written before start_run.
-RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None)
+RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None, progress=None)
 # flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
-RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "verbose"}
 RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
 
 
@@ -140,9 +144,10 @@ def _request_stop(signum, frame):
 def stop_on_signals() -> None:
     """train()'s first line: Ctrl-C (SIGINT) and SIGTERM (sent by schedulers before preemption) set RUN["stop"];
     the loop then checkpoints and exits. Nothing is interrupted mid-write. Forgets an earlier train() call."""
+    close_progress()
     if RUN["lock"] is not None:
         os.close(RUN["lock"])
-    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None)
+    RUN.update(stop=None, checkpoint=None, writer=None, dir=None, lock=None, progress=None)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _request_stop)
 
@@ -151,6 +156,7 @@ def exit_stopped(step: int, path) -> None:
     """After a stop request: say where the checkpoint is and how to continue, exit 128 + the signal's number."""
     again = re.sub(r"\s--resume(=|\s+)\S+", "", " ".join(sys.argv)) + " --resume auto"
     where = f"checkpoint {path}; continue with: python {again}" if path else "nothing to resume"
+    close_progress()
     print(f"stopped by {signal.Signals(RUN['stop']).name} at global step {step}, {where}", file=sys.stderr)
     sys.exit(128 + RUN["stop"])
 
@@ -177,6 +183,10 @@ def find_checkpoint(args, script: str):
     folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder;
     or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
     RUN["args"] = dict(vars(args), script=script)
+    if "/" in args.exp_name:  # the run folder is runs/{env_id}__{exp_name}__{seed}__{time}: it stays inside runs/
+        raise UserError(f"--exp-name {args.exp_name!r} contains '/': it names a folder inside runs/, not a path")
+    if os.path.isabs(args.env_id) or ".." in args.env_id.split("/"):
+        raise UserError(f"--env-id {args.env_id!r} would put the run folder outside runs/")
     if args.resume is None:
         return None
     if args.resume == "auto":
@@ -337,6 +347,7 @@ def save_checkpoint(step: int, log_step: int, networks: dict, optimizers: dict, 
 def finish_run(step: int, results: str) -> None:
     """The run is complete: close its logs, mark it finished (`finished.json`: a later --resume says so and trains
     nothing) and release its folder. Exits after a stop request that came during the last step."""
+    close_progress()
     RUN["writer"].close()
     if RUN["args"]["track"]:
         import wandb
@@ -348,3 +359,47 @@ def finish_run(step: int, results: str) -> None:
     RUN["lock"] = None
     if RUN["stop"] is not None:
         exit_stopped(step, results)
+
+
+# seconds between two status lines when stdout is not a terminal (the environment variable PROGRESS_EVERY sets it)
+PROGRESS_EVERY = float(os.environ.get("PROGRESS_EVERY", 60))
+
+
+class Progress:
+    """Made right after start_run: the start line (run folder, steps, device), then `update(step)` in the loop: a tqdm
+    bar (steps done of total, steps/s, time left; printed lines go above it) when stdout is a terminal, else a status
+    line every PROGRESS_EVERY seconds (a SLURM log). `episode()`: a line per training episode, with --verbose only."""
+
+    def __init__(self, args, device: torch.device, start: int, total: int):
+        self.verbose, self.start, self.total, self.t0 = args.verbose, start, total, time.time()
+        self.last, self.stdout, self.bar, RUN["progress"] = self.t0, sys.stdout, None, self
+        cpu = " (--cuda, but there is no CUDA device here)" if args.cuda and device.type == "cpu" else ""
+        gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else cpu
+        print(f"run {RUN['dir']}: {f'steps {start} to {total}' if start else f'{total} steps'} on {device}{gpu}")
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=total, initial=start, unit="step", unit_scale=True, file=sys.stdout)
+            sys.stdout = DummyTqdmFile(sys.stdout)  # print() clears the bar, writes, redraws it
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        elif time.time() - self.last >= PROGRESS_EVERY:
+            self.last = time.time()
+            rate = max(step - self.start, 1) / (self.last - self.t0)
+            left = int((self.total - step) / rate)
+            done = f"step {step} of {self.total} ({step / self.total:.0%}), {rate:.0f} steps/s"
+            print(f"{done}, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left", flush=True)
+
+    def episode(self, step: int, episodic_return: float) -> None:
+        if self.verbose:
+            print(f"global_step={step}, episodic_return={episodic_return}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            sys.stdout, self.bar = self.stdout, None
+
+
+def close_progress() -> None:
+    if RUN["progress"] is not None:
+        RUN["progress"].close()

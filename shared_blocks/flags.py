@@ -52,8 +52,8 @@ class PlasticityArgs:
     target network gets the same values, the Adam state of the reset parameters is cleared)"""
     shrink_perturb_at: List[int] = field(default_factory=list)
     """global step(s) at which to shrink-and-perturb --shrink-perturb-target: θ <- S·θ + P·ε"""
-    sp_shrink: float = bounded(1.0, min=0)
-    """shrink factor S of shrink-and-perturb"""
+    sp_shrink: float = bounded(1.0, min=0, max=1)
+    """shrink factor S of shrink-and-perturb (1 = no shrink)"""
     sp_perturb: float = bounded(0.01, min=0)
     """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
     redo_every: int = bounded(0, min=0)
@@ -94,8 +94,8 @@ class PlasticityArgs:
 class RunArgs:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (networks, sampling, environments)"""
+    seed: int = bounded(1, min=0, below=2**32)
+    """seed of the experiment (networks, sampling, environments); NumPy takes seeds in [0, 2**32)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -124,3 +124,6 @@ class RunArgs:
     seed; a new run if there is none)"""
     resume_allow_changes: bool = False
     """resume even when flags that change the run differ from the checkpoint's"""
+    verbose: bool = False
+    """print a line per finished training episode (`global_step=..., episodic_return=...`) instead of the progress
+    display alone (the TensorBoard logs have every episode either way)"""

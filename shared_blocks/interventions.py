@@ -200,6 +200,8 @@ def check_intervention_args(args, total_steps: int, metric_keys=None) -> None:
     each other; one-line errors naming the flag. Call before anything is written. metric_keys: plasticity_keys(net)."""
     check_steps("--reset-at", args.reset_at, total_steps)
     check_steps("--shrink-perturb-at", args.shrink_perturb_at, total_steps)
+    if args.l2_schedule == "incremental" and args.l2_end < args.l2_start:
+        raise UserError(f"--l2-end {args.l2_end} is below --l2-start {args.l2_start}: an incremental schedule grows")
     metric, threshold = args.adaptive_inject_metric, args.adaptive_inject_threshold
     if threshold is None:
         if metric is not None:
