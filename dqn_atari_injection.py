@@ -766,14 +766,15 @@ def inject(q_network, target_network, optimizer, probe, args: Args) -> dict:
 
 def intervene(kind: str, step: int, q_network, target_network, optimizer, rb, rngs: dict, args: Args, writer, history):
     """Plasticity injection (`kind` "injection", or "adaptive" when the trigger fired) or a baseline it is compared
-    against ("reset", "shrink_perturb") at `step`; the target network gets the same values. Logged as an event."""
-    if kind in ("injection", "adaptive"):  # the probe: a seeded replay batch
+    against ("reset", "shrink_perturb", "redo") at `step`; the target network gets the same values. Logged as an
+    event."""
+    if kind in ("injection", "adaptive", "redo"):  # the probe: a seeded replay batch
         probe = rb.sample(args.probe_batch_size, next(q_network.parameters()).device, rng=rngs["probe"])[0]
+    if kind in ("injection", "adaptive"):
         log = inject(q_network, target_network, optimizer, probe, args)
         log["injection/adaptive"] = float(kind == "adaptive")
         log_event(writer, history["injections"], step, "injection", log)
     elif kind == "redo":
-        probe = rb.sample(args.probe_batch_size, next(q_network.parameters()).device, rng=rngs["probe"])[0]
         log = redo(q_network, probe, args.redo_tau, optimizers=[optimizer], targets=[target_network])
         log_event(writer, history["interventions"], step, kind, log, kind=kind)
     elif kind == "reset":

@@ -715,7 +715,8 @@ class IQLAgent:
         self.q_opt = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=fused)
         self.v_opt = torch.optim.Adam(self.vf.parameters(), lr=args.learning_rate, fused=fused)
         self.a_opt = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=fused)
-        self.trained = [(self.q_opt, self.qf), (self.v_opt, self.vf), (self.a_opt, self.actor)]
+        # {name: (optimizer, the network it trains)}: what an update steps and a checkpoint saves and restores
+        self.trained = dict(q=(self.q_opt, self.qf), v=(self.v_opt, self.vf), actor=(self.a_opt, self.actor))
 
     def update(self, batch, l2: float = 0.0) -> dict:
         """One IQL gradient step on (obs, actions, rewards, next_obs, terminals); returns detached stats. l2 > 0
@@ -741,10 +742,10 @@ class IQLAgent:
         weights = torch.exp(args.beta * adv).clamp(max=args.max_weight)
         logp = torch.log_softmax(self.actor(o), dim=1).gather(1, a[:, None]).squeeze(1)
         actor_loss = -(weights * logp).mean()
-        for opt, _ in self.trained:
+        for opt, _ in self.trained.values():
             opt.zero_grad(set_to_none=True)
         (v_loss + q_loss + actor_loss).backward()
-        for opt, _ in self.trained:
+        for opt, _ in self.trained.values():
             opt.step()
         with torch.no_grad():  # soft target update
             torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), args.tau)
@@ -768,10 +769,6 @@ class IQLAgent:
 
     def state_dict(self) -> dict:
         return {k: net.state_dict() for k, net in self.networks().items()}
-
-    def optimizers(self) -> dict:
-        """{name: (optimizer, the network it trains)}, as checkpoints save and restore them."""
-        return dict(q=(self.q_opt, self.qf), v=(self.v_opt, self.vf), actor=(self.a_opt, self.actor))
 
 
 def plasticity_metrics(agent: IQLAgent, batch, tau: float) -> dict:
@@ -912,7 +909,7 @@ def train(args: Args) -> dict:
     obs, _ = env.reset(seed=args.seed)
     ep_ret, ep_len, start_step = 0.0, 0, 0
     if ckpt is not None:  # resume: every state as it was, the environment included (a misfit stops here)
-        restore_checkpoint(ckpt, agent.networks(), agent.optimizers(), {"train": rng})
+        restore_checkpoint(ckpt, agent.networks(), agent.trained, {"train": rng})
         agent.qf_target.requires_grad_(False)
         if ckpt["buffer"] is not None:
             rb.load_state_dict(ckpt["buffer"])
@@ -928,8 +925,8 @@ def train(args: Args) -> dict:
     watch, start_time = NonFiniteWatch(device), time.time()
     for global_step in range(start_step, total):
         # a NaN or inf loss stops the run, checked before this step measures, changes or saves anything
-        act = any(global_step in steps for steps in (args.inject_at, args.reset_at, args.shrink_perturb_at))
-        act |= args.redo_every > 0 and global_step > 0 and global_step % args.redo_every == 0
+        redo_now = args.redo_every > 0 and global_step > 0 and global_step % args.redo_every == 0
+        act = redo_now or any(global_step in s for s in (args.inject_at, args.reset_at, args.shrink_perturb_at))
         measure = args.metrics_every > 0 and global_step % args.metrics_every == 0
         online = global_step >= args.offline_steps
         checkpoint = checkpoint_due(args, global_step, max(global_step - 1, start_step))
@@ -942,7 +939,7 @@ def train(args: Args) -> dict:
         if checkpoint:
             state = dict(history=history, env=pickle.dumps(env), episode=(obs, ep_ret, ep_len))
             state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None, dataset_sha256=data_sha256)
-            save_checkpoint(global_step, global_step, agent.networks(), agent.optimizers(), {"train": rng}, **state)
+            save_checkpoint(global_step, global_step, agent.networks(), agent.trained, {"train": rng}, **state)
 
         # greedy evaluation after every --eval-every updates (logged at this step)
         if evaluate_now:
@@ -962,7 +959,7 @@ def train(args: Args) -> dict:
             what = f"shrink_perturb of {target}"
             log_event(writer, interventions, global_step, what, log, kind="shrink_perturb", target=target)
 
-        if args.redo_every > 0 and global_step > 0 and global_step % args.redo_every == 0:
+        if redo_now:
             log_event(
                 writer, interventions, global_step, "redo", redo_critics(agent, probe, args.redo_tau), kind="redo"
             )
