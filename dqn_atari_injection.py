@@ -24,10 +24,8 @@ ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
 
 # ==== BEGIN SHARED BLOCK: flags (shared_blocks/flags.py; sync: tools/sync_blocks.py) ====
 # Flags every script shares: RunArgs (seed, device, tracking, checkpoints) and PlasticityArgs (injection, metrics,
-# interventions). Each script's `Args` extends both, adding its own flags and the choices of `--inject-target`,
-# `--reset-target` and `--shrink-perturb-target` (what the network calls a head).
-# A flag declares its valid range once, `bounded(default, min=, max=, above=)`; `check_ranges(args)` checks them all.
-# Cross-flag checks: `check_intervention_args` (interventions block, end of file).
+# interventions), extended by each script's `Args`. A flag declares its valid range once, `bounded(default, min=,
+# max=, above=, below=)`; check_ranges(args) checks them all, check_intervention_args (interventions) the rest.
 import math
 import operator
 import os
@@ -66,15 +64,13 @@ class PlasticityArgs:
     inject_reset_optimizer: bool = False
     """clear the Adam state (moments, step counts) at injection; default keeps the encoder's moments"""
     metrics_every: int = bounded(10000, min=0)
-    """measure plasticity (`plasticity/...`: effective rank, dormant units, weight magnitude, updated units,
-    gradient norms) on a fixed probe batch every this many env steps; 0 = never"""
+    """measure plasticity (`plasticity/...`) on a fixed probe batch every this many env steps; 0 = never"""
     metrics_batch_size: int = bounded(256, min=2)
     """size of the fixed probe batch for the plasticity metrics (drawn once, seeded)"""
     dormant_tau: float = bounded(0.025, min=0, max=1)
     """ReDo threshold: a unit is dormant when its normalised mean activation is <= tau"""
     reset_at: List[int] = field(default_factory=list)
-    """global step(s) at which to re-initialise --reset-target (a baseline; the replay buffer is kept, the
-    target network gets the same values, the Adam state of the reset parameters is cleared)"""
+    """global step(s) at which to re-initialise --reset-target (targets mirrored, its Adam state cleared)"""
     shrink_perturb_at: List[int] = field(default_factory=list)
     """global step(s) at which to shrink-and-perturb --shrink-perturb-target: θ <- S·θ + P·ε"""
     sp_shrink: float = bounded(1.0, min=0, max=1)
@@ -82,11 +78,9 @@ class PlasticityArgs:
     sp_perturb: float = bounded(0.01, min=0)
     """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
     redo_every: int = bounded(0, min=0)
-    """ReDo (Sokar et al. 2023): every this many env steps recycle the units dormant on a seeded probe batch
-    (fresh incoming weights, zero outgoing weights, their Adam moments cleared; targets mirrored); 0 = never"""
+    """ReDo (Sokar et al. 2023): recycle the units dormant on a seeded probe batch every this many steps; 0 = never"""
     redo_tau: float = bounded(0.025, min=0, max=1)
-    """ReDo's dormancy threshold: a unit is recycled when its normalised mean activation is <= this (0.1 recycled
-    ~30% of a CartPole MLP's units every 1000 steps and stopped it learning; benchmark/README.md)"""
+    """ReDo's dormancy threshold (0.1 stopped a CartPole MLP learning: benchmark/README.md)"""
     l2_schedule: Literal["none", "constant", "incremental", "periodic"] = "none"
     """L2 penalty on the critic loss: constant --l2-coef, incremental --l2-start -> --l2-end, or periodic"""
     l2_coef: float = bounded(1e-5, min=0)
@@ -132,26 +126,22 @@ class RunArgs:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     compile: bool = False
-    """compile the networks in place with torch.compile (a warm-up of up to a minute, again after each injection);
-    numbers equal within float tolerance, not bit for bit. On a 2-core CPU PPO ran 1.24x faster, DQN and IQL not
-    faster (benchmark/README.md)"""
+    """compile the networks with torch.compile (warm-up up to a minute, again after each injection; numbers equal
+    within float tolerance; speed-ups: benchmark/README.md)"""
     save_model: bool = False
     """save the trained networks (atomically) to `runs/{run_name}/{exp_name}.cleanrl_model` at the end"""
     checkpoint_every: int = bounded(0, min=0)
-    """write a checkpoint (networks, optimizer, replay buffer, random states, counters) to runs/{run_name}/checkpoints
-    every this many global steps (0 = only when Ctrl-C or SIGTERM stops the run)"""
+    """checkpoint (runs/{run_name}/checkpoints) every this many global steps; 0 = only when Ctrl-C/SIGTERM stops it"""
     keep_checkpoints: int = bounded(2, min=1)
     """keep the newest this many checkpoints"""
     checkpoint_buffer: bool = True
     """store the replay buffer in checkpoints (`--no-checkpoint-buffer`: smaller files; a resumed run refills it)"""
     resume: Optional[str] = None
-    """continue a run: a checkpoint file, a run folder, or `auto` (the newest checkpoint of this env, exp-name and
-    seed; a new run if there is none)"""
+    """continue a run: a checkpoint file, a run folder, or `auto` (the newest run of this env, exp-name and seed)"""
     resume_allow_changes: bool = False
     """resume even when flags that change the run differ from the checkpoint's"""
     verbose: bool = False
-    """print a line per finished training episode (`global_step=..., episodic_return=...`) instead of the progress
-    display alone (the TensorBoard logs have every episode either way)"""
+    """print a line per training episode besides the progress display (TensorBoard has every episode either way)"""
 
 
 # ==== END SHARED BLOCK: flags ====
@@ -1045,25 +1035,29 @@ def train(args: Args) -> dict:
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
-# Helpers every script shares: one-line errors, seeding, the device, atomic saves, and the run's life: its folder
-# (locked while it runs), logs, checkpoints, resume, and clean stops on Ctrl-C / SIGTERM.
+# Helpers every script shares (with the script's os, time, np, torch): one-line errors, seeding, the device, atomic
+# saves, and the run's life. One shape in every train(): stop_on_signals(); find_checkpoint(); build the networks;
+# restore_checkpoint(); start_run() (the first write); Progress(); the loop, save_checkpoint() when checkpoint_due();
+# finish_run(). Ctrl-C / SIGTERM set RUN["stop"]: the loop checkpoints and exits, nothing is interrupted mid-write.
 import atexit
 import fcntl
 import glob
 import hashlib
 import json
-import os
 import random
 import re
 import signal
 import sys
-import time
 
-import numpy as np
-import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
+
+RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None, progress=None)
+# flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
+RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
+RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "verbose"}
+RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
 
 
 class UserError(Exception):
@@ -1094,16 +1088,19 @@ def check_steps(flag: str, steps, total: int) -> list:
 
 
 def check_finite(value: torch.Tensor, name: str, step: int = None) -> None:
-    """Stop with a clear message when a loss or a policy's logits turn NaN or inf (files written stay as they were)."""
+    """Stop with one line when a loss or a policy's logits turn NaN or inf (what was logged reaches the disk)."""
     if not bool(torch.isfinite(value).all()):
-        if RUN["writer"] is not None:  # what was logged up to here reaches the disk
+        if RUN["writer"] is not None:
             RUN["writer"].flush()
-        at = "" if step is None else f" at global step {step}"
-        at += f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        at = ("" if step is None else f" at global step {step}") + last_good()
         mean = float(value.detach().float().mean())
         raise UserError(
-            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, gradient clipping, or another --seed"
+            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, clipping, or another --seed"
         )
+
+
+def last_good() -> str:
+    return f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
 
 
 def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
@@ -1115,22 +1112,19 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 def pick_device(cuda: bool) -> torch.device:
     """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (Progress says so)."""
-    if cuda and torch.cuda.is_available():
-        return torch.device("cuda")
-    if cuda and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    found = [d for d, up in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if up]
+    return torch.device(found[0] if cuda and found else "cpu")
 
 
 def check_compile(args) -> None:
-    """--compile: one tiny compiled call on the run's device now, so that a machine where torch.compile cannot work
-    (no C++ compiler, an unsupported accelerator) stops with one line before anything is written."""
-    if args.compile:
-        try:
+    """--compile: one tiny compiled call on the run's device, so that a machine where torch.compile cannot work (no
+    C++ compiler, an unsupported accelerator) stops with one line before anything is written."""
+    try:
+        if args.compile:
             torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=pick_device(args.cuda)))
-        except Exception as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
 
 
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
@@ -1144,10 +1138,9 @@ def log_event(writer, events: list, step: int, what: str, log: dict, **extra) ->
 def atomic_save(obj, path: str) -> None:
     """torch.save (bytes: as they are) to `.tmp-<pid>-<name>` beside `path`, then rename: never a half-written file.
     A failure (disk full, unwritable folder) is a one-line error naming the file and the last checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
             f.flush()
@@ -1170,16 +1163,6 @@ def remove_orphans(folder: str, all_of_them: bool = False) -> None:
             os.remove(tmp)
 
 
-# ---- The run: its folder, logs, checkpoints (`--checkpoint-every`, `--resume`), stops (Ctrl-C, SIGTERM) ------------
-# One shape in every train(): stop_on_signals(); find_checkpoint(); build; restore_checkpoint(); start_run();
-# the loop, save_checkpoint() when checkpoint_due(); finish_run(). Nothing is written before start_run.
-RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None, progress=None)
-# flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
-RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
-RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "verbose"}
-RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
-
-
 def _request_stop(signum, frame):
     if RUN["stop"] is not None:  # asked twice: leave at once, without a checkpoint
         os._exit(128 + signum)
@@ -1189,8 +1172,8 @@ def _request_stop(signum, frame):
 
 
 def stop_on_signals() -> None:
-    """train()'s first line: Ctrl-C (SIGINT) and SIGTERM (sent by schedulers before preemption) set RUN["stop"];
-    the loop then checkpoints and exits. Nothing is interrupted mid-write. Forgets an earlier train() call."""
+    """train()'s first line: Ctrl-C and SIGTERM (sent by schedulers before preemption) stop the run cleanly from here
+    on. Forgets an earlier train() call of this process."""
     close_progress()
     if RUN["lock"] is not None:
         os.close(RUN["lock"])
@@ -1227,28 +1210,29 @@ def checkpoint_paths(folder: str) -> list:
 
 def find_checkpoint(args, script: str):
     """The checkpoint --resume names, loaded and checked against the flags (None: a new run). `auto`: the newest run
-    folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder;
-    or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
-    RUN["args"] = dict(vars(args), script=script)
+    folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder or
+    its checkpoints/; or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
+    RUN["args"], resume = dict(vars(args), script=script), args.resume
     if "/" in args.exp_name:  # the run folder is runs/{env_id}__{exp_name}__{seed}__{time}: it stays inside runs/
         raise UserError(f"--exp-name {args.exp_name!r} contains '/': it names a folder inside runs/, not a path")
     if os.path.isabs(args.env_id) or ".." in args.env_id.split("/"):
         raise UserError(f"--env-id {args.env_id!r} would put the run folder outside runs/")
-    if args.resume is None:
+    if resume is None:
         return None
-    if args.resume == "auto":
+    if resume == "auto":
         prefix = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__")
-        runs = [d for d in glob.glob(glob.escape(prefix) + "*") if re.fullmatch(r"\d+", d[len(prefix) :])]
+        runs = [d for d in glob.glob(glob.escape(prefix) + "*") if re.fullmatch(r"[0-9]+", d[len(prefix) :])]
         if not runs:
             print(f"--resume auto: no run {prefix}*, starting a new run")
             return None
         folder = max(runs, key=lambda d: int(d[len(prefix) :]))
-    elif os.path.isdir(args.resume):  # a run folder or its checkpoints folder
-        folder = args.resume[: -len("checkpoints")] if os.path.basename(args.resume) == "checkpoints" else args.resume
-    elif os.path.isfile(args.resume) and os.path.basename(parent := os.path.dirname(args.resume)) == "checkpoints":
-        folder = os.path.dirname(parent)
+    elif os.path.isdir(resume):  # a run folder or its checkpoints/
+        folder = os.path.normpath(resume)
+        folder = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+    elif os.path.isfile(resume) and os.path.basename(os.path.dirname(resume)) == "checkpoints":
+        folder = os.path.dirname(os.path.dirname(resume))
     else:
-        raise UserError(f"--resume {args.resume}: no such run folder or checkpoints/step_<N>.pt file (or: auto)")
+        raise UserError(f"--resume {resume}: no such run folder or checkpoints/step_<N>.pt file (or: auto)")
     folder = os.path.normpath(folder)
     if os.path.isfile(os.path.join(folder, "finished.json")):
         with open(os.path.join(folder, "finished.json")) as f:
@@ -1256,10 +1240,10 @@ def find_checkpoint(args, script: str):
         print(f"{folder} finished at global step {done['global_step']}; its results: {done['results']}; nothing to do")
         sys.exit(0)
     found = checkpoint_paths(os.path.join(folder, "checkpoints"))
-    if os.path.isfile(args.resume):
-        found = [p for p in found if os.path.basename(p) < os.path.basename(args.resume)] + [args.resume]
-    if not found and args.resume != "auto":
-        raise UserError(f"--resume {args.resume}: no checkpoint (checkpoints/step_<N>.pt) in {folder}")
+    if os.path.isfile(resume):
+        found = [p for p in found if os.path.basename(p) < os.path.basename(resume)] + [resume]
+    if not found and resume != "auto":
+        raise UserError(f"--resume {resume}: no checkpoint (checkpoints/step_<N>.pt) in {folder}")
     lock_run(folder)
     if not found:
         print(f"--resume auto: {folder} has no checkpoint yet, starting it again from step 0")
@@ -1274,23 +1258,19 @@ def find_checkpoint(args, script: str):
         raise UserError(f"--resume: {path} is not a checkpoint of {script}")
     if "log_step" not in ckpt:
         raise UserError(f"--resume: {path} was written by an older version of {script}; start a new run")
-    check_resume_flags(args, ckpt["args"], path)
-    print(f"resuming {folder} (its own folder) from {path} (global step {ckpt['global_step']})")
-    return ckpt
-
-
-def check_resume_flags(args, saved: dict, path: str) -> None:
-    """Only RESUME_FREE flags may differ from the checkpoint's, and RESUME_ALLOWED ones with --resume-allow-changes."""
+    saved = ckpt["args"]  # only RESUME_FREE flags may differ, RESUME_ALLOWED ones with --resume-allow-changes
     changed = [k for k, v in saved.items() if k not in RESUME_FREE and getattr(args, k, v) != v]
     fixed = [k for k in changed if k not in RESUME_ALLOWED or k.endswith("steps") and getattr(args, k) < saved[k]]
     if fixed or (changed and not args.resume_allow_changes):
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(args, k)!r})" for k in fixed or changed)
         how = (
-            "these cannot change on resume (step counts can only grow)"
+            "these cannot change on resume (step counts only grow)"
             if fixed
             else "give the same flags, or --resume-allow-changes"
         )
         raise UserError(f"--resume: {path} was made with {diff}; {how}")
+    print(f"resuming {folder} (its own folder) from {path} (global step {ckpt['global_step']})")
+    return ckpt
 
 
 def restore_checkpoint(ckpt: dict, networks: dict, optimizers: dict, generators: dict) -> None:
@@ -1313,10 +1293,8 @@ def restore_checkpoint(ckpt: dict, networks: dict, optimizers: dict, generators:
         for k, g in generators.items():
             g.bit_generator.state = rng["generators"][k]
     except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(
-            f"--resume: {RUN['checkpoint']} does not fit what these flags build ({type(e).__name__}: {why})"
-        ) from None
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        raise UserError(f"--resume: {RUN['checkpoint']} does not fit what these flags build ({why})") from None
 
 
 def start_run(args, ckpt):
@@ -1324,28 +1302,27 @@ def start_run(args, ckpt):
     and its logs: TensorBoard (on resume readers hide what the stopped run logged from the checkpoint's step on) and,
     with --track, wandb (the same run id on resume). The first write of a run. Returns (folder, writer)."""
     if RUN["stop"] is not None:
-        print(f"stopped by {signal.Signals(RUN['stop']).name} before the run started: nothing was written")
+        name = signal.Signals(RUN["stop"]).name
+        print(f"stopped by {name} before the run started: nothing was written", file=sys.stderr)
         sys.exit(128 + RUN["stop"])
     purge = None if RUN["dir"] is None else ckpt["log_step"] if ckpt else 0
-    if RUN["dir"] is None:
-        stamp = int(time.time())  # a run that starts in the same second as another takes the next free second
-        while True:
-            folder = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
-            try:
-                os.makedirs(folder)
-                break
-            except FileExistsError:
-                stamp += 1
-            except OSError as e:  # read-only, full, or `runs` is not a folder
-                raise UserError(f"cannot create the run folder {folder} ({type(e).__name__}: {e})") from None
-        lock_run(folder)
+    stamp = int(time.time())  # a run that starts in the same second as another takes the next free second
+    while RUN["dir"] is None:
+        folder = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
+        try:
+            os.makedirs(folder)
+            lock_run(folder)
+        except FileExistsError:
+            stamp += 1
+        except OSError as e:  # read-only, full, or `runs` is not a folder
+            raise UserError(f"cannot create the run folder {folder} ({type(e).__name__}: {e})") from None
     remove_orphans(RUN["dir"], all_of_them=True)
     if args.track:
         import wandb
 
-        run_id = hashlib.sha1(os.path.basename(RUN["dir"]).encode()).hexdigest()[:16]  # the same on resume
-        name, config = os.path.basename(RUN["dir"]), vars(args)
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
+        name = os.path.basename(RUN["dir"])
+        run_id = hashlib.sha1(name.encode()).hexdigest()[:16]  # the same on resume
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=name, id=run_id, resume="allow", save_code=True)  # fmt: skip
     writer = RUN["writer"] = SummaryWriter(RUN["dir"], purge_step=purge)
     atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
@@ -1368,8 +1345,7 @@ def save_checkpoint(step: int, log_step: int, networks: dict, optimizers: dict, 
     for name, net in networks.items():
         bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
-            raise UserError(f"{name} has non-finite weights ({bad[0]}) at global step {step}{last}")
+            raise UserError(f"{name} has non-finite weights ({bad[0]}) at global step {step}{last_good()}")
     RUN["writer"].flush()  # the events logged so far reach the disk before the checkpoint does
     state.update(script=RUN["args"]["script"], args={k: v for k, v in RUN["args"].items() if k != "script"})
     state.update(global_step=step, log_step=log_step, networks={k: v.state_dict() for k, v in networks.items()})
@@ -1408,14 +1384,13 @@ def finish_run(step: int, results: str) -> None:
         exit_stopped(step, results)
 
 
-# seconds between two status lines when stdout is not a terminal (the environment variable PROGRESS_EVERY sets it)
-PROGRESS_EVERY = float(os.environ.get("PROGRESS_EVERY", 60))
+PROGRESS_EVERY = float(os.environ.get("PROGRESS_EVERY", 60))  # seconds between status lines (not a terminal)
 
 
 class Progress:
-    """Made right after start_run: the start line (run folder, steps, device), then `update(step)` in the loop: a tqdm
-    bar (steps done of total, steps/s, time left; printed lines go above it) when stdout is a terminal, else a status
-    line every PROGRESS_EVERY seconds (a SLURM log). `episode()`: a line per training episode, with --verbose only."""
+    """Made after start_run: the start line (run folder, steps, device), then `update(step)` in the loop: a tqdm bar
+    (printed lines go above it) on a terminal, else a status line every PROGRESS_EVERY seconds (a SLURM log).
+    `episode()`: a line per training episode, with --verbose only."""
 
     def __init__(self, args, device: torch.device, start: int, total: int):
         self.verbose, self.start, self.total, self.t0 = args.verbose, start, total, time.time()
@@ -1464,6 +1439,8 @@ def close_progress() -> None:
 # frozen original head); metric weight_magnitude, erank_weights, for hidden layers erank_features, dormant_ratio,
 # feature_norm, and with loss_fn for trainable layers updated_units_pct, grad_norm. Also plasticity/<metric>_mean
 # (trainable layers), plasticity/frozen/<metric>_mean, and with loss_fn plasticity/grad_norm (all trainable params).
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -1505,15 +1482,6 @@ def dormant_ratio(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
     return dormant_units(features, tau).float().mean()
 
 
-def updated_units_fraction(grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Share of units (weight rows) whose incoming weights or bias got a non-zero gradient; None counts as zero."""
-    if grad_weight is None:
-        return torch.zeros(())
-    hit = (grad_weight.reshape(grad_weight.shape[0], -1) != 0).any(1)
-    hit = hit | (grad_bias != 0) if grad_bias is not None else hit
-    return hit.float().mean()
-
-
 def weight_layers(model: nn.Module) -> dict:
     """module path -> every Linear/Conv layer of the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, _PL_WEIGHT_LAYERS)}
@@ -1538,17 +1506,28 @@ def hidden_layers(model: nn.Module) -> dict:
     return out
 
 
-def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
-    """{key: float} as in the header. loss_fn(model) -> scalar: the loss on the probe batch, without .backward()."""
-    feats = {}
-    keep = lambda n: lambda _m, _in, out: None if n in feats else feats.update({n: out.detach()})  # 1st call wins
-    handles = [act.register_forward_hook(keep(n)) for n, (_, act) in hidden_layers(model).items()]
+def _keep_first(store: dict, name: str, _module, args, out=None) -> None:  # forward hook: output; pre-hook: input
+    store.setdefault(name, (args[0] if out is None else out).detach())
+
+
+def record_forward(model, inputs, outputs_of: dict, inputs_of: dict = None) -> tuple:
+    """One no_grad forward of `inputs` (eager: hooks fire in a compiled model too); returns ({name: the first output
+    of module outputs_of[name]}, {name: the first input of module inputs_of[name]})."""
+    outs, ins = {}, {}
+    handles = [m.register_forward_hook(partial(_keep_first, outs, n)) for n, m in outputs_of.items()]
+    handles += [m.register_forward_pre_hook(partial(_keep_first, ins, n)) for n, m in (inputs_of or {}).items()]
     try:
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # the hooks fire in a compiled model too
-            model(probe_inputs)
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            model(inputs)
     finally:
         for h in handles:
             h.remove()
+    return outs, ins
+
+
+def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
+    """{key: float} as in the header. loss_fn(model) -> scalar: the loss on the probe batch, without .backward()."""
+    feats, _ = record_forward(model, probe_inputs, {n: act for n, (_, act) in hidden_layers(model).items()})
     grads, vals = {}, {}
     if loss_fn is not None:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -1568,8 +1547,9 @@ def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
             m["dormant_ratio"] = dormant_ratio(h, tau)
             m["feature_norm"] = h.float().reshape(h.shape[0], -1).norm(dim=1).mean()
         if loss_fn is not None and role == "trainable":
-            gw, gb = grads.get(id(layer.weight)), grads.get(id(layer.bias))  # bias None: no gradient
-            m["updated_units_pct"] = 100.0 * updated_units_fraction(gw, gb)
+            gw, gb = grads.get(id(layer.weight)), grads.get(id(layer.bias))  # None: no gradient
+            hits = [(g.reshape(len(g), -1) != 0).any(1) for g in (gw, gb) if g is not None and gw is not None]
+            m["updated_units_pct"] = 100.0 * torch.stack(hits).any(0).float().mean() if hits else torch.zeros(())
             parts = [g.detach().float().pow(2).sum() for g in (gw, gb) if g is not None]
             m["grad_norm"] = torch.stack(parts).sum().sqrt() if parts else torch.zeros(())
         for metric, v in m.items():
@@ -1596,14 +1576,11 @@ def plasticity_keys(model: nn.Module, with_grads: bool = True) -> set:
 # ==== END SHARED BLOCK: plasticity ====
 # ==== BEGIN SHARED BLOCK: interventions (shared_blocks/interventions.py; sync: tools/sync_blocks.py) ====
 # Interventions to compare plasticity injection against, generic over any nn.Module: resets, shrink-and-perturb,
-# ReDo, L2 schedules and an adaptive injection trigger; and the cross-flag checks of the shared flags (flags block).
-# Targets (DQN/IQL target networks) get the same new values. Pass make_fresh={path: factory} when the network
-# has its own init (e.g. orthogonal), since `reset_parameters` gives PyTorch's default init.
-# Uses fresh_copy and InjectedModule (injection block), hidden_layers, weight_layers and dormant_units (plasticity
-# block) and math (flags block).
+# ReDo, L2 schedules and an adaptive injection trigger; and the cross-flag checks of the shared flags. Targets
+# (DQN/IQL target networks) get the same new values. make_fresh={path: factory} gives a network's own init (e.g.
+# orthogonal; `reset_parameters` is PyTorch's default). Uses the injection and plasticity blocks, math (flags block).
 import difflib
 import re
-from functools import partial
 
 
 def _canonical(name: str) -> str:  # a name in the un-injected network: `terms.K.` levels dropped
@@ -1617,15 +1594,22 @@ def trainable_under(model: nn.Module, path: str) -> list:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and _canonical(n).startswith(prefix)]
 
 
+def _fresh_part(module: nn.Module, name: str, make_fresh, drawn: dict) -> nn.Module:
+    """A fresh draw of `module` at `name`: its part of the longest make_fresh path above it (drawn once), or its own."""
+    name = _canonical(name)
+    key = max((k for k in make_fresh or {} if k in ("", name) or name.startswith(k + ".")), key=len, default=None)
+    if key is not None and key not in drawn:
+        drawn[key] = make_fresh[key]()
+    return fresh_copy(module) if key is None else drawn[key].get_submodule(name[len(key) :].lstrip("."))
+
+
 def _trainable_with_fresh(model: nn.Module, path: str, make_fresh) -> list:
     """(name, parameter, its fresh value) for every trainable parameter under `model.<path>`: the same-named
     parameter of one fresh draw of the un-injected module at `path`."""
     sub = model
     for part in filter(None, path.split(".")):
         sub = (sub.terms[0] if isinstance(sub, InjectedModule) else sub).get_submodule(part)
-    factory = (make_fresh or {}).get(path)
-    fresh = dict((factory() if factory else fresh_copy(sub)).named_parameters())
-    out = []
+    fresh, out = dict(_fresh_part(sub, path, make_fresh, {}).named_parameters()), []
     for name, p in trainable_under(model, path):
         key = _canonical(name)[len(path) + 1 if path else 0 :]
         if key not in fresh or fresh[key].shape != p.shape:
@@ -1635,26 +1619,10 @@ def _trainable_with_fresh(model: nn.Module, path: str, make_fresh) -> list:
 
 
 @torch.no_grad()
-def reset_modules(model, paths, optimizers=(), make_fresh=None, targets=()) -> dict:
-    """Re-initialise the trainable parameters under each `model.<path>` in place (on an injected head: the
-    trainable terms only); they lose their optimizer state, every other parameter keeps its own."""
-    count = 0
-    for path in paths:
-        for name, p, fresh in _trainable_with_fresh(model, path, make_fresh):
-            p.copy_(fresh)
-            for opt in optimizers:
-                opt.state.pop(p, None)
-            for target in targets:
-                target.get_parameter(name).copy_(fresh)
-            count += p.numel()
-    return {"interventions/reset_params": float(count)}
-
-
-@torch.no_grad()
-def shrink_perturb(model, paths=("",), shrink=1.0, perturb=0.01, make_fresh=None, targets=()) -> dict:
+def shrink_perturb(model, paths=("",), shrink=1.0, perturb=0.01, make_fresh=None, targets=(), optimizers=()) -> dict:
     """Shrink-and-perturb (Ash & Adams 2020): θ <- S·θ + P·ε, ε a fresh initialisation, for every trainable
-    parameter under each path ("" = the whole network); optimizer state is kept. S=1, P=0 changes nothing and
-    draws no random numbers. Logs the relative change ||Δθ|| / ||θ||."""
+    parameter under each path ("" = the whole network); `optimizers` forget these parameters' state (as a reset
+    does), the others keep it. S=1, P=0 changes nothing and draws no random numbers. Logs ||Δθ|| / ||θ||."""
     count, sq_change, sq_norm = 0, 0.0, 0.0
     for path in paths:
         if perturb != 0:
@@ -1670,36 +1638,25 @@ def shrink_perturb(model, paths=("",), shrink=1.0, perturb=0.01, make_fresh=None
                 if q is p:
                     sq_change += float((p - before).double().pow(2).sum())
                     sq_norm += float(before.double().pow(2).sum())
+            for opt in optimizers:
+                opt.state.pop(p, None)
             count += p.numel()
     rel_change = math.sqrt(sq_change / sq_norm) if sq_norm > 0 else 0.0
     return {"interventions/shrink_perturb_params": float(count), "interventions/shrink_perturb_rel_change": rel_change}
 
 
-def _fresh_part(module: nn.Module, name: str, make_fresh, drawn: dict) -> nn.Module:
-    """A fresh draw of `module` at `name`: its part of the longest make_fresh path above it (drawn once), or its own."""
-    name = _canonical(name)
-    key = max((k for k in make_fresh or {} if k in ("", name) or name.startswith(k + ".")), key=len, default=None)
-    if key is not None and key not in drawn:
-        drawn[key] = make_fresh[key]()
-    return fresh_copy(module) if key is None else drawn[key].get_submodule(name[len(key) :].lstrip("."))
-
-
-def _keep_first(store: dict, name: str, _module, args, out=None) -> None:  # forward hook: output; pre-hook: input
-    store.setdefault(name, (args[0] if out is None else out).detach())
+def reset_modules(model, paths, optimizers=(), make_fresh=None, targets=()) -> dict:
+    """Re-initialise the trainable parameters under each `model.<path>` in place (on an injected head: the trainable
+    terms only), i.e. shrink-and-perturb with S=0, P=1: they lose their optimizer state, the others keep theirs."""
+    log = shrink_perturb(model, paths, 0.0, 1.0, make_fresh, targets, optimizers)
+    return {"interventions/reset_params": log["interventions/shrink_perturb_params"]}
 
 
 def _redo_scan(model: nn.Module, probe, tau: float) -> dict:
     """{hidden layer: (dormant units, the Linear/Conv layers whose input is its activation's output or a view of all
     of it (nn.Flatten), whether they all read it as channels or flat features)} from one forward of the probe."""
-    feats, inputs, layers = {}, {}, weight_layers(model)
-    handles = [a.register_forward_hook(partial(_keep_first, feats, n)) for n, (_, a) in hidden_layers(model).items()]
-    handles += [m.register_forward_pre_hook(partial(_keep_first, inputs, n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            model(probe)
-    finally:
-        for h in handles:
-            h.remove()
+    layers = weight_layers(model)
+    feats, inputs = record_forward(model, probe, {n: a for n, (_, a) in hidden_layers(model).items()}, layers)
     out = {}
     for n, h in feats.items():
         readers = [r for r, x in inputs.items() if x.data_ptr() == h.data_ptr() and x.numel() == h.numel()]

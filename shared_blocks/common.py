@@ -1,22 +1,26 @@
-# Helpers every script shares: one-line errors, seeding, the device, atomic saves, and the run's life: its folder
-# (locked while it runs), logs, checkpoints, resume, and clean stops on Ctrl-C / SIGTERM.
+# Helpers every script shares (with the script's os, time, np, torch): one-line errors, seeding, the device, atomic
+# saves, and the run's life. One shape in every train(): stop_on_signals(); find_checkpoint(); build the networks;
+# restore_checkpoint(); start_run() (the first write); Progress(); the loop, save_checkpoint() when checkpoint_due();
+# finish_run(). Ctrl-C / SIGTERM set RUN["stop"]: the loop checkpoints and exits, nothing is interrupted mid-write.
 import atexit
 import fcntl
 import glob
 import hashlib
 import json
-import os
 import random
 import re
 import signal
 import sys
-import time
 
-import numpy as np
-import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
+
+RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None, progress=None)
+# flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
+RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
+RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "verbose"}
+RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
 
 
 class UserError(Exception):
@@ -47,16 +51,19 @@ def check_steps(flag: str, steps, total: int) -> list:
 
 
 def check_finite(value: torch.Tensor, name: str, step: int = None) -> None:
-    """Stop with a clear message when a loss or a policy's logits turn NaN or inf (files written stay as they were)."""
+    """Stop with one line when a loss or a policy's logits turn NaN or inf (what was logged reaches the disk)."""
     if not bool(torch.isfinite(value).all()):
-        if RUN["writer"] is not None:  # what was logged up to here reaches the disk
+        if RUN["writer"] is not None:
             RUN["writer"].flush()
-        at = "" if step is None else f" at global step {step}"
-        at += f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
+        at = ("" if step is None else f" at global step {step}") + last_good()
         mean = float(value.detach().float().mean())
         raise UserError(
-            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, gradient clipping, or another --seed"
+            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, clipping, or another --seed"
         )
+
+
+def last_good() -> str:
+    return f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
 
 
 def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
@@ -68,22 +75,19 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 def pick_device(cuda: bool) -> torch.device:
     """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (Progress says so)."""
-    if cuda and torch.cuda.is_available():
-        return torch.device("cuda")
-    if cuda and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    found = [d for d, up in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if up]
+    return torch.device(found[0] if cuda and found else "cpu")
 
 
 def check_compile(args) -> None:
-    """--compile: one tiny compiled call on the run's device now, so that a machine where torch.compile cannot work
-    (no C++ compiler, an unsupported accelerator) stops with one line before anything is written."""
-    if args.compile:
-        try:
+    """--compile: one tiny compiled call on the run's device, so that a machine where torch.compile cannot work (no
+    C++ compiler, an unsupported accelerator) stops with one line before anything is written."""
+    try:
+        if args.compile:
             torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=pick_device(args.cuda)))
-        except Exception as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--compile: torch.compile does not work here ({why}); run without --compile") from None
 
 
 def log_event(writer, events: list, step: int, what: str, log: dict, **extra) -> None:
@@ -97,10 +101,9 @@ def log_event(writer, events: list, step: int, what: str, log: dict, **extra) ->
 def atomic_save(obj, path: str) -> None:
     """torch.save (bytes: as they are) to `.tmp-<pid>-<name>` beside `path`, then rename: never a half-written file.
     A failure (disk full, unwritable folder) is a one-line error naming the file and the last checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
             f.flush()
@@ -123,16 +126,6 @@ def remove_orphans(folder: str, all_of_them: bool = False) -> None:
             os.remove(tmp)
 
 
-# ---- The run: its folder, logs, checkpoints (`--checkpoint-every`, `--resume`), stops (Ctrl-C, SIGTERM) ------------
-# One shape in every train(): stop_on_signals(); find_checkpoint(); build; restore_checkpoint(); start_run();
-# the loop, save_checkpoint() when checkpoint_due(); finish_run(). Nothing is written before start_run.
-RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=None, progress=None)
-# flags that may differ when a run resumes, and those --resume-allow-changes lets differ (step counts only grow)
-RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
-RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "verbose"}
-RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
-
-
 def _request_stop(signum, frame):
     if RUN["stop"] is not None:  # asked twice: leave at once, without a checkpoint
         os._exit(128 + signum)
@@ -142,8 +135,8 @@ def _request_stop(signum, frame):
 
 
 def stop_on_signals() -> None:
-    """train()'s first line: Ctrl-C (SIGINT) and SIGTERM (sent by schedulers before preemption) set RUN["stop"];
-    the loop then checkpoints and exits. Nothing is interrupted mid-write. Forgets an earlier train() call."""
+    """train()'s first line: Ctrl-C and SIGTERM (sent by schedulers before preemption) stop the run cleanly from here
+    on. Forgets an earlier train() call of this process."""
     close_progress()
     if RUN["lock"] is not None:
         os.close(RUN["lock"])
@@ -180,28 +173,29 @@ def checkpoint_paths(folder: str) -> list:
 
 def find_checkpoint(args, script: str):
     """The checkpoint --resume names, loaded and checked against the flags (None: a new run). `auto`: the newest run
-    folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder;
-    or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
-    RUN["args"] = dict(vars(args), script=script)
+    folder of this env, exp-name and seed (none: a new run; no checkpoint yet: started again in it); a run folder or
+    its checkpoints/; or a checkpoint file. A finished run exits 0. Locks the run's folder; writes nothing."""
+    RUN["args"], resume = dict(vars(args), script=script), args.resume
     if "/" in args.exp_name:  # the run folder is runs/{env_id}__{exp_name}__{seed}__{time}: it stays inside runs/
         raise UserError(f"--exp-name {args.exp_name!r} contains '/': it names a folder inside runs/, not a path")
     if os.path.isabs(args.env_id) or ".." in args.env_id.split("/"):
         raise UserError(f"--env-id {args.env_id!r} would put the run folder outside runs/")
-    if args.resume is None:
+    if resume is None:
         return None
-    if args.resume == "auto":
+    if resume == "auto":
         prefix = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__")
-        runs = [d for d in glob.glob(glob.escape(prefix) + "*") if re.fullmatch(r"\d+", d[len(prefix) :])]
+        runs = [d for d in glob.glob(glob.escape(prefix) + "*") if re.fullmatch(r"[0-9]+", d[len(prefix) :])]
         if not runs:
             print(f"--resume auto: no run {prefix}*, starting a new run")
             return None
         folder = max(runs, key=lambda d: int(d[len(prefix) :]))
-    elif os.path.isdir(args.resume):  # a run folder or its checkpoints folder
-        folder = args.resume[: -len("checkpoints")] if os.path.basename(args.resume) == "checkpoints" else args.resume
-    elif os.path.isfile(args.resume) and os.path.basename(parent := os.path.dirname(args.resume)) == "checkpoints":
-        folder = os.path.dirname(parent)
+    elif os.path.isdir(resume):  # a run folder or its checkpoints/
+        folder = os.path.normpath(resume)
+        folder = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+    elif os.path.isfile(resume) and os.path.basename(os.path.dirname(resume)) == "checkpoints":
+        folder = os.path.dirname(os.path.dirname(resume))
     else:
-        raise UserError(f"--resume {args.resume}: no such run folder or checkpoints/step_<N>.pt file (or: auto)")
+        raise UserError(f"--resume {resume}: no such run folder or checkpoints/step_<N>.pt file (or: auto)")
     folder = os.path.normpath(folder)
     if os.path.isfile(os.path.join(folder, "finished.json")):
         with open(os.path.join(folder, "finished.json")) as f:
@@ -209,10 +203,10 @@ def find_checkpoint(args, script: str):
         print(f"{folder} finished at global step {done['global_step']}; its results: {done['results']}; nothing to do")
         sys.exit(0)
     found = checkpoint_paths(os.path.join(folder, "checkpoints"))
-    if os.path.isfile(args.resume):
-        found = [p for p in found if os.path.basename(p) < os.path.basename(args.resume)] + [args.resume]
-    if not found and args.resume != "auto":
-        raise UserError(f"--resume {args.resume}: no checkpoint (checkpoints/step_<N>.pt) in {folder}")
+    if os.path.isfile(resume):
+        found = [p for p in found if os.path.basename(p) < os.path.basename(resume)] + [resume]
+    if not found and resume != "auto":
+        raise UserError(f"--resume {resume}: no checkpoint (checkpoints/step_<N>.pt) in {folder}")
     lock_run(folder)
     if not found:
         print(f"--resume auto: {folder} has no checkpoint yet, starting it again from step 0")
@@ -227,23 +221,19 @@ def find_checkpoint(args, script: str):
         raise UserError(f"--resume: {path} is not a checkpoint of {script}")
     if "log_step" not in ckpt:
         raise UserError(f"--resume: {path} was written by an older version of {script}; start a new run")
-    check_resume_flags(args, ckpt["args"], path)
-    print(f"resuming {folder} (its own folder) from {path} (global step {ckpt['global_step']})")
-    return ckpt
-
-
-def check_resume_flags(args, saved: dict, path: str) -> None:
-    """Only RESUME_FREE flags may differ from the checkpoint's, and RESUME_ALLOWED ones with --resume-allow-changes."""
+    saved = ckpt["args"]  # only RESUME_FREE flags may differ, RESUME_ALLOWED ones with --resume-allow-changes
     changed = [k for k, v in saved.items() if k not in RESUME_FREE and getattr(args, k, v) != v]
     fixed = [k for k in changed if k not in RESUME_ALLOWED or k.endswith("steps") and getattr(args, k) < saved[k]]
     if fixed or (changed and not args.resume_allow_changes):
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(args, k)!r})" for k in fixed or changed)
         how = (
-            "these cannot change on resume (step counts can only grow)"
+            "these cannot change on resume (step counts only grow)"
             if fixed
             else "give the same flags, or --resume-allow-changes"
         )
         raise UserError(f"--resume: {path} was made with {diff}; {how}")
+    print(f"resuming {folder} (its own folder) from {path} (global step {ckpt['global_step']})")
+    return ckpt
 
 
 def restore_checkpoint(ckpt: dict, networks: dict, optimizers: dict, generators: dict) -> None:
@@ -266,10 +256,8 @@ def restore_checkpoint(ckpt: dict, networks: dict, optimizers: dict, generators:
         for k, g in generators.items():
             g.bit_generator.state = rng["generators"][k]
     except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(
-            f"--resume: {RUN['checkpoint']} does not fit what these flags build ({type(e).__name__}: {why})"
-        ) from None
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        raise UserError(f"--resume: {RUN['checkpoint']} does not fit what these flags build ({why})") from None
 
 
 def start_run(args, ckpt):
@@ -277,28 +265,27 @@ def start_run(args, ckpt):
     and its logs: TensorBoard (on resume readers hide what the stopped run logged from the checkpoint's step on) and,
     with --track, wandb (the same run id on resume). The first write of a run. Returns (folder, writer)."""
     if RUN["stop"] is not None:
-        print(f"stopped by {signal.Signals(RUN['stop']).name} before the run started: nothing was written")
+        name = signal.Signals(RUN["stop"]).name
+        print(f"stopped by {name} before the run started: nothing was written", file=sys.stderr)
         sys.exit(128 + RUN["stop"])
     purge = None if RUN["dir"] is None else ckpt["log_step"] if ckpt else 0
-    if RUN["dir"] is None:
-        stamp = int(time.time())  # a run that starts in the same second as another takes the next free second
-        while True:
-            folder = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
-            try:
-                os.makedirs(folder)
-                break
-            except FileExistsError:
-                stamp += 1
-            except OSError as e:  # read-only, full, or `runs` is not a folder
-                raise UserError(f"cannot create the run folder {folder} ({type(e).__name__}: {e})") from None
-        lock_run(folder)
+    stamp = int(time.time())  # a run that starts in the same second as another takes the next free second
+    while RUN["dir"] is None:
+        folder = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
+        try:
+            os.makedirs(folder)
+            lock_run(folder)
+        except FileExistsError:
+            stamp += 1
+        except OSError as e:  # read-only, full, or `runs` is not a folder
+            raise UserError(f"cannot create the run folder {folder} ({type(e).__name__}: {e})") from None
     remove_orphans(RUN["dir"], all_of_them=True)
     if args.track:
         import wandb
 
-        run_id = hashlib.sha1(os.path.basename(RUN["dir"]).encode()).hexdigest()[:16]  # the same on resume
-        name, config = os.path.basename(RUN["dir"]), vars(args)
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
+        name = os.path.basename(RUN["dir"])
+        run_id = hashlib.sha1(name.encode()).hexdigest()[:16]  # the same on resume
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=name, id=run_id, resume="allow", save_code=True)  # fmt: skip
     writer = RUN["writer"] = SummaryWriter(RUN["dir"], purge_step=purge)
     atexit.register(writer.close)  # flush the logs even when the run stops early (e.g. a non-finite loss)
@@ -321,8 +308,7 @@ def save_checkpoint(step: int, log_step: int, networks: dict, optimizers: dict, 
     for name, net in networks.items():
         bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            last = f"; the last good checkpoint is {RUN['checkpoint']}" if RUN["checkpoint"] else ""
-            raise UserError(f"{name} has non-finite weights ({bad[0]}) at global step {step}{last}")
+            raise UserError(f"{name} has non-finite weights ({bad[0]}) at global step {step}{last_good()}")
     RUN["writer"].flush()  # the events logged so far reach the disk before the checkpoint does
     state.update(script=RUN["args"]["script"], args={k: v for k, v in RUN["args"].items() if k != "script"})
     state.update(global_step=step, log_step=log_step, networks={k: v.state_dict() for k, v in networks.items()})
@@ -361,14 +347,13 @@ def finish_run(step: int, results: str) -> None:
         exit_stopped(step, results)
 
 
-# seconds between two status lines when stdout is not a terminal (the environment variable PROGRESS_EVERY sets it)
-PROGRESS_EVERY = float(os.environ.get("PROGRESS_EVERY", 60))
+PROGRESS_EVERY = float(os.environ.get("PROGRESS_EVERY", 60))  # seconds between status lines (not a terminal)
 
 
 class Progress:
-    """Made right after start_run: the start line (run folder, steps, device), then `update(step)` in the loop: a tqdm
-    bar (steps done of total, steps/s, time left; printed lines go above it) when stdout is a terminal, else a status
-    line every PROGRESS_EVERY seconds (a SLURM log). `episode()`: a line per training episode, with --verbose only."""
+    """Made after start_run: the start line (run folder, steps, device), then `update(step)` in the loop: a tqdm bar
+    (printed lines go above it) on a terminal, else a status line every PROGRESS_EVERY seconds (a SLURM log).
+    `episode()`: a line per training episode, with --verbose only."""
 
     def __init__(self, args, device: torch.device, start: int, total: int):
         self.verbose, self.start, self.total, self.t0 = args.verbose, start, total, time.time()

@@ -1,8 +1,6 @@
 # Flags every script shares: RunArgs (seed, device, tracking, checkpoints) and PlasticityArgs (injection, metrics,
-# interventions). Each script's `Args` extends both, adding its own flags and the choices of `--inject-target`,
-# `--reset-target` and `--shrink-perturb-target` (what the network calls a head).
-# A flag declares its valid range once, `bounded(default, min=, max=, above=)`; `check_ranges(args)` checks them all.
-# Cross-flag checks: `check_intervention_args` (interventions block, end of file).
+# interventions), extended by each script's `Args`. A flag declares its valid range once, `bounded(default, min=,
+# max=, above=, below=)`; check_ranges(args) checks them all, check_intervention_args (interventions) the rest.
 import math
 import operator
 import os
@@ -41,15 +39,13 @@ class PlasticityArgs:
     inject_reset_optimizer: bool = False
     """clear the Adam state (moments, step counts) at injection; default keeps the encoder's moments"""
     metrics_every: int = bounded(10000, min=0)
-    """measure plasticity (`plasticity/...`: effective rank, dormant units, weight magnitude, updated units,
-    gradient norms) on a fixed probe batch every this many env steps; 0 = never"""
+    """measure plasticity (`plasticity/...`) on a fixed probe batch every this many env steps; 0 = never"""
     metrics_batch_size: int = bounded(256, min=2)
     """size of the fixed probe batch for the plasticity metrics (drawn once, seeded)"""
     dormant_tau: float = bounded(0.025, min=0, max=1)
     """ReDo threshold: a unit is dormant when its normalised mean activation is <= tau"""
     reset_at: List[int] = field(default_factory=list)
-    """global step(s) at which to re-initialise --reset-target (a baseline; the replay buffer is kept, the
-    target network gets the same values, the Adam state of the reset parameters is cleared)"""
+    """global step(s) at which to re-initialise --reset-target (targets mirrored, its Adam state cleared)"""
     shrink_perturb_at: List[int] = field(default_factory=list)
     """global step(s) at which to shrink-and-perturb --shrink-perturb-target: θ <- S·θ + P·ε"""
     sp_shrink: float = bounded(1.0, min=0, max=1)
@@ -57,11 +53,9 @@ class PlasticityArgs:
     sp_perturb: float = bounded(0.01, min=0)
     """perturbation factor P of shrink-and-perturb (ε: a fresh initialisation)"""
     redo_every: int = bounded(0, min=0)
-    """ReDo (Sokar et al. 2023): every this many env steps recycle the units dormant on a seeded probe batch
-    (fresh incoming weights, zero outgoing weights, their Adam moments cleared; targets mirrored); 0 = never"""
+    """ReDo (Sokar et al. 2023): recycle the units dormant on a seeded probe batch every this many steps; 0 = never"""
     redo_tau: float = bounded(0.025, min=0, max=1)
-    """ReDo's dormancy threshold: a unit is recycled when its normalised mean activation is <= this (0.1 recycled
-    ~30% of a CartPole MLP's units every 1000 steps and stopped it learning; benchmark/README.md)"""
+    """ReDo's dormancy threshold (0.1 stopped a CartPole MLP learning: benchmark/README.md)"""
     l2_schedule: Literal["none", "constant", "incremental", "periodic"] = "none"
     """L2 penalty on the critic loss: constant --l2-coef, incremental --l2-start -> --l2-end, or periodic"""
     l2_coef: float = bounded(1e-5, min=0)
@@ -107,23 +101,19 @@ class RunArgs:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     compile: bool = False
-    """compile the networks in place with torch.compile (a warm-up of up to a minute, again after each injection);
-    numbers equal within float tolerance, not bit for bit. On a 2-core CPU PPO ran 1.24x faster, DQN and IQL not
-    faster (benchmark/README.md)"""
+    """compile the networks with torch.compile (warm-up up to a minute, again after each injection; numbers equal
+    within float tolerance; speed-ups: benchmark/README.md)"""
     save_model: bool = False
     """save the trained networks (atomically) to `runs/{run_name}/{exp_name}.cleanrl_model` at the end"""
     checkpoint_every: int = bounded(0, min=0)
-    """write a checkpoint (networks, optimizer, replay buffer, random states, counters) to runs/{run_name}/checkpoints
-    every this many global steps (0 = only when Ctrl-C or SIGTERM stops the run)"""
+    """checkpoint (runs/{run_name}/checkpoints) every this many global steps; 0 = only when Ctrl-C/SIGTERM stops it"""
     keep_checkpoints: int = bounded(2, min=1)
     """keep the newest this many checkpoints"""
     checkpoint_buffer: bool = True
     """store the replay buffer in checkpoints (`--no-checkpoint-buffer`: smaller files; a resumed run refills it)"""
     resume: Optional[str] = None
-    """continue a run: a checkpoint file, a run folder, or `auto` (the newest checkpoint of this env, exp-name and
-    seed; a new run if there is none)"""
+    """continue a run: a checkpoint file, a run folder, or `auto` (the newest run of this env, exp-name and seed)"""
     resume_allow_changes: bool = False
     """resume even when flags that change the run differ from the checkpoint's"""
     verbose: bool = False
-    """print a line per finished training episode (`global_step=..., episodic_return=...`) instead of the progress
-    display alone (the TensorBoard logs have every episode either way)"""
+    """print a line per training episode besides the progress display (TensorBoard has every episode either way)"""

@@ -1,12 +1,9 @@
 # Interventions to compare plasticity injection against, generic over any nn.Module: resets, shrink-and-perturb,
-# ReDo, L2 schedules and an adaptive injection trigger; and the cross-flag checks of the shared flags (flags block).
-# Targets (DQN/IQL target networks) get the same new values. Pass make_fresh={path: factory} when the network
-# has its own init (e.g. orthogonal), since `reset_parameters` gives PyTorch's default init.
-# Uses fresh_copy and InjectedModule (injection block), hidden_layers, weight_layers and dormant_units (plasticity
-# block) and math (flags block).
+# ReDo, L2 schedules and an adaptive injection trigger; and the cross-flag checks of the shared flags. Targets
+# (DQN/IQL target networks) get the same new values. make_fresh={path: factory} gives a network's own init (e.g.
+# orthogonal; `reset_parameters` is PyTorch's default). Uses the injection and plasticity blocks, math (flags block).
 import difflib
 import re
-from functools import partial
 
 
 def _canonical(name: str) -> str:  # a name in the un-injected network: `terms.K.` levels dropped
@@ -20,15 +17,22 @@ def trainable_under(model: nn.Module, path: str) -> list:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and _canonical(n).startswith(prefix)]
 
 
+def _fresh_part(module: nn.Module, name: str, make_fresh, drawn: dict) -> nn.Module:
+    """A fresh draw of `module` at `name`: its part of the longest make_fresh path above it (drawn once), or its own."""
+    name = _canonical(name)
+    key = max((k for k in make_fresh or {} if k in ("", name) or name.startswith(k + ".")), key=len, default=None)
+    if key is not None and key not in drawn:
+        drawn[key] = make_fresh[key]()
+    return fresh_copy(module) if key is None else drawn[key].get_submodule(name[len(key) :].lstrip("."))
+
+
 def _trainable_with_fresh(model: nn.Module, path: str, make_fresh) -> list:
     """(name, parameter, its fresh value) for every trainable parameter under `model.<path>`: the same-named
     parameter of one fresh draw of the un-injected module at `path`."""
     sub = model
     for part in filter(None, path.split(".")):
         sub = (sub.terms[0] if isinstance(sub, InjectedModule) else sub).get_submodule(part)
-    factory = (make_fresh or {}).get(path)
-    fresh = dict((factory() if factory else fresh_copy(sub)).named_parameters())
-    out = []
+    fresh, out = dict(_fresh_part(sub, path, make_fresh, {}).named_parameters()), []
     for name, p in trainable_under(model, path):
         key = _canonical(name)[len(path) + 1 if path else 0 :]
         if key not in fresh or fresh[key].shape != p.shape:
@@ -38,26 +42,10 @@ def _trainable_with_fresh(model: nn.Module, path: str, make_fresh) -> list:
 
 
 @torch.no_grad()
-def reset_modules(model, paths, optimizers=(), make_fresh=None, targets=()) -> dict:
-    """Re-initialise the trainable parameters under each `model.<path>` in place (on an injected head: the
-    trainable terms only); they lose their optimizer state, every other parameter keeps its own."""
-    count = 0
-    for path in paths:
-        for name, p, fresh in _trainable_with_fresh(model, path, make_fresh):
-            p.copy_(fresh)
-            for opt in optimizers:
-                opt.state.pop(p, None)
-            for target in targets:
-                target.get_parameter(name).copy_(fresh)
-            count += p.numel()
-    return {"interventions/reset_params": float(count)}
-
-
-@torch.no_grad()
-def shrink_perturb(model, paths=("",), shrink=1.0, perturb=0.01, make_fresh=None, targets=()) -> dict:
+def shrink_perturb(model, paths=("",), shrink=1.0, perturb=0.01, make_fresh=None, targets=(), optimizers=()) -> dict:
     """Shrink-and-perturb (Ash & Adams 2020): θ <- S·θ + P·ε, ε a fresh initialisation, for every trainable
-    parameter under each path ("" = the whole network); optimizer state is kept. S=1, P=0 changes nothing and
-    draws no random numbers. Logs the relative change ||Δθ|| / ||θ||."""
+    parameter under each path ("" = the whole network); `optimizers` forget these parameters' state (as a reset
+    does), the others keep it. S=1, P=0 changes nothing and draws no random numbers. Logs ||Δθ|| / ||θ||."""
     count, sq_change, sq_norm = 0, 0.0, 0.0
     for path in paths:
         if perturb != 0:
@@ -73,36 +61,25 @@ def shrink_perturb(model, paths=("",), shrink=1.0, perturb=0.01, make_fresh=None
                 if q is p:
                     sq_change += float((p - before).double().pow(2).sum())
                     sq_norm += float(before.double().pow(2).sum())
+            for opt in optimizers:
+                opt.state.pop(p, None)
             count += p.numel()
     rel_change = math.sqrt(sq_change / sq_norm) if sq_norm > 0 else 0.0
     return {"interventions/shrink_perturb_params": float(count), "interventions/shrink_perturb_rel_change": rel_change}
 
 
-def _fresh_part(module: nn.Module, name: str, make_fresh, drawn: dict) -> nn.Module:
-    """A fresh draw of `module` at `name`: its part of the longest make_fresh path above it (drawn once), or its own."""
-    name = _canonical(name)
-    key = max((k for k in make_fresh or {} if k in ("", name) or name.startswith(k + ".")), key=len, default=None)
-    if key is not None and key not in drawn:
-        drawn[key] = make_fresh[key]()
-    return fresh_copy(module) if key is None else drawn[key].get_submodule(name[len(key) :].lstrip("."))
-
-
-def _keep_first(store: dict, name: str, _module, args, out=None) -> None:  # forward hook: output; pre-hook: input
-    store.setdefault(name, (args[0] if out is None else out).detach())
+def reset_modules(model, paths, optimizers=(), make_fresh=None, targets=()) -> dict:
+    """Re-initialise the trainable parameters under each `model.<path>` in place (on an injected head: the trainable
+    terms only), i.e. shrink-and-perturb with S=0, P=1: they lose their optimizer state, the others keep theirs."""
+    log = shrink_perturb(model, paths, 0.0, 1.0, make_fresh, targets, optimizers)
+    return {"interventions/reset_params": log["interventions/shrink_perturb_params"]}
 
 
 def _redo_scan(model: nn.Module, probe, tau: float) -> dict:
     """{hidden layer: (dormant units, the Linear/Conv layers whose input is its activation's output or a view of all
     of it (nn.Flatten), whether they all read it as channels or flat features)} from one forward of the probe."""
-    feats, inputs, layers = {}, {}, weight_layers(model)
-    handles = [a.register_forward_hook(partial(_keep_first, feats, n)) for n, (_, a) in hidden_layers(model).items()]
-    handles += [m.register_forward_pre_hook(partial(_keep_first, inputs, n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            model(probe)
-    finally:
-        for h in handles:
-            h.remove()
+    layers = weight_layers(model)
+    feats, inputs = record_forward(model, probe, {n: a for n, (_, a) in hidden_layers(model).items()}, layers)
     out = {}
     for n, h in feats.items():
         readers = [r for r, x in inputs.items() if x.data_ptr() == h.data_ptr() and x.numel() == h.numel()]

@@ -8,6 +8,8 @@
 # frozen original head); metric weight_magnitude, erank_weights, for hidden layers erank_features, dormant_ratio,
 # feature_norm, and with loss_fn for trainable layers updated_units_pct, grad_norm. Also plasticity/<metric>_mean
 # (trainable layers), plasticity/frozen/<metric>_mean, and with loss_fn plasticity/grad_norm (all trainable params).
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -49,15 +51,6 @@ def dormant_ratio(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
     return dormant_units(features, tau).float().mean()
 
 
-def updated_units_fraction(grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Share of units (weight rows) whose incoming weights or bias got a non-zero gradient; None counts as zero."""
-    if grad_weight is None:
-        return torch.zeros(())
-    hit = (grad_weight.reshape(grad_weight.shape[0], -1) != 0).any(1)
-    hit = hit | (grad_bias != 0) if grad_bias is not None else hit
-    return hit.float().mean()
-
-
 def weight_layers(model: nn.Module) -> dict:
     """module path -> every Linear/Conv layer of the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, _PL_WEIGHT_LAYERS)}
@@ -82,17 +75,28 @@ def hidden_layers(model: nn.Module) -> dict:
     return out
 
 
-def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
-    """{key: float} as in the header. loss_fn(model) -> scalar: the loss on the probe batch, without .backward()."""
-    feats = {}
-    keep = lambda n: lambda _m, _in, out: None if n in feats else feats.update({n: out.detach()})  # 1st call wins
-    handles = [act.register_forward_hook(keep(n)) for n, (_, act) in hidden_layers(model).items()]
+def _keep_first(store: dict, name: str, _module, args, out=None) -> None:  # forward hook: output; pre-hook: input
+    store.setdefault(name, (args[0] if out is None else out).detach())
+
+
+def record_forward(model, inputs, outputs_of: dict, inputs_of: dict = None) -> tuple:
+    """One no_grad forward of `inputs` (eager: hooks fire in a compiled model too); returns ({name: the first output
+    of module outputs_of[name]}, {name: the first input of module inputs_of[name]})."""
+    outs, ins = {}, {}
+    handles = [m.register_forward_hook(partial(_keep_first, outs, n)) for n, m in outputs_of.items()]
+    handles += [m.register_forward_pre_hook(partial(_keep_first, ins, n)) for n, m in (inputs_of or {}).items()]
     try:
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # the hooks fire in a compiled model too
-            model(probe_inputs)
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            model(inputs)
     finally:
         for h in handles:
             h.remove()
+    return outs, ins
+
+
+def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
+    """{key: float} as in the header. loss_fn(model) -> scalar: the loss on the probe batch, without .backward()."""
+    feats, _ = record_forward(model, probe_inputs, {n: act for n, (_, act) in hidden_layers(model).items()})
     grads, vals = {}, {}
     if loss_fn is not None:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -112,8 +116,9 @@ def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
             m["dormant_ratio"] = dormant_ratio(h, tau)
             m["feature_norm"] = h.float().reshape(h.shape[0], -1).norm(dim=1).mean()
         if loss_fn is not None and role == "trainable":
-            gw, gb = grads.get(id(layer.weight)), grads.get(id(layer.bias))  # bias None: no gradient
-            m["updated_units_pct"] = 100.0 * updated_units_fraction(gw, gb)
+            gw, gb = grads.get(id(layer.weight)), grads.get(id(layer.bias))  # None: no gradient
+            hits = [(g.reshape(len(g), -1) != 0).any(1) for g in (gw, gb) if g is not None and gw is not None]
+            m["updated_units_pct"] = 100.0 * torch.stack(hits).any(0).float().mean() if hits else torch.zeros(())
             parts = [g.detach().float().pow(2).sum() for g in (gw, gb) if g is not None]
             m["grad_norm"] = torch.stack(parts).sum().sqrt() if parts else torch.zeros(())
         for metric, v in m.items():

@@ -38,8 +38,10 @@ def load_script(name: str, folder: str = ""):
 
 
 def load_blocks(*names):
-    """flags + common + injection + the given shared blocks executed into one namespace, as in a script."""
+    """flags + common + injection + the given shared blocks executed into one namespace, as in a script (after the
+    imports every script has: os, time, numpy as np, torch, torch.nn as nn)."""
     mod = types.ModuleType("blocks_" + "_".join(names))
+    exec("import os, time\nimport numpy as np\nimport torch\nimport torch.nn as nn", mod.__dict__)
     for name in ("flags", "common", "injection", *names):
         path = ROOT / "shared_blocks" / f"{name}.py"
         mod.__file__ = str(path)
