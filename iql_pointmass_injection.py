@@ -2,9 +2,8 @@
 
     python iql_pointmass_injection.py --inject-at 20000           # inject into the critics when fine-tuning starts
 
-The script builds the Pointmass maze, generates (and caches) the offline data with an RND-driven explorer as the
-homework did, trains IQL offline for --offline-steps, then fine-tunes online for --online-steps (one env step and
-one update per global step). Flags, logs and results: README.md, section `iql_pointmass_injection.py`.
+The offline data comes from an RND-driven explorer, as in the homework (cached); IQL trains on it for --offline-steps,
+then fine-tunes online, one env step and one update per step. Flags, logs, results: README.md.
 """
 
 import hashlib
@@ -244,8 +243,7 @@ class PointmassEnv(gym.Env):
 
     def __init__(self, env_id: str = "PointmassHard-v0", action_noise: float = 0.5):
         rows, scale, start, goal, self.success_radius, self.max_episode_steps = LEVELS[env_id]
-        walls = np.array([[c == "1" for c in r] for r in rows], dtype=bool)
-        self.walls = walls.repeat(scale, axis=0).repeat(scale, axis=1)
+        self.walls = np.array([[c == "1" for c in r] for r in rows]).repeat(scale, axis=0).repeat(scale, axis=1)
         self.action_noise = action_noise
         self.height, self.width = self.walls.shape
         self.start, self.goal = np.array(start, dtype=np.float64), np.array(goal, dtype=np.float64)
@@ -397,8 +395,7 @@ def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
     if args.dataset is not None:
         return load_dataset_file(args.dataset, batch_size=args.batch_size), args.dataset, False
     path = dataset_path(args)
-    if os.path.isdir(args.dataset_dir):  # what cache writers killed mid-write left
-        remove_orphans(args.dataset_dir)
+    remove_orphans(args.dataset_dir)  # what cache writers killed mid-write left
     if os.path.isfile(path):
         try:
             return load_dataset_file(path, "cached dataset", batch_size=args.batch_size), path, False
@@ -628,8 +625,7 @@ def intervention_parts(agent, target: str) -> list:
 
 
 def inject_critics(agent, probe: torch.Tensor, args: Args) -> dict:
-    """Plasticity injection into both Q heads, the target critics mirrored with the same fresh values; with
-    `--inject-target qv` also into V's head (its values logged as injection/v_...)."""
+    """Injection into both Q heads, the target critics the same fresh values; qv: V's head too (logs injection/v_)."""
     kw = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
     kw.update(reset_optimizer=args.inject_reset_optimizer)
     log = {}
@@ -641,8 +637,7 @@ def inject_critics(agent, probe: torch.Tensor, args: Args) -> dict:
 
 
 def reset_networks(agent, target: str) -> dict:
-    """--reset-at: default init for `target`, mirrored into the target critics; those parameters lose their Adam
-    state. On injected heads only the trainable terms are reset."""
+    """--reset-at: default init for `target` (injected heads: the trainable terms), Adam state cleared, targets too."""
     count = 0.0
     for net, paths, opt, targets in intervention_parts(agent, target):
         count += reset_modules(net, paths, optimizers=[opt], targets=targets)["interventions/reset_params"]
@@ -678,9 +673,8 @@ class IQLAgent:
         for net in self.networks().values() if args.compile else ():  # in place: state_dict keys, injection, hooks
             net.compile()
         fused = device.type in ("cpu", "cuda")  # one kernel per parameter: much less overhead for small nets
-        self.q_opt = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=fused)
-        self.v_opt = torch.optim.Adam(self.vf.parameters(), lr=args.learning_rate, fused=fused)
-        self.a_opt = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=fused)
+        adam = lambda net: torch.optim.Adam(net.parameters(), lr=args.learning_rate, fused=fused)
+        self.q_opt, self.v_opt, self.a_opt = adam(self.qf), adam(self.vf), adam(self.actor)
         # {name: (optimizer, the network it trains)}: what an update steps and a checkpoint saves and restores
         self.trained = dict(q=(self.q_opt, self.qf), v=(self.v_opt, self.vf), actor=(self.a_opt, self.actor))
 
@@ -696,8 +690,7 @@ class IQLAgent:
         # V: expectile regression towards min(Q_target)(s, a); Q: regression towards r + gamma (1 - terminal) V(s')
         diff = q_t - v
         v_loss = (torch.where(diff > 0, args.expectile, 1 - args.expectile) * diff.pow(2)).mean()
-        q1, q2 = self.qf(o)
-        q1a, q2a = q1.gather(1, a[:, None]).squeeze(1), q2.gather(1, a[:, None]).squeeze(1)
+        q1a, q2a = (q.gather(1, a[:, None]).squeeze(1) for q in self.qf(o))
         q_target = r + args.gamma * (1.0 - d) * next_v
         q_loss = F.mse_loss(q1a, q_target) + F.mse_loss(q2a, q_target)
         if l2 > 0:
@@ -775,8 +768,7 @@ def validate_args(args: Args) -> int:
 
 
 def evaluate(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> dict:
-    """--eval-episodes greedy (argmax) episodes: logs and returns eval/..., draws the first one's trajectory (walls
-    grey, start, goal region) to eval_{step}.png in the run folder."""
+    """--eval-episodes greedy episodes: logs and returns eval/..., draws the first one to eval_{step}.png in run_dir."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle
 
@@ -871,12 +863,12 @@ def train(args: Args) -> dict:
     watch, start_time = NonFiniteWatch(device), time.time()
     for global_step in range(start_step, total):
         redo_now = args.redo_every > 0 and global_step > 0 and global_step % args.redo_every == 0
-        act = redo_now or any(global_step in s for s in (args.inject_at, args.reset_at, args.shrink_perturb_at))
+        intervene = redo_now or any(global_step in s for s in (args.inject_at, args.reset_at, args.shrink_perturb_at))
         measure = args.metrics_every > 0 and global_step % args.metrics_every == 0
         online = global_step >= args.offline_steps
         checkpoint = checkpoint_due(args, global_step, max(global_step - 1, start_step))
         evaluate_now = global_step > 0 and global_step % args.eval_every == 0
-        if act or measure or online or checkpoint or evaluate_now:  # a NaN or inf loss stops the run before these
+        if intervene or measure or online or checkpoint or evaluate_now:  # a non-finite loss stops the run here
             watch.check()
 
         if checkpoint:  # every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop (then exit)
