@@ -2,9 +2,8 @@
 
     python iql_pointmass_injection.py --inject-at 20000           # inject into the critics when fine-tuning starts
 
-The script builds the Pointmass maze, generates (and caches) the offline data with an RND-driven explorer as the
-homework did, trains IQL offline for --offline-steps, then fine-tunes online for --online-steps (one env step and
-one update per global step). Flags, logs and results: README.md, section `iql_pointmass_injection.py`.
+The offline data comes from an RND-driven explorer, as in the homework (cached); IQL trains on it for --offline-steps,
+then fine-tunes online, one env step and one update per step. Flags, logs, results: README.md.
 """
 
 import hashlib
@@ -187,8 +186,7 @@ class Args(PlasticityArgs, RunArgs):
     hidden_sizes: List[int] = field(default_factory=lambda: [64, 64])
     """hidden layer sizes of every network (critics, value, actor)"""
     critic_encoder_layers: int = bounded(1, min=0)
-    """hidden layers of each critic that form the shared encoder; the rest (and the output layer) is the head
-    that gets injected. 0 = inject into the whole network (no encoder sharing)"""
+    """hidden layers of each critic's (and V's) encoder, which injection keeps; the rest is the head (0: no encoder)"""
     online_exploration: Literal["policy", "eps-greedy"] = "eps-greedy"
     """online action choice: sample the softmax policy, or eps-greedy on the actor's argmax"""
     online_epsilon: float = bounded(0.1, min=0, max=1)
@@ -206,8 +204,7 @@ class Args(PlasticityArgs, RunArgs):
     inject_target: Literal["q", "qv"] = "q"
     """inject into the twin Q heads (and their targets); `qv` also into the value network's head"""
     reset_target: Literal["q-head", "q", "qv-head", "qv", "actor", "all"] = "q-head"
-    """what --reset-at re-initialises: both Q heads (the injected part), the whole Q nets, the same plus V's head
-    or all of V, the actor, or everything; target critics mirrored, Adam state of the reset parameters cleared"""
+    """what --reset-at re-initialises: both Q heads or Q nets, the same and V's head or all of V, the actor, or all"""
     shrink_perturb_target: Literal["q-head", "q", "qv-head", "qv", "actor", "all"] = "q"
     """what --shrink-perturb-at changes (same choices; Adam state is kept)"""
 
@@ -236,25 +233,21 @@ class PointmassEnv(gym.Env):
 
     def __init__(self, env_id: str = "PointmassHard-v0", action_noise: float = 0.5):
         rows, scale, start, goal, self.success_radius, self.max_episode_steps = LEVELS[env_id]
-        walls = np.array([[c == "1" for c in r] for r in rows], dtype=bool)
-        self.walls = walls.repeat(scale, axis=0).repeat(scale, axis=1)
+        self.walls = np.array([[c == "1" for c in r] for r in rows]).repeat(scale, axis=0).repeat(scale, axis=1)
         self.action_noise = action_noise
         self.height, self.width = self.walls.shape
         self.start, self.goal = np.array(start, dtype=np.float64), np.array(goal, dtype=np.float64)
         self.action_space = gym.spaces.Discrete(5)
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
         self._scale = np.array([self.height, self.width], dtype=np.float64)
-        self.state, self.t = self.start.copy(), 0
 
     def cell(self, pos) -> tuple:
         return min(int(pos[0]), self.height - 1), min(int(pos[1]), self.width - 1)
 
-    def blocked(self, pos) -> bool:
-        r, c = pos
-        return r < 0 or c < 0 or r > self.height or c > self.width or bool(self.walls[self.cell(pos)])
+    def blocked(self, pos) -> bool:  # a wall, or off the map
+        return min(pos) < 0 or pos[0] > self.height or pos[1] > self.width or bool(self.walls[self.cell(pos)])
 
-    def move(self, pos: np.ndarray, a: np.ndarray) -> np.ndarray:
-        """Noise-free dynamics: 10 sub-steps of 0.1 * a, each axis separately, walls skip a sub-move."""
+    def move(self, pos: np.ndarray, a: np.ndarray) -> np.ndarray:  # noise-free
         pos = pos.copy()
         for _ in range(10):
             for axis in (0, 1):
@@ -281,9 +274,8 @@ class PointmassEnv(gym.Env):
         return self.obs(), 0.0 if success else -1.0, success, truncated, {"success": success}
 
 
-for _id in LEVELS:
-    if _id not in gym.registry:
-        gym.register(id=_id, entry_point=PointmassEnv, kwargs={"env_id": _id})
+for _id in LEVELS.keys() - gym.registry.keys():  # the levels, for gym.make
+    gym.register(id=_id, entry_point=PointmassEnv, kwargs={"env_id": _id})
 
 
 # ---- Offline data: generated once and cached by a hash of its settings, or the user's own .npz --------------------
@@ -306,9 +298,7 @@ def dataset_path(args: Args) -> str:
 
 
 def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5, batch_size: int = 1) -> dict:
-    """A dataset file's arrays, float32 (actions int64), or a one-line UserError naming the file (`what`: the flag or
-    the cache) and the array: unreadable, missing keys, fewer transitions than a batch, wrong shapes or dtypes, NaN,
-    inf or beyond float32, observations outside the env's [0, 1]^2, actions out of range, non-boolean flags."""
+    """A dataset file's arrays, float32 (actions int64), or a one-line UserError naming the file and what is wrong."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
     try:
@@ -318,9 +308,8 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5, ba
         raise UserError(f"{what} {path}: cannot be read as an .npz file ({type(e).__name__}: {e})") from None
     if missing := [k for k in DATASET_KEYS if k not in data]:
         raise UserError(f"dataset {path}: missing key(s) {missing}; needs {', '.join(DATASET_KEYS)} [, truncations]")
-    out = {k: np.asarray(data[k]) for k in (*DATASET_KEYS, "truncations") if k in data}
-    n = len(out["actions"])
-    out.setdefault("truncations", np.zeros(n))
+    n = len(data["actions"])
+    out = {k: data.get(k, np.zeros(n)) for k in (*DATASET_KEYS, "truncations")}  # no truncations: none
     for k, v in out.items():
         shape = (n, 2) if k.endswith("observations") else (n,)
         if v.shape != shape:
@@ -328,15 +317,16 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5, ba
     if n < batch_size:
         raise UserError(f"dataset {path}: actions holds {n} transitions, fewer than one --batch-size ({batch_size})")
     for k in ("observations", "next_observations", "rewards"):
-        if not np.issubdtype(out[k].dtype, np.number) or np.issubdtype(out[k].dtype, np.complexfloating):
-            raise UserError(f"dataset {path}: {k} has dtype {out[k].dtype}, expected a real number type")
-        if not np.isfinite(out[k].astype(np.float64)).all():
+        v = out[k]
+        if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+            raise UserError(f"dataset {path}: {k} has dtype {v.dtype}, expected a real number type")
+        if not np.isfinite(v.astype(np.float64)).all():
             raise UserError(f"dataset {path}: {k} holds NaN or inf values")
-        if np.abs(out[k]).max() > np.finfo(np.float32).max:
-            big = f"|x| up to {np.abs(out[k]).max():g} > 3.4e38"
+        if np.abs(v).max() > np.finfo(np.float32).max:
+            big = f"|x| up to {np.abs(v).max():g} > 3.4e38"
             raise UserError(f"dataset {path}: {k} does not fit float32, the dtype training uses ({big})")
-        if k != "rewards" and not (0 <= out[k].min() and out[k].max() <= 1):
-            values = f"[{out[k].min():g}, {out[k].max():g}]"
+        if k != "rewards" and not (0 <= v.min() and v.max() <= 1):
+            values = f"[{v.min():g}, {v.max():g}]"
             raise UserError(f"dataset {path}: {k} range over {values}, outside the env's observation space [0, 1]^2")
     a = out["actions"]
     if not np.issubdtype(a.dtype, np.integer):
@@ -350,21 +340,18 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5, ba
 
 
 def generate_dataset(args: Args) -> dict:
-    """--dataset-steps transitions of a random policy, or of an eps-greedy DQN trained on an RND bonus alone (the
-    normalised prediction error of the next state), acting at random for its first 1000 steps."""
+    """--dataset-steps transitions of a random policy, or of an eps-greedy DQN trained on an RND bonus alone."""
     seed = dataset_seed(args)
     rng = np.random.default_rng(seed)
     env = PointmassEnv(args.env_id)
     obs, _ = env.reset(seed=seed)
-    keys = (*DATASET_KEYS, "truncations")
-    buf = {k: [] for k in keys}
+    buf, err_sq_mean = {k: [] for k in (*DATASET_KEYS, "truncations")}, 1.0
     if args.dataset_kind == "rnd":
         with torch.random.fork_rng():  # seeded init that leaves the caller's torch RNG untouched
             torch.manual_seed(seed)
             qnet, qtarget, rnd_target, rnd_pred = (mlp(2, [64, 64], k) for k in (5, 5, 16, 16))
         qtarget.load_state_dict(qnet.state_dict())
         opt = torch.optim.Adam([*qnet.parameters(), *rnd_pred.parameters()], lr=1e-3)
-        err_sq_mean = 1.0
     for step in range(args.dataset_steps):
         if RUN["stop"] is not None:  # Ctrl-C or SIGTERM before training: nothing to resume
             exit_stopped(0, None)
@@ -374,19 +361,16 @@ def generate_dataset(args: Args) -> dict:
             with torch.no_grad():
                 action = int(qnet(torch.as_tensor(obs)[None]).argmax())
         next_obs, reward, term, trunc, _ = env.step(action)
-        for k, v in zip(keys, (obs, action, reward, next_obs, term, trunc)):
+        for k, v in zip(buf, (obs, action, reward, next_obs, term, trunc)):
             buf[k].append(v)
         obs = env.reset()[0] if term or trunc else next_obs
         if args.dataset_kind == "rnd" and step >= 500:  # one RND step, one DQN step on the bonus
             idx = rng.integers(0, len(buf["actions"]), size=64)
-            batch = (np.array([buf[k][i] for i in idx]) for k in ("observations", "actions", "next_observations"))
-            o, a, o2 = map(torch.as_tensor, batch)
-            d = torch.as_tensor(np.array([buf["terminals"][i] for i in idx], dtype=np.float32))
+            o, a, _, o2, d = (torch.as_tensor(np.array([buf[k][i] for i in idx])) for k in DATASET_KEYS)
             err = (rnd_pred(o2) - rnd_target(o2).detach()).pow(2).mean(1)
             err_sq_mean = 0.99 * err_sq_mean + 0.01 * float(err.detach().pow(2).mean())
             bonus = err.detach() / (err_sq_mean**0.5 + 1e-8)
-            with torch.no_grad():
-                y = bonus + 0.99 * (1 - d) * qtarget(o2).max(1).values
+            y = bonus + 0.99 * ~d * qtarget(o2).max(1).values.detach()  # d: terminal (bool)
             loss = F.smooth_l1_loss(qnet(o).gather(1, a[:, None]).squeeze(1), y)
             opt.zero_grad()
             (err.mean() + loss).backward()  # disjoint parameters: each network gets its own gradient
@@ -396,19 +380,12 @@ def generate_dataset(args: Args) -> dict:
     return {k: np.array(v, np.int64 if k == "actions" else np.float32) for k, v in buf.items()}
 
 
-def file_sha256(path: str) -> str:
-    """The content hash a checkpoint keeps of its dataset: a resume on a changed file is refused."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
     """(data, path, generated): --dataset if given, else the cached file for these settings (made once)."""
     if args.dataset is not None:
         return load_dataset_file(args.dataset, batch_size=args.batch_size), args.dataset, False
     path = dataset_path(args)
-    if os.path.isdir(args.dataset_dir):  # what cache writers killed mid-write left
-        remove_orphans(args.dataset_dir)
+    remove_orphans(args.dataset_dir)  # what cache writers killed mid-write left
     if os.path.isfile(path):
         try:
             return load_dataset_file(path, "cached dataset", batch_size=args.batch_size), path, False
@@ -627,23 +604,9 @@ def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = 
 
 
 # ---- Plasticity injection into the critics, and the interventions to compare it against ----------------------------
-def inject_critics(agent, probe: torch.Tensor, args: Args) -> dict:
-    """Plasticity injection into both Q heads, the target critics mirrored with the same fresh values; with
-    `--inject-target qv` also into V's head (its values logged as injection/v_...)."""
-    kw = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
-    kw.update(reset_optimizer=args.inject_reset_optimizer)
-    log = inject_plasticity(
-        agent.qf, ["q1.head", "q2.head"], probe, targets=[agent.qf_target], optimizers=[agent.q_opt], **kw
-    )
-    if args.inject_target == "qv":
-        v_log = inject_plasticity(agent.vf, ["head"], probe, optimizers=[agent.v_opt], **kw)
-        log.update({k.replace("injection/", "injection/v_"): v for k, v in v_log.items()})
-    return log
-
-
 def intervention_parts(agent, target: str) -> list:
-    """(network, sub-module paths, optimizer, target networks) of each network that `target` (--reset-target,
-    --shrink-perturb-target) names: both Q heads or whole Q nets, the same plus V's head or all of V, the actor, all."""
+    """(network, sub-module paths, optimizer, target networks) of each network that `target` names: --reset-target,
+    --shrink-perturb-target, or --inject-target as q-head / qv-head."""
     heads = target.endswith("-head")
     q = (agent.qf, ["q1.head", "q2.head"] if heads else ["q1", "q2"], agent.q_opt, [agent.qf_target])
     v = (agent.vf, ["head"] if heads else [""], agent.v_opt, [])
@@ -651,9 +614,20 @@ def intervention_parts(agent, target: str) -> list:
     return {"q-head": [q], "q": [q], "qv-head": [q, v], "qv": [q, v], "actor": [actor], "all": [q, v, actor]}[target]
 
 
+def inject_critics(agent, probe: torch.Tensor, args: Args) -> dict:
+    """Injection into both Q heads, the target critics the same fresh values; qv: V's head too (logs injection/v_)."""
+    kw = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
+    kw.update(reset_optimizer=args.inject_reset_optimizer)
+    log = {}
+    for net, paths, opt, targets in intervention_parts(agent, f"{args.inject_target}-head"):
+        net_log = inject_plasticity(net, paths, probe, targets=targets, optimizers=[opt], **kw)
+        prefix = "injection/v_" if net is agent.vf else "injection/"
+        log.update({k.replace("injection/", prefix): v for k, v in net_log.items()})
+    return log
+
+
 def reset_networks(agent, target: str) -> dict:
-    """--reset-at: default init for `target`, mirrored into the target critics; those parameters lose their Adam
-    state. On injected heads only the trainable terms are reset."""
+    """--reset-at: default init for `target` (injected heads: the trainable terms), Adam state cleared, targets too."""
     count = 0.0
     for net, paths, opt, targets in intervention_parts(agent, target):
         count += reset_modules(net, paths, optimizers=[opt], targets=targets)["interventions/reset_params"]
@@ -661,33 +635,20 @@ def reset_networks(agent, target: str) -> dict:
 
 
 def shrink_perturb_networks(agent, target: str, shrink: float, perturb: float) -> dict:
-    """--shrink-perturb-at: theta <- S theta + P eps on `target`, the target critics with the same eps; the relative
-    change is over all the touched parameters."""
-    count, sq_change, sq_norm = 0.0, 0.0, 0.0
-    for net, paths, _, targets in intervention_parts(agent, target):
-        touched = [p for path in paths for _, p in trainable_under(net, path)]  # what shrink_perturb changes
-        before = [p.detach().clone() for p in touched]
+    """--shrink-perturb-at on `target`, the target critics with the same eps; the relative change over all of it."""
+    parts = intervention_parts(agent, target)
+    touched = [p for net, paths, _, _ in parts for path in paths for _, p in trainable_under(net, path)]
+    before = [p.detach().clone() for p in touched]
+    count = 0.0
+    for net, paths, _, targets in parts:
         count += shrink_perturb(net, paths, shrink, perturb, targets=targets)["interventions/shrink_perturb_params"]
-        for p, old in zip(touched, before):
-            sq_change += float((p.detach() - old).double().pow(2).sum())
-            sq_norm += float(old.double().pow(2).sum())
+    sq_change = sum(float((p.detach() - old).double().pow(2).sum()) for p, old in zip(touched, before))
+    sq_norm = sum(float(old.double().pow(2).sum()) for old in before)
     rel_change = (sq_change / sq_norm) ** 0.5 if sq_norm > 0 else 0.0
     return {"interventions/shrink_perturb_params": count, "interventions/shrink_perturb_rel_change": rel_change}
 
 
-def redo_critics(agent, probe: torch.Tensor, tau: float) -> dict:
-    """--redo-every: ReDo in both Q critics (the target critics mirrored) and in V; the dormant shares are Q's."""
-    log = redo(agent.qf, probe, tau, optimizers=[agent.q_opt], targets=[agent.qf_target])
-    v_units = redo(agent.vf, probe, tau, optimizers=[agent.v_opt])["interventions/redo_units"]
-    return dict(log, **{"interventions/redo_units": log["interventions/redo_units"] + v_units})
-
-
 # ---- IQL ----------------------------------------------------------------------------------------------------------
-def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
-    weight = torch.where(diff > 0, expectile, 1 - expectile)
-    return (weight * diff.pow(2)).mean()
-
-
 class IQLAgent:
     """Twin Q (+ soft targets), V and a softmax actor, their optimizers and the IQL update."""
 
@@ -702,27 +663,24 @@ class IQLAgent:
         for net in self.networks().values() if args.compile else ():  # in place: state_dict keys, injection, hooks
             net.compile()
         fused = device.type in ("cpu", "cuda")  # one kernel per parameter: much less overhead for small nets
-        self.q_opt = torch.optim.Adam(self.qf.parameters(), lr=args.learning_rate, fused=fused)
-        self.v_opt = torch.optim.Adam(self.vf.parameters(), lr=args.learning_rate, fused=fused)
-        self.a_opt = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=fused)
+        adam = lambda net: torch.optim.Adam(net.parameters(), lr=args.learning_rate, fused=fused)
+        self.q_opt, self.v_opt, self.a_opt = adam(self.qf), adam(self.vf), adam(self.actor)
         # {name: (optimizer, the network it trains)}: what an update steps and a checkpoint saves and restores
         self.trained = dict(q=(self.q_opt, self.qf), v=(self.v_opt, self.vf), actor=(self.a_opt, self.actor))
 
     def update(self, batch, l2: float = 0.0) -> dict:
-        """One IQL gradient step on (obs, actions, rewards, next_obs, terminals); returns detached stats. l2 > 0
-        adds l2 * l2_penalty(twin Q) to the Q loss. The three losses touch disjoint parameters (targets carry no
-        gradient), so one backward pass of their sum gives each network exactly its own gradient."""
+        """One IQL gradient step on a batch, l2 * l2_penalty(twin Q) added to the Q loss; returns detached stats. The
+        losses touch disjoint parameters: one backward pass of their sum gives each network exactly its own gradient."""
         args = self.args
         o, a, r, o2, d = batch
         with torch.no_grad():
-            tq1, tq2 = self.qf_target(o)
-            q_t = torch.min(tq1, tq2).gather(1, a[:, None]).squeeze(1)
+            q_t = torch.min(*self.qf_target(o)).gather(1, a[:, None]).squeeze(1)
         v_both = self.vf(torch.cat([o, o2])).squeeze(1)  # V(s) and V(s') in one pass; V(s') only as a target
         v, next_v = v_both[: o.shape[0]], v_both[o.shape[0] :].detach()
         # V: expectile regression towards min(Q_target)(s, a); Q: regression towards r + gamma (1 - terminal) V(s')
-        v_loss = expectile_loss(q_t - v, args.expectile)
-        q1, q2 = self.qf(o)
-        q1a, q2a = q1.gather(1, a[:, None]).squeeze(1), q2.gather(1, a[:, None]).squeeze(1)
+        diff = q_t - v
+        v_loss = (torch.where(diff > 0, args.expectile, 1 - args.expectile) * diff.pow(2)).mean()
+        q1a, q2a = (q.gather(1, a[:, None]).squeeze(1) for q in self.qf(o))
         q_target = r + args.gamma * (1.0 - d) * next_v
         q_loss = F.mse_loss(q1a, q_target) + F.mse_loss(q2a, q_target)
         if l2 > 0:
@@ -762,8 +720,7 @@ class IQLAgent:
 
 
 def plasticity_metrics(agent: IQLAgent, batch, tau: float) -> dict:
-    """plasticity/... of critic q1 on the fixed probe batch, with its TD loss (target r + gamma (1 - terminal) V(s')
-    computed now, without gradient) for the gradient metrics."""
+    """plasticity/... of critic q1 on the probe batch; its TD loss (the target computed now) for the gradient ones."""
     o, a, r, o2, d = batch
     with torch.no_grad():
         y = r + agent.args.gamma * (1.0 - d) * agent.vf(o2).squeeze(1)
@@ -783,10 +740,8 @@ def validate_args(args: Args) -> int:
         raise UserError("--offline-steps + --online-steps must be > 0")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         raise UserError(f"--hidden-sizes {args.hidden_sizes} must be one or more positive sizes")
-    if args.critic_encoder_layers > len(args.hidden_sizes):
-        raise UserError(
-            f"--critic-encoder-layers {args.critic_encoder_layers} must lie in [0, {len(args.hidden_sizes)}]"
-        )
+    if (k := args.critic_encoder_layers) > len(args.hidden_sizes):
+        raise UserError(f"--critic-encoder-layers {k} must lie in [0, {len(args.hidden_sizes)}]")
     args.inject_at = check_steps("--inject-at", args.inject_at, total)
     if args.dataset is None and args.dataset_steps < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} exceeds the data: --dataset-steps {args.dataset_steps}")
@@ -796,38 +751,18 @@ def validate_args(args: Args) -> int:
         if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
             why = "not writable" if os.path.isdir(folder) else "a file, not a folder"
             raise UserError(f"--dataset-dir {args.dataset_dir}: {folder} is {why} (the generated dataset's cache)")
-    keys = None
-    if args.adaptive_inject_threshold is not None:  # the keys measure_plasticity gives for critic q1
-        with torch.random.fork_rng():
-            keys = plasticity_keys(split_mlp(2, 5, args))
-    check_intervention_args(args, total, keys)
+    with torch.device("meta"):  # critic q1's structure, without weights or random draws
+        q1 = split_mlp(2, 5, args)
+    check_intervention_args(args, total, plasticity_keys(q1))  # --adaptive-inject-metric: a key of q1's metrics
     return total
 
 
-def draw_trajectory(env: PointmassEnv, traj: np.ndarray, path: str, title: str) -> None:
-    """Save a PNG (atomically) of the map (walls grey), start, goal region and a trajectory of positions."""
+def evaluate(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> dict:
+    """--eval-episodes greedy episodes: logs and returns eval/..., draws the first one to eval_{step}.png in run_dir."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle
 
-    fig = Figure(figsize=(4, 4), dpi=80)
-    ax = fig.subplots()
-    ax.imshow(env.walls, cmap="Greys", vmin=0, vmax=2, origin="upper", extent=(0, env.width, env.height, 0))
-    ax.add_patch(Circle((env.goal[1], env.goal[0]), env.success_radius, color="green", alpha=0.3))
-    ax.plot(traj[:, 1], traj[:, 0], "b.-", alpha=0.7, markersize=3)
-    ax.plot(env.start[1], env.start[0], "r+", markersize=12, label="start")
-    ax.plot(env.goal[1], env.goal[0], "g*", markersize=12, label="goal")
-    ax.set(xlim=(0, env.width), ylim=(env.height, 0))
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower left", fontsize=7)
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-
-
-def evaluate(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> dict:
-    """--eval-episodes greedy (argmax) episodes: logs eval/..., draws the first one's trajectory to eval_{step}.png
-    in the run folder, returns eval/..."""
-    env, rets, lens, succ, trajs = PointmassEnv(args.env_id), [], [], [], []
+    env, rets, succ, trajs = PointmassEnv(args.env_id), [], [], []
     for ep in range(args.eval_episodes):
         obs, _ = env.reset(seed=args.seed + 10_000 + ep)
         traj, ret, done = [env.state.copy()], 0.0, False
@@ -838,41 +773,45 @@ def evaluate(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> di
             done = term or trunc
         trajs.append(np.array(traj))
         rets.append(ret)
-        lens.append(len(traj) - 1)
         succ.append(float(info["success"]))
-    results = {"eval/episodic_return": np.mean(rets), "eval/episodic_length": np.mean(lens)}
+    results = {"eval/episodic_return": np.mean(rets), "eval/episodic_length": np.mean([len(t) - 1 for t in trajs])}
     results["eval/success_rate"] = np.mean(succ)
     for k, v in results.items():
         writer.add_scalar(k, v, step)
-    title = f"{args.env_id} step {step}: return {np.mean(rets):.1f}, success {np.mean(succ):.2f}"
-    draw_trajectory(env, trajs[0], os.path.join(run_dir, f"eval_{step:07d}.png"), title)
+    ax = Figure(figsize=(4, 4), dpi=80).subplots()
+    ax.imshow(env.walls, cmap="Greys", vmin=0, vmax=2, origin="upper", extent=(0, env.width, env.height, 0))
+    ax.add_patch(Circle((env.goal[1], env.goal[0]), env.success_radius, color="green", alpha=0.3))
+    ax.plot(trajs[0][:, 1], trajs[0][:, 0], "b.-", alpha=0.7, markersize=3)
+    ax.plot(env.start[1], env.start[0], "r+", markersize=12, label="start")
+    ax.plot(env.goal[1], env.goal[0], "g*", markersize=12, label="goal")
+    ax.set(xlim=(0, env.width), ylim=(env.height, 0))
+    ax.set_title(f"{args.env_id} step {step}: return {np.mean(rets):.1f}, success {np.mean(succ):.2f}", fontsize=9)
+    ax.legend(loc="lower left", fontsize=7)
+    png = io.BytesIO()
+    ax.figure.savefig(png, format="png")
+    atomic_save(png.getvalue(), os.path.join(run_dir, f"eval_{step:07d}.png"))
     print(f"global_step={step}, eval/episodic_return={np.mean(rets):.1f}, eval/success_rate={np.mean(succ):.2f}")
     return {k: float(v) for k, v in results.items()}
 
 
-HISTORY = ("injections", "interventions", "fired", "recent", "final")  # what a checkpoint keeps of the run's past
-
-
 class NonFiniteWatch:
-    """The first step at which each IQL loss turned NaN or inf, noted on the device: no host sync per update, so a GPU
-    runs ahead through the offline phase. `check()` (one sync) raises check_finite's error for it; train() calls it
-    before anything is measured, logged or saved, so no non-finite number reaches a log, a checkpoint or a model."""
+    """The first update with a non-finite IQL loss, noted on the device (no host sync per update: a GPU runs ahead
+    offline). check() raises check_finite's error for it: train() calls it before anything is measured or saved."""
 
     NAMES = ("losses/q_loss", "losses/v_loss", "losses/actor_loss")
 
     def __init__(self, device: torch.device):
-        self.step, self.value = torch.full((3,), -1, device=device), torch.zeros(3, device=device)  # -1: finite so far
+        self.step, self.losses = torch.tensor(-1, device=device), torch.zeros(3, device=device)  # -1: finite so far
 
     def update(self, stats: dict, step: int) -> None:
         losses = torch.stack([stats[k] for k in self.NAMES])
-        new = (self.step < 0) & ~torch.isfinite(losses)
-        self.step, self.value = torch.where(new, step, self.step), torch.where(new, losses, self.value)
+        first = (self.step < 0) & ~torch.isfinite(losses).all()
+        self.step, self.losses = torch.where(first, step, self.step), torch.where(first, losses, self.losses)
 
     def check(self) -> None:
-        steps = self.step.tolist()
-        if max(steps) >= 0:
-            first = min((s, i) for i, s in enumerate(steps) if s >= 0)[1]  # the earliest; then the first named
-            check_finite(self.value[first], self.NAMES[first], steps[first])
+        if (step := int(self.step)) >= 0:
+            for name, value in zip(self.NAMES, self.losses):
+                check_finite(value, name, step)
 
 
 def train(args: Args) -> dict:
@@ -881,7 +820,8 @@ def train(args: Args) -> dict:
     total = validate_args(args)
     ckpt = find_checkpoint(args, "iql_pointmass_injection.py")  # --resume: loaded and checked; None for a new run
     data, data_path, _ = load_or_make_dataset(args)  # validates --dataset before runs/ exists
-    data_sha256 = file_sha256(data_path)
+    with open(data_path, "rb") as f:  # checkpoints keep the data's hash: a resume on a changed file is refused
+        data_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     if ckpt is not None and ckpt["dataset_sha256"] != data_sha256:
         raise UserError(f"--resume: the dataset {data_path} changed since {RUN['checkpoint']} was written (sha256)")
     seed_everything(args.seed, args.torch_deterministic)
@@ -889,12 +829,10 @@ def train(args: Args) -> dict:
     rng = np.random.default_rng(args.seed)
     agent = IQLAgent(args, device)
     rb = ReplayBuffer(data, args.online_steps, device)
-    # fixed batches, each from its own RNG (the training streams are the same with or without metrics): the
-    # injection's output check, and the plasticity metrics
+    # fixed batches from their own RNGs (training draws the same without them): injection's check, the metrics
     probe = rb.sample(min(256, rb.size), np.random.default_rng(args.seed + 12345))[0]
     metrics_probe = rb.sample(args.metrics_batch_size, np.random.default_rng(args.seed + 54321))
-    # the run's history: a checkpoint holds it (fired: the steps the adaptive trigger fired at)
-    history = dict(zip(HISTORY, ([], [], [], deque(maxlen=20), {})))
+    history = dict(injections=[], interventions=[], fired=[], recent=deque(maxlen=20), final={})  # in checkpoints
     env = PointmassEnv(args.env_id)
     obs, _ = env.reset(seed=args.seed)
     ep_ret, ep_len, start_step = 0.0, 0, 0
@@ -905,7 +843,7 @@ def train(args: Args) -> dict:
             rb.load_state_dict(ckpt["buffer"])
         history, env = ckpt["history"], pickle.loads(ckpt["env"])
         obs, ep_ret, ep_len, start_step = *ckpt["episode"], ckpt["global_step"]
-    injections, interventions, fired, recent, final = (history[k] for k in HISTORY)
+    injections, interventions, fired, recent, final = history.values()
     run_dir, writer = start_run(args, ckpt)  # the run's folder, locked; the first write of the run
     progress = Progress(args, device, start_step, total)  # the start line, then a bar or status lines
     goals = int(data["terminals"].sum())
@@ -914,28 +852,23 @@ def train(args: Args) -> dict:
 
     watch, start_time = NonFiniteWatch(device), time.time()
     for global_step in range(start_step, total):
-        # a NaN or inf loss stops the run, checked before this step measures, changes or saves anything
         redo_now = args.redo_every > 0 and global_step > 0 and global_step % args.redo_every == 0
-        act = redo_now or any(global_step in s for s in (args.inject_at, args.reset_at, args.shrink_perturb_at))
+        intervene = redo_now or any(global_step in s for s in (args.inject_at, args.reset_at, args.shrink_perturb_at))
         measure = args.metrics_every > 0 and global_step % args.metrics_every == 0
         online = global_step >= args.offline_steps
         checkpoint = checkpoint_due(args, global_step, max(global_step - 1, start_step))
         evaluate_now = global_step > 0 and global_step % args.eval_every == 0
-        if act or measure or online or checkpoint or evaluate_now:  # online, act() syncs every step anyway
+        if intervene or measure or online or checkpoint or evaluate_now:  # a non-finite loss stops the run here
             watch.check()
 
-        # checkpoint every --checkpoint-every steps (after all that was logged before this step), and when Ctrl-C or
-        # SIGTERM asked the run to stop (then exit)
-        if checkpoint:
+        if checkpoint:  # every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop (then exit)
             state = dict(history=history, env=pickle.dumps(env), episode=(obs, ep_ret, ep_len))
             state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None, dataset_sha256=data_sha256)
             save_checkpoint(global_step, global_step, agent.networks(), agent.trained, {"train": rng}, **state)
-
-        # greedy evaluation after every --eval-every updates (logged at this step)
-        if evaluate_now:
+        if evaluate_now:  # the greedy policy after every --eval-every updates
             final.update(evaluate(agent, args, writer, run_dir, global_step), global_step=global_step)
 
-        # plasticity injection and the interventions to compare it against
+        # plasticity injection, and the interventions to compare it against
         if global_step in args.inject_at:
             log = dict(inject_critics(agent, probe, args), **{"injection/adaptive": 0.0})
             log_event(writer, injections, global_step, f"injected plasticity into {args.inject_target}", log)
@@ -948,11 +881,11 @@ def train(args: Args) -> dict:
             log = shrink_perturb_networks(agent, target, args.sp_shrink, args.sp_perturb)
             what = f"shrink_perturb of {target}"
             log_event(writer, interventions, global_step, what, log, kind="shrink_perturb", target=target)
-
-        if redo_now:
-            log_event(
-                writer, interventions, global_step, "redo", redo_critics(agent, probe, args.redo_tau), kind="redo"
-            )
+        if redo_now:  # ReDo in both Q critics (targets mirrored) and in V; the dormant shares are Q's
+            log = redo(agent.qf, probe, args.redo_tau, optimizers=[agent.q_opt], targets=[agent.qf_target])
+            v_log = redo(agent.vf, probe, args.redo_tau, optimizers=[agent.v_opt])
+            log["interventions/redo_units"] += v_log["interventions/redo_units"]
+            log_event(writer, interventions, global_step, "redo", log, kind="redo")
 
         # plasticity metrics of critic q1 on one fixed probe batch; the adaptive trigger reads them
         if measure:
