@@ -200,8 +200,6 @@ class Args(PlasticityArgs, RunArgs):
     """the target KL divergence threshold"""
 
     # Environment (SB3 AtariWrapper semantics), network, pretrained SB3 agent
-    noop_max: int = bounded(30, min=0)
-    """maximum number of no-op frames at every game reset (0 disables)"""
     max_episode_frames: int = bounded(108_000, min=1)
     """games are truncated after this many emulator frames (30 minutes of play)"""
     env_threads: int = bounded(0, min=0)
@@ -234,8 +232,6 @@ class Args(PlasticityArgs, RunArgs):
     # to be filled in runtime
     batch_size: int = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
-    """the mini-batch size (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
 
@@ -259,10 +255,6 @@ def parse_env_id(env_id: str) -> tuple:
     return game, (0.0 if m.group(2) == "NoFrameskip-v4" else 0.25)
 
 
-def env_options(args: Args) -> tuple:
-    return args.noop_max, args.max_episode_frames, args.env_threads
-
-
 class AtariEnvs:
     """ale-py steps the games (frame skip 4 with max-pool, 84x84 grey, noops, next-step autoreset); on top, as SB3:
     a life loss ends the agent's episode but not the game; after a reset FIRE, 2 and after a life loss NOOP, FIRE, 2
@@ -270,7 +262,7 @@ class AtariEnvs:
     Steps the agent does not decide (those, and the autoreset step) run in lock-step: `valid` is False for an env
     whose NEXT step is one, and the learner leaves them out. `info["games"]`: (env, raw score, frames) per game."""
 
-    def __init__(self, env_id, num_envs, seed, noop_max=30, max_episode_frames=108_000, num_threads=0):
+    def __init__(self, env_id, num_envs, seed, max_episode_frames=108_000, num_threads=0, noop_max=30):
         import ale_py
         from ale_py.vector_env import AtariVectorEnv
 
@@ -346,10 +338,6 @@ def nature_cnn(layer_norm: bool = False, activation: str = "relu") -> nn.Sequent
     return nn.Sequential(OrderedDict(cnn=cnn, linear=linear))
 
 
-def encoder_names(share_features_extractor: bool) -> list:
-    return ["features_extractor"] if share_features_extractor else ["pi_features_extractor", "vf_features_extractor"]
-
-
 def with_cache(module: nn.Module, x: torch.Tensor, cache: dict, path: str) -> torch.Tensor:
     """module(x) (passing the cache on to an ActorCritic); an injected module takes the outputs of its frozen terms from
     the batch `cache` when it carries them ("frozen/<path>/<term>" entries from Agent.frozen_outputs)."""
@@ -363,7 +351,8 @@ class ActorCritic(nn.Module):
 
     def __init__(self, n_actions, share_features_extractor=True, layer_norm=False, activation="relu"):
         super().__init__()
-        self.encoders = encoder_names(share_features_extractor)
+        shared = ["features_extractor"]
+        self.encoders = shared if share_features_extractor else ["pi_features_extractor", "vf_features_extractor"]
         for name in self.encoders:
             setattr(self, name, nature_cnn(layer_norm, activation))
         self.action_net = layer_init(nn.Linear(512, n_actions), std=0.01)
@@ -383,6 +372,7 @@ class Agent(nn.Module):
         self.config = dict(n_actions=n_actions, share_features_extractor=share_features_extractor)
         self.config.update(layer_norm=layer_norm, activation=activation)
         self.policy = ActorCritic(**self.config)
+        self.encoders = self.policy.encoders  # kept here too: an injection into `all` wraps the policy
 
     def forward(self, obs: torch.Tensor, cache: dict = None) -> torch.Tensor:
         """[logits | value] of uint8 observations: what injection leaves unchanged."""
@@ -397,10 +387,9 @@ class Agent(nn.Module):
     def get_action_and_value(self, obs, action=None, cache=None, deterministic=False, step=None):
         out = self(obs, cache)
         logits = out[:, : self.n_actions]
+        probs = Categorical(logits=logits, validate_args=False)
         if action is None:  # acting needs finite logits; in an update non-finite ones make the loss non-finite
             check_finite(logits, "the policy's logits", step)
-        probs = Categorical(logits=logits, validate_args=False)
-        if action is None:
             action = logits.argmax(dim=1) if deterministic else probs.sample()
         return action, probs.log_prob(action), probs.entropy(), out[:, self.n_actions]
 
@@ -414,7 +403,7 @@ def target_modules(agent: Agent, target: str) -> dict:
         action_net = lambda: layer_init(nn.Linear(512, agent.n_actions), std=0.01)
         return {"policy.action_net": action_net, "policy.value_net": lambda: layer_init(nn.Linear(512, 1), std=1.0)}
     encoder = partial(nature_cnn, agent.config["layer_norm"], agent.config["activation"])
-    return {f"policy.{name}": encoder for name in encoder_names(agent.config["share_features_extractor"])}
+    return {f"policy.{name}": encoder for name in agent.encoders}
 
 
 # ---- Rollout data: advantages, and the flat batch of the steps the agent decided (with the frozen terms' outputs) ----
@@ -611,20 +600,16 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, global_step: in
     clipfracs = []
     for _ in range(args.update_epochs):
         np.random.shuffle(b_inds)
-        for mb_inds in np.array_split(b_inds, args.num_minibatches):
-            if len(mb_inds) == 0:
-                continue
+        for mb_inds in np.array_split(b_inds, min(args.num_minibatches, len(b_inds))):  # none empty
             mb = torch.as_tensor(mb_inds, device=batch["obs"].device)
             loss, parts = ppo_loss(agent, {k: v[mb] for k, v in batch.items()}, args)
             if l2 > 0:
                 loss = loss + l2 * l2_penalty(agent)
             with torch.no_grad():
                 logratio, ratio = parts["logratio"], parts["logratio"].exp()
-                old_approx_kl = (-logratio).mean()
-                approx_kl = ((ratio - 1) - logratio).mean()
+                old_approx_kl, approx_kl = (-logratio).mean(), ((ratio - 1) - logratio).mean()
                 clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())  # on the device: no sync
             check_finite(loss, "PPO loss", global_step)
-
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # injection clears frozen .grad
@@ -650,8 +635,7 @@ def plasticity_metrics(agent: Agent, batch: dict, summary: dict, args: Args) -> 
         idx = torch.as_tensor(np.sort(idx), device=batch["obs"].device)
         summary["probe"] = {k: v[idx].clone() for k, v in batch.items() if not k.startswith("frozen/")}
     probe = summary["probe"] = {k: v.to(batch["obs"].device) for k, v in summary["probe"].items()}
-    loss_fn = lambda model: ppo_loss(model, probe, args)[0]
-    return measure_plasticity(agent, probe["obs"], loss_fn=loss_fn, tau=args.dormant_tau)
+    return measure_plasticity(agent, probe["obs"], lambda model: ppo_loss(model, probe, args)[0], args.dormant_tau)
 
 
 def cached_paths(agent: Agent, args: Args) -> list:
@@ -670,9 +654,7 @@ def validate_args(args: Args) -> tuple:
     check_compile(args)
     metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
     check_intervention_args(args, args.total_timesteps, metric_keys)
-    parse_env_id(args.env_id)
     args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.num_iterations < 1:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} steps)")
@@ -702,7 +684,7 @@ def validate_args(args: Args) -> tuple:
     if not args.pretrained:
         return None, plan
     info = read_sb3_zip(resolve_pretrained(args.pretrained))
-    envs = AtariEnvs(args.env_id, 1, 0, 0, 100, 1)
+    envs = AtariEnvs(args.env_id, 1, 0, 100, 1, noop_max=0)
     envs.close()
     if info["n_actions"] != envs.n_actions:
         raise UserError(
@@ -711,8 +693,6 @@ def validate_args(args: Args) -> tuple:
         )
     print(f"continuing the {envs.n_actions}-action agent of {args.pretrained} on {args.env_id} (a zip names no game)")
     args.share_features_extractor = info["share"]
-    if args.pretrained_load_optimizer:  # check the Adam state now, before any run folder exists
-        build_agent(args, info["n_actions"], torch.device("cpu"), info)
     return info, plan
 
 
@@ -805,7 +785,8 @@ def read_sb3_zip(path: str) -> dict:
 @torch.no_grad()
 def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
     """Scores of --eval-episodes games of the greedy (or sampling) policy; none if a stop request cuts it short."""
-    envs = AtariEnvs(args.env_id, min(args.eval_episodes, args.num_envs), seed, *env_options(args))
+    num_envs = min(args.eval_episodes, args.num_envs)
+    envs = AtariEnvs(args.env_id, num_envs, seed, args.max_episode_frames, args.env_threads)
     obs, _ = envs.reset()
     scores = []
     while len(scores) < args.eval_episodes and RUN["stop"] is None:
@@ -863,16 +844,17 @@ def train(args: Args) -> dict:
     seed_everything(args.seed, args.torch_deterministic)
     device = pick_device(args.cuda)
     start_step = ckpt["global_step"] if ckpt else 0  # a resumed run starts new games: ale-py cannot save them
-    envs = AtariEnvs(args.env_id, args.num_envs, args.seed + start_step, *env_options(args))
+    envs = AtariEnvs(args.env_id, args.num_envs, args.seed + start_step, args.max_episode_frames, args.env_threads)
     agent, optimizer = build_agent(args, envs.n_actions, device, zip_info)
     if args.compile:  # in place: the state_dict keys, injection and the metrics' hooks work as without it
         agent.compile()
-    # the run's history, which a checkpoint holds: games, events, evaluations, the adaptive trigger's fired steps
+    networks, optimizers = {"agent": agent}, {"optimizer": (optimizer, agent)}  # in checkpoints, with the history:
+    # games, events, evaluations, the adaptive trigger's fired steps, the probe batch, counters
     summary = {"games": [], "injections": [], "interventions": [], "evals": [], "losses": {}, "timing": []}
     summary.update(fired=[], adaptive_reason=None, next_eval=args.eval_every, next_metrics=args.metrics_every)
     summary.update(probe=None, iteration=1, intervened=0, global_step=0)
     if ckpt is not None:  # resume: every state but the games in progress (a misfit stops here, nothing written)
-        restore_checkpoint(ckpt, {"agent": agent}, {"optimizer": (optimizer, agent)}, {})
+        restore_checkpoint(ckpt, networks, optimizers, {})
         summary = ckpt["history"]
     run_dir, writer = start_run(args, ckpt)  # the run's folder, locked; the first write of the run
     progress = Progress(args, device, start_step, args.num_iterations * args.batch_size)  # a bar or status lines
@@ -904,7 +886,6 @@ def train(args: Args) -> dict:
         # (after everything logged at global_step: the resumed run logs from global_step + 1 on)
         if checkpoint_due(args, global_step, previous_step):
             summary.update(iteration=iteration, global_step=global_step)
-            networks, optimizers = {"agent": agent}, {"optimizer": (optimizer, agent)}
             save_checkpoint(global_step, global_step + 1, networks, optimizers, {}, history=summary)
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
@@ -917,12 +898,11 @@ def train(args: Args) -> dict:
             with torch.no_grad():
                 cache = agent.frozen_outputs(next_obs, cached)
                 action, logprob, _, value = agent.get_action_and_value(next_obs, cache=cache, step=global_step)
-            rollout.append(dict(obs=next_obs, valid=next_valid, actions=action, logprobs=logprob))
+            rollout.append(dict(cache, obs=next_obs, valid=next_valid, actions=action, logprobs=logprob, values=value))
             next_obs_np, reward, terminated, _, next_valid_np, info = envs.step(action.cpu().numpy())
-            rollout[-1].update(cache, values=value.flatten(), rewards=torch.as_tensor(reward, device=device))
+            rollout[-1]["rewards"] = torch.as_tensor(reward, device=device)
             rollout[-1]["terminated"] = torch.as_tensor(terminated, device=device, dtype=torch.float32)
-            next_obs = torch.as_tensor(next_obs_np, device=device)
-            next_valid = torch.as_tensor(next_valid_np, device=device)
+            next_obs, next_valid = (torch.as_tensor(a, device=device) for a in (next_obs_np, next_valid_np))
             if video is not None:
                 video.add(next_obs_np[0, -1], info["games"])
             for _, score, length in info["games"]:
@@ -983,8 +963,7 @@ def train(args: Args) -> dict:
         print(f"model saved to {summary['model_path']}")
     envs.close()
     finish_run(global_step, summary.get("model_path") or run_dir)  # a stop asked during the last iteration exits here
-    run_name = os.path.basename(run_dir)
-    return dict(summary, global_step=global_step, run_name=run_name, agent=agent, optimizer=optimizer)
+    return dict(summary, global_step=global_step, run_name=os.path.basename(run_dir), agent=agent, optimizer=optimizer)
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
