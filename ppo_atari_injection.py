@@ -1,8 +1,5 @@
 """PPO on Atari with plasticity injection (Nikishin et al., NeurIPS 2023), cleanRL style (`ppo_atari.py` defaults).
 
-    python ppo_atari_injection.py --env-id SpaceInvadersNoFrameskip-v4 \
-        --pretrained sb3/ppo-SpaceInvadersNoFrameskip-v4 --inject-at 0 --inject-target encoder
-
 The agent sees exactly what Stable-Baselines3's Atari wrappers give and has SB3's parameter names, so SB3 PPO
 CnnPolicy zips continue as they were trained. Flags, logs and tests: README.md, section `ppo_atari_injection.py`.
 """
@@ -16,11 +13,12 @@ import zipfile
 from collections import OrderedDict
 from functools import partial
 
+import ale_py
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.optim as optim
 import tyro
+from ale_py.vector_env import AtariVectorEnv
 from torch.distributions.categorical import Categorical
 
 # ==== BEGIN SHARED BLOCK: flags (shared_blocks/flags.py; sync: tools/sync_blocks.py) ====
@@ -242,15 +240,13 @@ NOOP, FIRE, SECOND = 0, 1, 2  # SB3's FireResetEnv presses action 1 (FIRE) then 
 
 def parse_env_id(env_id: str) -> tuple:
     """`BreakoutNoFrameskip-v4` -> ("breakout", 0.0); `ALE/Breakout-v5` -> ("breakout", 0.25 sticky actions)."""
-    from ale_py import roms
-
     m = re.fullmatch(r"(?:ALE/)?([A-Z][A-Za-z0-9]*?)(NoFrameskip-v4|-v5)", env_id)
     if m is None:
         raise UserError(f"--env-id {env_id!r} is not an Atari id <Game>NoFrameskip-v4 or ALE/<Game>-v5")
     game = re.sub(r"(?<!^)(?=[A-Z])", "_", m.group(1)).lower()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if roms.get_rom_path(game) is None:
+        if ale_py.roms.get_rom_path(game) is None:
             raise UserError(f"--env-id {env_id!r}: ale-py has no ROM named {game!r}")
     return game, (0.0 if m.group(2) == "NoFrameskip-v4" else 0.25)
 
@@ -263,9 +259,6 @@ class AtariEnvs:
     whose NEXT step is one, and the learner leaves them out. `info["games"]`: (env, raw score, frames) per game."""
 
     def __init__(self, env_id, num_envs, seed, max_episode_frames=108_000, num_threads=0, noop_max=30):
-        import ale_py
-        from ale_py.vector_env import AtariVectorEnv
-
         game, sticky = parse_env_id(env_id)
         kw = dict(stack_num=1, use_fire_reset=False, episodic_life=False, life_loss_info=False, reward_clipping=False)
         kw.update(noop_max=noop_max, repeat_action_probability=sticky, max_num_frames_per_episode=max_episode_frames)
@@ -339,8 +332,7 @@ def nature_cnn(layer_norm: bool = False, activation: str = "relu") -> nn.Sequent
 
 
 def with_cache(module: nn.Module, x: torch.Tensor, cache: dict, path: str) -> torch.Tensor:
-    """module(x) (passing the cache on to an ActorCritic); an injected module takes the outputs of its frozen terms from
-    the batch `cache` when it carries them ("frozen/<path>/<term>" entries from Agent.frozen_outputs)."""
+    """module(x); an injected module takes its frozen terms' outputs from a batch `cache` (Agent.frozen_outputs)."""
     if isinstance(module, InjectedModule) and cache:
         return module(x, frozen_out=[cache.get(f"frozen/{path}/{i}") for i in range(len(module.terms))])
     return module(x, cache) if isinstance(module, ActorCritic) else module(x)
@@ -395,8 +387,7 @@ class Agent(nn.Module):
 
 
 def target_modules(agent: Agent, target: str) -> dict:
-    """{module path: () -> a fresh module with the network's own orthogonal init} of an --inject-target, --reset-target
-    or --shrink-perturb-target (`reset_parameters` would give PyTorch's default init)."""
+    """{module path: () -> a fresh module with the network's own init, not PyTorch's} of an --{kind}-target."""
     if target == "all":
         return {"policy": partial(ActorCritic, **agent.config)}
     if target == "heads":
@@ -408,9 +399,8 @@ def target_modules(agent: Agent, target: str) -> dict:
 
 # ---- Rollout data: advantages, and the flat batch of the steps the agent decided (with the frozen terms' outputs) ----
 def compute_gae(buf: dict, next_value, next_valid, gamma, gae_lambda):
-    """GAE where some steps are not the agent's. terminated[t]: step t ended an episode (no bootstrap). valid[t]: the
-    agent decided step t. A truncated game's step t is followed by the invalid autoreset step t+1 whose observation is
-    the final one, so V(final) bootstraps step t while the chain is cut there."""
+    """GAE where some steps are not the agent's (valid[t]: it decided step t). A truncated game's step t is followed by
+    the invalid autoreset step t+1, whose observation is the final one: V(final) bootstraps t, the chain is cut."""
     rewards, values, terminated, valid = buf["rewards"], buf["values"], buf["terminated"], buf["valid"]
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(next_value)
@@ -663,8 +653,7 @@ def validate_args(args: Args) -> tuple:
         print(f"--total-timesteps {args.total_timesteps} is not a whole number of rollouts: running {steps}")
     if args.batch_size % args.num_minibatches:
         raise UserError(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch of {args.batch_size} steps "
-            "(--num-envs x --num-steps)"
+            f"--num-minibatches {args.num_minibatches} does not divide --num-envs x --num-steps = {args.batch_size}"
         )
     args.inject_at = sorted(args.inject_at)
     plan = {}
@@ -672,10 +661,9 @@ def validate_args(args: Args) -> tuple:
         flag, steps = f"--{kind.replace('_', '-')}-at", getattr(args, f"{kind}_at")
         plan[kind] = {-(-s // args.batch_size) + 1: s for s in check_steps(flag, steps, args.total_timesteps)}
         if max(plan[kind], default=0) > args.num_iterations or len(plan[kind]) < len(steps):
-            last = (args.num_iterations - 1) * args.batch_size
             raise UserError(
                 f"{flag} {steps}: each step must fall before a rollout of its own (one every {args.batch_size} steps, "
-                f"the last at step {last})"
+                f"the last at step {(args.num_iterations - 1) * args.batch_size})"
             )
     if args.pretrained_load_optimizer and not args.pretrained:
         raise UserError("--pretrained-load-optimizer needs --pretrained")
@@ -701,11 +689,10 @@ def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
     agent = Agent(n_actions, args.share_features_extractor, args.layer_norm, args.activation).to(device)
     if zip_info is not None:
         agent.load_state_dict(zip_info["state_dict"])
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
     if zip_info is None or not args.pretrained_load_optimizer:
         return agent, optimizer
-    # SB3's Adam indexes policy.parameters(): the same tensors in the same order as agent.parameters() (SB3 lists an
-    # aliased features extractor once, first). Its moments and step counts load; our param group (lr, eps) stays.
+    # SB3's Adam indexes policy.parameters() in agent.parameters()' order; its state loads, our lr and eps stay
     saved, params = zip_info["optimizer"], list(agent.parameters())
     if saved is None:
         raise UserError(f"--pretrained-load-optimizer: {zip_info['path']} has no policy.optimizer.pth")
@@ -734,9 +721,8 @@ def resolve_pretrained(spec: str) -> str:
 
 
 def read_sb3_zip(path: str) -> dict:
-    """An SB3 PPO CnnPolicy zip, read by SB3's own loader and checked: its weights under our names (the extractors'
-    aliases dropped), Adam state, action count and extractor sharing. Spaces and schedules are never unpickled (the
-    public sb3/ agents were saved with the old `gym`): the spaces' facts come from the readable copy in `data`."""
+    """An SB3 PPO CnnPolicy zip, read by SB3's loader and checked: weights (our names), Adam state, action count,
+    extractor sharing. Spaces are not unpickled (old `gym` in the public sb3/ agents): their facts are in `data`."""
     from stable_baselines3.common.save_util import load_from_zip_file
 
     flag = f"--pretrained {path}"
@@ -803,27 +789,25 @@ class VideoRecorder:
     capped cubic schedule), to {folder}/game-{k}.mp4."""
 
     def __init__(self, folder: str):
-        self.folder, self.frames, self.game, self.on = folder, [], 0, True
+        self.folder, self.frames, self.game = folder, [], 0
 
     def add(self, frame: np.ndarray, games: list) -> None:
-        if self.on:
+        k = self.game
+        if k < 1000 and round(k ** (1 / 3)) ** 3 == k or k % 1000 == 0:
             self.frames.append(frame.copy())
-        if not any(env_i == 0 for env_i, _, _ in games):
-            return
-        if self.on and self.frames:
-            from moviepy import ImageSequenceClip
+        if any(env_i == 0 for env_i, _, _ in games):  # env 0's game k ended
+            if self.frames:
+                from moviepy import ImageSequenceClip
 
-            os.makedirs(self.folder, exist_ok=True)
-            clip = ImageSequenceClip([np.repeat(f[:, :, None], 3, axis=2) for f in self.frames], fps=15)
-            clip.write_videofile(f"{self.folder}/game-{self.game}.mp4", logger=None)
-        self.game, self.frames = self.game + 1, []
-        self.on = self.game < 1000 and round(self.game ** (1 / 3)) ** 3 == self.game or self.game % 1000 == 0
+                os.makedirs(self.folder, exist_ok=True)
+                clip = ImageSequenceClip([np.repeat(f[:, :, None], 3, axis=2) for f in self.frames], fps=15)
+                clip.write_videofile(f"{self.folder}/game-{k}.mp4", logger=None)
+            self.game, self.frames = k + 1, []
 
 
 # ---- Training --------------------------------------------------------------------------------------------------------
 def intervene(kind: str, agent: Agent, optimizer, args: Args, obs: torch.Tensor) -> dict:
-    """Injection (`inject`), `reset` or `shrink_perturb` of --{kind}-target, or `redo` (ReDo, over the whole network),
-    in place; returns the values to log."""
+    """`inject`, `reset` or `shrink_perturb` of --{kind}-target, or `redo` (the whole network), in place; logs."""
     fresh = target_modules(agent, getattr(args, f"{kind}_target", "all"))
     if kind == "inject":
         ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
@@ -848,8 +832,7 @@ def train(args: Args) -> dict:
     agent, optimizer = build_agent(args, envs.n_actions, device, zip_info)
     if args.compile:  # in place: the state_dict keys, injection and the metrics' hooks work as without it
         agent.compile()
-    networks, optimizers = {"agent": agent}, {"optimizer": (optimizer, agent)}  # in checkpoints, with the history:
-    # games, events, evaluations, the adaptive trigger's fired steps, the probe batch, counters
+    networks, optimizers = {"agent": agent}, {"optimizer": (optimizer, agent)}  # in checkpoints, with the summary
     summary = {"games": [], "injections": [], "interventions": [], "evals": [], "losses": {}, "timing": []}
     summary.update(fired=[], adaptive_reason=None, next_eval=args.eval_every, next_metrics=args.metrics_every)
     summary.update(probe=None, iteration=1, intervened=0, global_step=0)
@@ -882,8 +865,7 @@ def train(args: Args) -> dict:
                     log = intervene(kind, agent, optimizer, args, next_obs)
                     what = f"{kind} of {getattr(args, f'{kind}_target', 'all')}"
                     log_event(writer, summary["interventions"], global_step, what, log, kind=kind)
-        # --- checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop ------------
-        # (after everything logged at global_step: the resumed run logs from global_step + 1 on)
+        # --- checkpoint (--checkpoint-every, Ctrl-C, SIGTERM) after all logged at global_step; resumes log from + 1 --
         if checkpoint_due(args, global_step, previous_step):
             summary.update(iteration=iteration, global_step=global_step)
             save_checkpoint(global_step, global_step + 1, networks, optimizers, {}, history=summary)
