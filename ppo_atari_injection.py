@@ -235,22 +235,6 @@ class Args(PlasticityArgs, RunArgs):
 
 
 # ---- Environment: ale-py's vector env driven to reproduce SB3's AtariWrapper + VecFrameStack(4) + VecTransposeImage --
-NOOP, FIRE, SECOND = 0, 1, 2  # SB3's FireResetEnv presses action 1 (FIRE) then action 2
-
-
-def parse_env_id(env_id: str) -> tuple:
-    """`BreakoutNoFrameskip-v4` -> ("breakout", 0.0); `ALE/Breakout-v5` -> ("breakout", 0.25 sticky actions)."""
-    m = re.fullmatch(r"(?:ALE/)?([A-Z][A-Za-z0-9]*?)(NoFrameskip-v4|-v5)", env_id)
-    if m is None:
-        raise UserError(f"--env-id {env_id!r} is not an Atari id <Game>NoFrameskip-v4 or ALE/<Game>-v5")
-    game = re.sub(r"(?<!^)(?=[A-Z])", "_", m.group(1)).lower()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if ale_py.roms.get_rom_path(game) is None:
-            raise UserError(f"--env-id {env_id!r}: ale-py has no ROM named {game!r}")
-    return game, (0.0 if m.group(2) == "NoFrameskip-v4" else 0.25)
-
-
 class AtariEnvs:
     """ale-py steps the games (frame skip 4 with max-pool, 84x84 grey, noops, next-step autoreset); on top, as SB3:
     a life loss ends the agent's episode but not the game; after a reset FIRE, 2 and after a life loss NOOP, FIRE, 2
@@ -259,13 +243,21 @@ class AtariEnvs:
     whose NEXT step is one, and the learner leaves them out. `info["games"]`: (env, raw score, frames) per game."""
 
     def __init__(self, env_id, num_envs, seed, max_episode_frames=108_000, num_threads=0, noop_max=30):
-        game, sticky = parse_env_id(env_id)
+        m = re.fullmatch(r"(?:ALE/)?([A-Z][A-Za-z0-9]*?)(NoFrameskip-v4|-v5)", env_id)
+        if m is None:
+            raise UserError(f"--env-id {env_id!r} is not an Atari id <Game>NoFrameskip-v4 or ALE/<Game>-v5")
+        game = re.sub(r"(?<!^)(?=[A-Z])", "_", m.group(1)).lower()  # SpaceInvaders -> space_invaders
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if ale_py.roms.get_rom_path(game) is None:
+                raise UserError(f"--env-id {env_id!r}: ale-py has no ROM named {game!r}")
         kw = dict(stack_num=1, use_fire_reset=False, episodic_life=False, life_loss_info=False, reward_clipping=False)
-        kw.update(noop_max=noop_max, repeat_action_probability=sticky, max_num_frames_per_episode=max_episode_frames)
+        kw.update(noop_max=noop_max, max_num_frames_per_episode=max_episode_frames)
+        kw["repeat_action_probability"] = 0.0 if m.group(2) == "NoFrameskip-v4" else 0.25  # -v5: sticky actions
         self.env = AtariVectorEnv(game, num_envs, num_threads=num_threads or min(num_envs, os.cpu_count() or 1), **kw)
         self.num_envs, self.seed, self.n_actions = num_envs, seed, int(self.env.single_action_space.n)
         actions = list(self.env.ale.get_action_set())
-        self.fire = [FIRE, SECOND] if len(actions) >= 3 and actions[FIRE] == ale_py.Action.FIRE else []
+        self.fire = [1, 2] if len(actions) >= 3 and actions[1] == ale_py.Action.FIRE else []  # as SB3's FireResetEnv
         self.stack = np.zeros((num_envs, 4, 84, 84), dtype=np.uint8)
         self.autoreset = np.zeros(num_envs, dtype=bool)
         self.game_return = np.zeros(num_envs, dtype=np.float64)
@@ -298,7 +290,7 @@ class AtariEnvs:
         for i in np.flatnonzero(was_autoreset):
             self.pending[i] = list(self.fire)
         for i in np.flatnonzero(life_loss):
-            self.pending[i] = [NOOP, *self.fire]
+            self.pending[i] = [0, *self.fire]  # NOOP, then FIRE and 2
         self.stack[:, :-1] = self.stack[:, 1:]
         self.stack[hidden, :-1] = 0  # so the first decided observation after a reset is [0, 0, 0, frame], as SB3's
         self.stack[:, -1] = frames[:, 0]
@@ -606,7 +598,6 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, global_step: in
             optimizer.step()
         if args.target_kl is not None and approx_kl > args.target_kl:
             break
-
     y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
     var_y = np.var(y_true)
     explained_var = np.nan if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
@@ -629,8 +620,7 @@ def plasticity_metrics(agent: Agent, batch: dict, summary: dict, args: Args) -> 
 
 
 def cached_paths(agent: Agent, args: Args) -> list:
-    """Injected modules fed by the observation (encoder, all): their frozen terms run once per rollout step and the
-    outputs travel with the rollout data into every update epoch. Frozen heads stay in the shared encoder's graph."""
+    """Injected modules fed by the observation (encoder, all): their frozen terms run per rollout step, not epoch."""
     if not args.inject_cache_frozen or args.inject_target == "heads":
         return []
     return [p for p in target_modules(agent, args.inject_target) if isinstance(agent.get_submodule(p), InjectedModule)]
@@ -671,7 +661,7 @@ def validate_args(args: Args) -> tuple:
         raise UserError("--layer-norm cannot be combined with --pretrained: SB3 CnnPolicy weights have no norm layers")
     if not args.pretrained:
         return None, plan
-    info = read_sb3_zip(resolve_pretrained(args.pretrained))
+    info = read_sb3_zip(args.pretrained)
     envs = AtariEnvs(args.env_id, 1, 0, 100, 1, noop_max=0)
     envs.close()
     if info["n_actions"] != envs.n_actions:
@@ -704,28 +694,22 @@ def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
     return agent, optimizer
 
 
-def resolve_pretrained(spec: str) -> str:
-    """A local zip path, or a model-hub id (`org/name`) downloaded with huggingface_hub."""
-    if os.path.isfile(spec):
-        return spec
-    if os.path.exists(spec) or spec.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        raise UserError(f"--pretrained {spec}: no such file")
-    filename = spec.split("/")[1] + ".zip"
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo_id=spec, filename=filename)
-    except Exception as e:  # not installed, offline, unknown repo, missing file
-        what = f"could not download {filename} from the model hub ({type(e).__name__})"
-        raise UserError(f"--pretrained {spec}: {what}; pass a local path to the zip instead") from None
-
-
 def read_sb3_zip(path: str) -> dict:
-    """An SB3 PPO CnnPolicy zip, read by SB3's loader and checked: weights (our names), Adam state, action count,
-    extractor sharing. Spaces are not unpickled (old `gym` in the public sb3/ agents): their facts are in `data`."""
+    """An SB3 PPO CnnPolicy zip (a file, or a model-hub id `org/name` fetched with huggingface_hub), read by SB3's
+    loader and checked: weights (our names), Adam state, action count, extractor sharing. Spaces are not unpickled
+    (old `gym` in the public sb3/ agents): their facts are in `data`."""
     from stable_baselines3.common.save_util import load_from_zip_file
 
     flag = f"--pretrained {path}"
+    if not os.path.isfile(path):
+        if os.path.exists(path) or path.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            raise UserError(f"{flag}: no such file")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(repo_id=path, filename=path.split("/")[1] + ".zip")
+        except Exception as e:  # not installed, offline, unknown repo, missing file
+            raise UserError(f"{flag}: model-hub download failed ({type(e).__name__}); pass a local path") from None
     unused = ("learning_rate", "lr_schedule", "clip_range", "clip_range_vf", "observation_space", "action_space")
     try:
         with warnings.catch_warnings():
@@ -895,7 +879,7 @@ def train(args: Args) -> dict:
         buf = {k: torch.stack([s[k] for s in rollout]) for k in rollout[0]}
         rollout_time = time.time() - rollout_start
 
-        # --- advantages and update --------------------------------------------------------------------------------
+        # --- advantages, update, the iteration's logs --------------------------------------------------------------
         with torch.no_grad():
             next_value = agent(next_obs)[:, -1]
             advantages, returns = compute_gae(buf, next_value, next_valid, args.gamma, args.gae_lambda)
@@ -904,7 +888,6 @@ def train(args: Args) -> dict:
         update_start = time.time()
         summary["losses"] = ppo_update(agent, optimizer, batch, args, global_step, l2)
         update_time = time.time() - update_start
-
         sps = int((global_step - start_step) / (time.time() - start_time))
         progress.update(global_step)
         scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps}
@@ -937,10 +920,8 @@ def train(args: Args) -> dict:
 
     if args.save_model:
         summary["model_path"] = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        model = {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args)}
-        model.update(global_step=global_step, agent_config=agent.config, n_actions=agent.n_actions)
-        model.update(share_features_extractor=agent.config["share_features_extractor"])
-        model["adaptive_trigger"] = {"fired": summary["fired"]}
+        model = dict(agent.config, model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
+        model.update(global_step=global_step, agent_config=agent.config, adaptive_trigger={"fired": summary["fired"]})
         atomic_save(model, summary["model_path"])
         print(f"model saved to {summary['model_path']}")
     envs.close()
