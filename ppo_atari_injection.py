@@ -1,8 +1,6 @@
 """PPO on Atari with plasticity injection (Nikishin et al., NeurIPS 2023), cleanRL style (`ppo_atari.py` defaults).
-
 The agent sees exactly what Stable-Baselines3's Atari wrappers give and has SB3's parameter names, so SB3 PPO
-CnnPolicy zips continue as they were trained. Flags, logs and tests: README.md, section `ppo_atari_injection.py`.
-"""
+CnnPolicy zips continue as they were trained. Flags, logs and tests: README.md, section `ppo_atari_injection.py`."""
 
 import json
 import os
@@ -160,7 +158,6 @@ class RunArgs:
 class Args(PlasticityArgs, RunArgs):
     capture_video: bool = False
     """whether to save videos of the agent's view (84x84 grey) of games of the first environment to `videos/`"""
-
     # Algorithm specific arguments (cleanRL ppo_atari.py defaults)
     env_id: str = "BreakoutNoFrameskip-v4"
     """the id of the environment: `<Game>NoFrameskip-v4` (no sticky actions) or `ALE/<Game>-v5` (sticky 0.25)"""
@@ -196,7 +193,6 @@ class Args(PlasticityArgs, RunArgs):
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = bounded(None, above=0)
     """the target KL divergence threshold"""
-
     # Environment (SB3 AtariWrapper semantics), network, pretrained SB3 agent
     max_episode_frames: int = bounded(108_000, min=1)
     """games are truncated after this many emulator frames (30 minutes of play)"""
@@ -208,7 +204,6 @@ class Args(PlasticityArgs, RunArgs):
     """an SB3 PPO `CnnPolicy` zip to continue from, or a model-hub id such as `sb3/ppo-BreakoutNoFrameskip-v4`"""
     pretrained_load_optimizer: bool = False
     """also load the zip's Adam state (moments and step counts; the learning rate stays ours)"""
-
     # Plasticity injection and the interventions to compare it against (at the first rollout boundary >= each step)
     inject_target: Literal["encoder", "heads", "all"] = "encoder"
     """inject into `encoder` (NatureCNN), `heads` (action_net and value_net) or `all` (the whole network)"""
@@ -218,7 +213,6 @@ class Args(PlasticityArgs, RunArgs):
     """what `--reset-at` re-initialises"""
     shrink_perturb_target: Literal["encoder", "heads", "all"] = "all"
     """what `--shrink-perturb-at` shrinks and perturbs"""
-
     # Evaluation
     eval_every: int = bounded(0, min=0)
     """evaluate every this many global steps (0: never; checked at rollout boundaries)"""
@@ -226,7 +220,6 @@ class Args(PlasticityArgs, RunArgs):
     """number of whole games per evaluation"""
     eval_deterministic: bool = True
     """evaluate the greedy policy (argmax); `--no-eval-deterministic` samples actions"""
-
     # to be filled in runtime
     batch_size: int = 0
     """the batch size (computed in runtime)"""
@@ -352,11 +345,10 @@ class Agent(nn.Module):
 
     def __init__(self, n_actions, share_features_extractor=True, layer_norm=False, activation="relu"):
         super().__init__()
-        self.n_actions = n_actions
         self.config = dict(n_actions=n_actions, share_features_extractor=share_features_extractor)
         self.config.update(layer_norm=layer_norm, activation=activation)
         self.policy = ActorCritic(**self.config)
-        self.encoders = self.policy.encoders  # kept here too: an injection into `all` wraps the policy
+        self.n_actions, self.encoders = n_actions, self.policy.encoders  # an injection into `all` wraps the policy
 
     def forward(self, obs: torch.Tensor, cache: dict = None) -> torch.Tensor:
         """[logits | value] of uint8 observations: what injection leaves unchanged."""
@@ -561,7 +553,6 @@ def ppo_loss(agent: Agent, mb: dict, args: Args):
     pg_loss1 = -mb_advantages * ratio
     pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-    newvalue = newvalue.view(-1)
     if args.clip_vloss:
         v_loss_unclipped = (newvalue - mb["returns"]) ** 2
         v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
@@ -613,8 +604,7 @@ def plasticity_metrics(agent: Agent, batch: dict, summary: dict, args: Args) -> 
     if summary["probe"] is None:
         n = len(batch["obs"])
         idx = np.random.default_rng(args.seed + 12345).choice(n, min(args.metrics_batch_size, n), replace=False)
-        idx = torch.as_tensor(np.sort(idx), device=batch["obs"].device)
-        summary["probe"] = {k: v[idx].clone() for k, v in batch.items() if not k.startswith("frozen/")}
+        summary["probe"] = {k: v[np.sort(idx)] for k, v in batch.items() if not k.startswith("frozen/")}
     probe = summary["probe"] = {k: v.to(batch["obs"].device) for k, v in summary["probe"].items()}
     return measure_plasticity(agent, probe["obs"], lambda model: ppo_loss(model, probe, args)[0], args.dormant_tau)
 
@@ -769,8 +759,7 @@ def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
 
 
 class VideoRecorder:
-    """--capture-video: the agent's view of env 0's games 0, 1, 8, 27, ..., 729, then every 1000th (cleanRL's
-    capped cubic schedule), to {folder}/game-{k}.mp4."""
+    """--capture-video: env 0's games 0, 1, 8, 27, ..., 729, then every 1000th (cleanRL's), to {folder}/game-{k}.mp4."""
 
     def __init__(self, folder: str):
         self.folder, self.frames, self.game = folder, [], 0
@@ -817,9 +806,8 @@ def train(args: Args) -> dict:
     if args.compile:  # in place: the state_dict keys, injection and the metrics' hooks work as without it
         agent.compile()
     networks, optimizers = {"agent": agent}, {"optimizer": (optimizer, agent)}  # in checkpoints, with the summary
-    summary = {"games": [], "injections": [], "interventions": [], "evals": [], "losses": {}, "timing": []}
-    summary.update(fired=[], adaptive_reason=None, next_eval=args.eval_every, next_metrics=args.metrics_every)
-    summary.update(probe=None, iteration=1, intervened=0, global_step=0)
+    summary = dict(games=[], injections=[], interventions=[], evals=[], losses={}, timing=[], fired=[], probe=None)
+    summary.update(adaptive_reason=None, next_eval=args.eval_every, next_metrics=args.metrics_every)
     if ckpt is not None:  # resume: every state but the games in progress (a misfit stops here, nothing written)
         restore_checkpoint(ckpt, networks, optimizers, {})
         summary = ckpt["history"]
@@ -829,12 +817,11 @@ def train(args: Args) -> dict:
     global_step, start_time = start_step, time.time()
     next_obs, next_valid = (torch.as_tensor(a, device=device) for a in envs.reset())
 
-    for iteration in range(summary["iteration"], args.num_iterations + 1):
+    for iteration in range(start_step // args.batch_size + 1, args.num_iterations + 1):
         previous_step = max(global_step - args.batch_size, start_step)
         # --- injection (at --inject-at, or when the adaptive trigger fired), reset, shrink-and-perturb ---------------
         adaptive, summary["adaptive_reason"] = summary["adaptive_reason"], None
-        if summary["intervened"] < iteration:  # not yet done (a checkpoint of this iteration is written after them)
-            summary["intervened"] = iteration
+        if ckpt is None or global_step > start_step:  # a checkpoint is written after its step's interventions
             if iteration in plan["inject"] or adaptive is not None:
                 log = intervene("inject", agent, optimizer, args, next_obs)
                 if iteration in plan["inject"]:
@@ -851,7 +838,6 @@ def train(args: Args) -> dict:
                     log_event(writer, summary["interventions"], global_step, what, log, kind=kind)
         # --- checkpoint (--checkpoint-every, Ctrl-C, SIGTERM) after all logged at global_step; resumes log from + 1 --
         if checkpoint_due(args, global_step, previous_step):
-            summary.update(iteration=iteration, global_step=global_step)
             save_checkpoint(global_step, global_step + 1, networks, optimizers, {}, history=summary)
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
