@@ -381,30 +381,6 @@ def target_modules(agent: Agent, target: str) -> dict:
     return {f"policy.{name}": encoder for name in agent.encoders}
 
 
-# ---- Rollout data: advantages, and the flat batch of the steps the agent decided (with the frozen terms' outputs) ----
-def compute_gae(buf: dict, next_value, next_valid, gamma, gae_lambda):
-    """GAE where some steps are not the agent's (valid[t]: it decided step t). A truncated game's step t is followed by
-    the invalid autoreset step t+1, whose observation is the final one: V(final) bootstraps t, the chain is cut."""
-    rewards, values, terminated, valid = buf["rewards"], buf["values"], buf["terminated"], buf["valid"]
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        last = t == rewards.shape[0] - 1
-        nextvalues, nextvalid = (next_value, next_valid.float()) if last else (values[t + 1], valid[t + 1].float())
-        nonterminal = 1.0 - terminated[t]
-        delta = rewards[t] + gamma * nextvalues * nonterminal - values[t]
-        lastgaelam = delta + gamma * gae_lambda * nonterminal * nextvalid * lastgaelam
-        advantages[t] = lastgaelam
-    return advantages, advantages + values
-
-
-def flatten_rollout(buf: dict, advantages, returns) -> dict:
-    """The decided steps, flat: obs, actions, logprobs, values, advantages, returns and any frozen/... outputs."""
-    keep = torch.nonzero(buf["valid"].reshape(-1)).squeeze(1)
-    data = dict(buf, advantages=advantages, returns=returns)
-    return {k: v.flatten(0, 1)[keep] for k, v in data.items() if k not in ("rewards", "terminated", "valid")}
-
-
 # ==== BEGIN SHARED BLOCK: injection (shared_blocks/injection.py; sync: tools/sync_blocks.py) ====
 # Plasticity injection (Nikishin et al., NeurIPS 2023). SELF-CONTAINED: copy this block into your script (torch only).
 import copy
@@ -541,7 +517,30 @@ def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = 
 # ==== END SHARED BLOCK: injection ====
 
 
-# ---- PPO update (cleanRL's), plasticity metrics, the frozen-output cache ---------------------------------------------
+# ---- PPO (cleanRL's): advantages, the flat batch of the decided steps, the update; plasticity metrics, the cache -----
+def compute_gae(buf: dict, next_value, next_valid, gamma, gae_lambda):
+    """GAE where some steps are not the agent's (valid[t]: it decided step t). A truncated game's step t is followed by
+    the invalid autoreset step t+1, whose observation is the final one: V(final) bootstraps t, the chain is cut."""
+    rewards, values, terminated, valid = buf["rewards"], buf["values"], buf["terminated"], buf["valid"]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        last = t == rewards.shape[0] - 1
+        nextvalues, nextvalid = (next_value, next_valid.float()) if last else (values[t + 1], valid[t + 1].float())
+        nonterminal = 1.0 - terminated[t]
+        delta = rewards[t] + gamma * nextvalues * nonterminal - values[t]
+        lastgaelam = delta + gamma * gae_lambda * nonterminal * nextvalid * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+def flatten_rollout(buf: dict, advantages, returns) -> dict:
+    """The decided steps, flat: obs, actions, logprobs, values, advantages, returns and any frozen/... outputs."""
+    keep = torch.nonzero(buf["valid"].reshape(-1)).squeeze(1)
+    data = dict(buf, advantages=advantages, returns=returns)
+    return {k: v.flatten(0, 1)[keep] for k, v in data.items() if k not in ("rewards", "terminated", "valid")}
+
+
 def ppo_loss(agent: Agent, mb: dict, args: Args):
     """cleanRL's PPO loss on one minibatch (its frozen/... entries, if any, spare the frozen terms); (loss, parts)."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"], cache=mb)
@@ -622,8 +621,7 @@ def validate_args(args: Args) -> tuple:
     {kind: {iteration: step}} of --{kind}-at: each step acts at the first rollout boundary at or after it."""
     check_ranges(args)
     check_compile(args)
-    metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
-    check_intervention_args(args, args.total_timesteps, metric_keys)
+    check_intervention_args(args, args.total_timesteps, plasticity_keys(Agent(4)))  # the same keys for every variant
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.num_iterations < 1:
@@ -852,8 +850,7 @@ def train(args: Args) -> dict:
                 action, logprob, _, value = agent.get_action_and_value(next_obs, cache=cache, step=global_step)
             rollout.append(dict(cache, obs=next_obs, valid=next_valid, actions=action, logprobs=logprob, values=value))
             next_obs_np, reward, terminated, _, next_valid_np, info = envs.step(action.cpu().numpy())
-            rollout[-1]["rewards"] = torch.as_tensor(reward, device=device)
-            rollout[-1]["terminated"] = torch.as_tensor(terminated, device=device, dtype=torch.float32)
+            rollout[-1].update(rewards=reward, terminated=terminated.astype(np.float32))  # to the device when stacked
             next_obs, next_valid = (torch.as_tensor(a, device=device) for a in (next_obs_np, next_valid_np))
             if video is not None:
                 video.add(next_obs_np[0, -1], info["games"])
@@ -862,7 +859,7 @@ def train(args: Args) -> dict:
                 writer.add_scalar("charts/episodic_return", score, global_step)
                 writer.add_scalar("charts/episodic_length", length, global_step)
                 summary["games"].append((global_step, score))
-        buf = {k: torch.stack([s[k] for s in rollout]) for k in rollout[0]}
+        buf = {k: torch.stack([torch.as_tensor(s[k], device=device) for s in rollout]) for k in rollout[0]}
         rollout_time = time.time() - rollout_start
 
         # --- advantages, update, the iteration's logs --------------------------------------------------------------
