@@ -278,12 +278,10 @@ class AtariEnvs:
         self.game_return += raw.astype(np.float64)
         done = np.flatnonzero(game_over | truncated)
         games = [(int(i), float(self.game_return[i]), int(info["episode_frame_number"][i])) for i in done]
-        for i in done:
-            self.game_return[i], self.pending[i] = 0.0, []
-        for i in np.flatnonzero(was_autoreset):
-            self.pending[i] = list(self.fire)
         for i in np.flatnonzero(life_loss):
             self.pending[i] = [0, *self.fire]  # NOOP, then FIRE and 2
+        for i in done:  # the presses wait for the autoreset step, which takes no action
+            self.game_return[i], self.pending[i] = 0.0, list(self.fire)
         self.stack[:, :-1] = self.stack[:, 1:]
         self.stack[hidden, :-1] = 0  # so the first decided observation after a reset is [0, 0, 0, frame], as SB3's
         self.stack[:, -1] = frames[:, 0]
@@ -522,8 +520,7 @@ def compute_gae(buf: dict, next_value, next_valid, gamma, gae_lambda):
     """GAE where some steps are not the agent's (valid[t]: it decided step t). A truncated game's step t is followed by
     the invalid autoreset step t+1, whose observation is the final one: V(final) bootstraps t, the chain is cut."""
     rewards, values, terminated, valid = buf["rewards"], buf["values"], buf["terminated"], buf["valid"]
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(next_value)
+    advantages, lastgaelam = torch.zeros_like(rewards), torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
         last = t == rewards.shape[0] - 1
         nextvalues, nextvalid = (next_value, next_valid.float()) if last else (values[t + 1], valid[t + 1].float())
@@ -763,17 +760,16 @@ class VideoRecorder:
         self.folder, self.frames, self.game = folder, [], 0
 
     def add(self, frame: np.ndarray, games: list) -> None:
-        k = self.game
-        if k < 1000 and round(k ** (1 / 3)) ** 3 == k or k % 1000 == 0:
+        if self.game < 1000 and round(self.game ** (1 / 3)) ** 3 == self.game or self.game % 1000 == 0:
             self.frames.append(frame.copy())
-        if any(env_i == 0 for env_i, _, _ in games):  # env 0's game k ended
+        if any(env_i == 0 for env_i, _, _ in games):  # env 0's game ended
             if self.frames:
                 from moviepy import ImageSequenceClip
 
                 os.makedirs(self.folder, exist_ok=True)
                 clip = ImageSequenceClip([np.repeat(f[:, :, None], 3, axis=2) for f in self.frames], fps=15)
-                clip.write_videofile(f"{self.folder}/game-{k}.mp4", logger=None)
-            self.game, self.frames = k + 1, []
+                clip.write_videofile(f"{self.folder}/game-{self.game}.mp4", logger=None)
+            self.game, self.frames = self.game + 1, []
 
 
 # ---- Training --------------------------------------------------------------------------------------------------------
@@ -839,14 +835,13 @@ def train(args: Args) -> dict:
             save_checkpoint(global_step, global_step + 1, networks, optimizers, {}, history=summary)
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
-        cached = cached_paths(agent, args)  # their frozen terms run once per step; the outputs travel with the data
 
         # --- rollout ----------------------------------------------------------------------------------------------
         rollout_start, rollout = time.time(), []
         for _ in range(args.num_steps):
             global_step += args.num_envs
             with torch.no_grad():
-                cache = agent.frozen_outputs(next_obs, cached)
+                cache = agent.frozen_outputs(next_obs, cached_paths(agent, args))
                 action, logprob, _, value = agent.get_action_and_value(next_obs, cache=cache, step=global_step)
             rollout.append(dict(cache, obs=next_obs, valid=next_valid, actions=action, logprobs=logprob, values=value))
             next_obs_np, reward, terminated, _, next_valid_np, info = envs.step(action.cpu().numpy())
