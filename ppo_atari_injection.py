@@ -667,7 +667,7 @@ def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
     if zip_info is None or not args.pretrained_load_optimizer:
         return agent, optimizer
-    # SB3's Adam indexes policy.parameters() in agent.parameters()' order; its state loads, our lr and eps stay
+    # SB3's Adam indexes policy.parameters(), agent.parameters()' order (an aliased extractor once, first); lr: ours
     saved, params = zip_info["optimizer"], list(agent.parameters())
     if saved is None:
         raise UserError(f"--pretrained-load-optimizer: {zip_info['path']} has no policy.optimizer.pth")
@@ -813,7 +813,7 @@ def train(args: Args) -> dict:
 
     for iteration in range(start_step // args.batch_size + 1, args.num_iterations + 1):
         previous_step = max(global_step - args.batch_size, start_step)
-        # --- injection (at --inject-at, or when the adaptive trigger fired), reset, shrink-and-perturb ---------------
+        # --- injection (at --inject-at, or when the adaptive trigger fired), reset, shrink-and-perturb, ReDo ----------
         adaptive, summary["adaptive_reason"] = summary["adaptive_reason"], None
         if ckpt is None or global_step > start_step:  # a checkpoint is written after its step's interventions
             if iteration in plan["inject"] or adaptive is not None:
