@@ -774,7 +774,7 @@ class VideoRecorder:
 
 # ---- Training --------------------------------------------------------------------------------------------------------
 def intervene(kind: str, agent: Agent, optimizer, args: Args, obs: torch.Tensor) -> dict:
-    """`inject`, `reset` or `shrink_perturb` of --{kind}-target, or `redo` (the whole network), in place; logs."""
+    """`inject`, `reset`, `shrink_perturb` (of --{kind}-target) or `redo` (whole network) in place; returns the log."""
     fresh = target_modules(agent, getattr(args, f"{kind}_target", "all"))
     if kind == "inject":
         ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
