@@ -1,11 +1,6 @@
 """PPO on Atari with plasticity injection (Nikishin et al., NeurIPS 2023), cleanRL style (`ppo_atari.py` defaults).
-
-    python ppo_atari_injection.py --env-id SpaceInvadersNoFrameskip-v4 \
-        --pretrained sb3/ppo-SpaceInvadersNoFrameskip-v4 --inject-at 0 --inject-target encoder
-
 The agent sees exactly what Stable-Baselines3's Atari wrappers give and has SB3's parameter names, so SB3 PPO
-CnnPolicy zips continue as they were trained. Flags, logs and tests: README.md, section `ppo_atari_injection.py`.
-"""
+CnnPolicy zips continue as they were trained. Flags, logs and tests: README.md, section `ppo_atari_injection.py`."""
 
 import json
 import os
@@ -16,11 +11,12 @@ import zipfile
 from collections import OrderedDict
 from functools import partial
 
+import ale_py
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.optim as optim
 import tyro
+from ale_py.vector_env import AtariVectorEnv
 from torch.distributions.categorical import Categorical
 
 # ==== BEGIN SHARED BLOCK: flags (shared_blocks/flags.py; sync: tools/sync_blocks.py) ====
@@ -152,7 +148,6 @@ class RunArgs:
 class Args(PlasticityArgs, RunArgs):
     capture_video: bool = False
     """whether to save videos of the agent's view (84x84 grey) of games of the first environment to `videos/`"""
-
     # Algorithm specific arguments (cleanRL ppo_atari.py defaults)
     env_id: str = "BreakoutNoFrameskip-v4"
     """the id of the environment: `<Game>NoFrameskip-v4` (no sticky actions) or `ALE/<Game>-v5` (sticky 0.25)"""
@@ -188,10 +183,7 @@ class Args(PlasticityArgs, RunArgs):
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = bounded(None, above=0)
     """the target KL divergence threshold"""
-
     # Environment (SB3 AtariWrapper semantics), network, pretrained SB3 agent
-    noop_max: int = bounded(30, min=0)
-    """maximum number of no-op frames at every game reset (0 disables)"""
     max_episode_frames: int = bounded(108_000, min=1)
     """games are truncated after this many emulator frames (30 minutes of play)"""
     env_threads: int = bounded(0, min=0)
@@ -202,7 +194,6 @@ class Args(PlasticityArgs, RunArgs):
     """an SB3 PPO `CnnPolicy` zip to continue from, or a model-hub id such as `sb3/ppo-BreakoutNoFrameskip-v4`"""
     pretrained_load_optimizer: bool = False
     """also load the zip's Adam state (moments and step counts; the learning rate stays ours)"""
-
     # Plasticity injection and the interventions to compare it against (at the first rollout boundary >= each step)
     inject_target: Literal["encoder", "heads", "all"] = "encoder"
     """inject into `encoder` (NatureCNN), `heads` (action_net and value_net) or `all` (the whole network)"""
@@ -212,7 +203,6 @@ class Args(PlasticityArgs, RunArgs):
     """what `--reset-at` re-initialises"""
     shrink_perturb_target: Literal["encoder", "heads", "all"] = "all"
     """what `--shrink-perturb-at` shrinks and perturbs"""
-
     # Evaluation
     eval_every: int = bounded(0, min=0)
     """evaluate every this many global steps (0: never; checked at rollout boundaries)"""
@@ -220,39 +210,14 @@ class Args(PlasticityArgs, RunArgs):
     """number of whole games per evaluation"""
     eval_deterministic: bool = True
     """evaluate the greedy policy (argmax); `--no-eval-deterministic` samples actions"""
-
     # to be filled in runtime
     batch_size: int = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
-    """the mini-batch size (computed in runtime)"""
     num_iterations: int = 0
     """the number of iterations (computed in runtime)"""
 
 
 # ---- Environment: ale-py's vector env driven to reproduce SB3's AtariWrapper + VecFrameStack(4) + VecTransposeImage --
-NOOP, FIRE, SECOND = 0, 1, 2  # SB3's FireResetEnv presses action 1 (FIRE) then action 2
-
-
-def parse_env_id(env_id: str) -> tuple:
-    """`BreakoutNoFrameskip-v4` -> ("breakout", 0.0); `ALE/Breakout-v5` -> ("breakout", 0.25 sticky actions)."""
-    from ale_py import roms
-
-    m = re.fullmatch(r"(?:ALE/)?([A-Z][A-Za-z0-9]*?)(NoFrameskip-v4|-v5)", env_id)
-    if m is None:
-        raise UserError(f"--env-id {env_id!r} is not an Atari id <Game>NoFrameskip-v4 or ALE/<Game>-v5")
-    game = re.sub(r"(?<!^)(?=[A-Z])", "_", m.group(1)).lower()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if roms.get_rom_path(game) is None:
-            raise UserError(f"--env-id {env_id!r}: ale-py has no ROM named {game!r}")
-    return game, (0.0 if m.group(2) == "NoFrameskip-v4" else 0.25)
-
-
-def env_options(args: Args) -> tuple:
-    return args.noop_max, args.max_episode_frames, args.env_threads
-
-
 class AtariEnvs:
     """ale-py steps the games (frame skip 4 with max-pool, 84x84 grey, noops, next-step autoreset); on top, as SB3:
     a life loss ends the agent's episode but not the game; after a reset FIRE, 2 and after a life loss NOOP, FIRE, 2
@@ -260,17 +225,22 @@ class AtariEnvs:
     Steps the agent does not decide (those, and the autoreset step) run in lock-step: `valid` is False for an env
     whose NEXT step is one, and the learner leaves them out. `info["games"]`: (env, raw score, frames) per game."""
 
-    def __init__(self, env_id, num_envs, seed, noop_max=30, max_episode_frames=108_000, num_threads=0):
-        import ale_py
-        from ale_py.vector_env import AtariVectorEnv
-
-        game, sticky = parse_env_id(env_id)
+    def __init__(self, env_id, num_envs, seed, max_episode_frames=108_000, num_threads=0, noop_max=30):
+        m = re.fullmatch(r"(?:ALE/)?([A-Z][A-Za-z0-9]*?)(NoFrameskip-v4|-v5)", env_id)
+        if m is None:
+            raise UserError(f"--env-id {env_id!r} is not an Atari id <Game>NoFrameskip-v4 or ALE/<Game>-v5")
+        game = re.sub(r"(?<!^)(?=[A-Z])", "_", m.group(1)).lower()  # SpaceInvaders -> space_invaders
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if ale_py.roms.get_rom_path(game) is None:
+                raise UserError(f"--env-id {env_id!r}: ale-py has no ROM named {game!r}")
         kw = dict(stack_num=1, use_fire_reset=False, episodic_life=False, life_loss_info=False, reward_clipping=False)
-        kw.update(noop_max=noop_max, repeat_action_probability=sticky, max_num_frames_per_episode=max_episode_frames)
+        kw.update(noop_max=noop_max, max_num_frames_per_episode=max_episode_frames)
+        kw["repeat_action_probability"] = 0.0 if m.group(2) == "NoFrameskip-v4" else 0.25  # -v5: sticky actions
         self.env = AtariVectorEnv(game, num_envs, num_threads=num_threads or min(num_envs, os.cpu_count() or 1), **kw)
         self.num_envs, self.seed, self.n_actions = num_envs, seed, int(self.env.single_action_space.n)
         actions = list(self.env.ale.get_action_set())
-        self.fire = [FIRE, SECOND] if len(actions) >= 3 and actions[FIRE] == ale_py.Action.FIRE else []
+        self.fire = [1, 2] if len(actions) >= 3 and actions[1] == ale_py.Action.FIRE else []  # as SB3's FireResetEnv
         self.stack = np.zeros((num_envs, 4, 84, 84), dtype=np.uint8)
         self.autoreset = np.zeros(num_envs, dtype=bool)
         self.game_return = np.zeros(num_envs, dtype=np.float64)
@@ -298,12 +268,10 @@ class AtariEnvs:
         self.game_return += raw.astype(np.float64)
         done = np.flatnonzero(game_over | truncated)
         games = [(int(i), float(self.game_return[i]), int(info["episode_frame_number"][i])) for i in done]
-        for i in done:
-            self.game_return[i], self.pending[i] = 0.0, []
-        for i in np.flatnonzero(was_autoreset):
-            self.pending[i] = list(self.fire)
         for i in np.flatnonzero(life_loss):
-            self.pending[i] = [NOOP, *self.fire]
+            self.pending[i] = [0, *self.fire]  # NOOP, then FIRE and 2
+        for i in done:  # the presses wait for the autoreset step, which takes no action
+            self.game_return[i], self.pending[i] = 0.0, list(self.fire)
         self.stack[:, :-1] = self.stack[:, 1:]
         self.stack[hidden, :-1] = 0  # so the first decided observation after a reset is [0, 0, 0, frame], as SB3's
         self.stack[:, -1] = frames[:, 0]
@@ -336,13 +304,8 @@ def nature_cnn(layer_norm: bool = False, activation: str = "relu") -> nn.Sequent
     return nn.Sequential(OrderedDict(cnn=cnn, linear=linear))
 
 
-def encoder_names(share_features_extractor: bool) -> list:
-    return ["features_extractor"] if share_features_extractor else ["pi_features_extractor", "vf_features_extractor"]
-
-
 def with_cache(module: nn.Module, x: torch.Tensor, cache: dict, path: str) -> torch.Tensor:
-    """module(x) (passing the cache on to an ActorCritic); an injected module takes the outputs of its frozen terms from
-    the batch `cache` when it carries them ("frozen/<path>/<term>" entries from Agent.frozen_outputs)."""
+    """module(x); an injected module takes its frozen terms' outputs from a batch `cache` (Agent.frozen_outputs)."""
     if isinstance(module, InjectedModule) and cache:
         return module(x, frozen_out=[cache.get(f"frozen/{path}/{i}") for i in range(len(module.terms))])
     return module(x, cache) if isinstance(module, ActorCritic) else module(x)
@@ -353,7 +316,8 @@ class ActorCritic(nn.Module):
 
     def __init__(self, n_actions, share_features_extractor=True, layer_norm=False, activation="relu"):
         super().__init__()
-        self.encoders = encoder_names(share_features_extractor)
+        shared = ["features_extractor"]
+        self.encoders = shared if share_features_extractor else ["pi_features_extractor", "vf_features_extractor"]
         for name in self.encoders:
             setattr(self, name, nature_cnn(layer_norm, activation))
         self.action_net = layer_init(nn.Linear(512, n_actions), std=0.01)
@@ -369,10 +333,10 @@ class Agent(nn.Module):
 
     def __init__(self, n_actions, share_features_extractor=True, layer_norm=False, activation="relu"):
         super().__init__()
-        self.n_actions = n_actions
         self.config = dict(n_actions=n_actions, share_features_extractor=share_features_extractor)
         self.config.update(layer_norm=layer_norm, activation=activation)
         self.policy = ActorCritic(**self.config)
+        self.n_actions, self.encoders = n_actions, self.policy.encoders  # an injection into `all` wraps the policy
 
     def forward(self, obs: torch.Tensor, cache: dict = None) -> torch.Tensor:
         """[logits | value] of uint8 observations: what injection leaves unchanged."""
@@ -387,49 +351,22 @@ class Agent(nn.Module):
     def get_action_and_value(self, obs, action=None, cache=None, deterministic=False, step=None):
         out = self(obs, cache)
         logits = out[:, : self.n_actions]
+        probs = Categorical(logits=logits, validate_args=False)
         if action is None:  # acting needs finite logits; in an update non-finite ones make the loss non-finite
             check_finite(logits, "the policy's logits", step)
-        probs = Categorical(logits=logits, validate_args=False)
-        if action is None:
             action = logits.argmax(dim=1) if deterministic else probs.sample()
         return action, probs.log_prob(action), probs.entropy(), out[:, self.n_actions]
 
 
 def target_modules(agent: Agent, target: str) -> dict:
-    """{module path: () -> a fresh module with the network's own orthogonal init} of an --inject-target, --reset-target
-    or --shrink-perturb-target (`reset_parameters` would give PyTorch's default init)."""
+    """{module path: () -> a fresh module with the network's own init, not PyTorch's} of an --{kind}-target."""
     if target == "all":
         return {"policy": partial(ActorCritic, **agent.config)}
     if target == "heads":
         action_net = lambda: layer_init(nn.Linear(512, agent.n_actions), std=0.01)
         return {"policy.action_net": action_net, "policy.value_net": lambda: layer_init(nn.Linear(512, 1), std=1.0)}
     encoder = partial(nature_cnn, agent.config["layer_norm"], agent.config["activation"])
-    return {f"policy.{name}": encoder for name in encoder_names(agent.config["share_features_extractor"])}
-
-
-# ---- Rollout data: advantages, and the flat batch of the steps the agent decided (with the frozen terms' outputs) ----
-def compute_gae(buf: dict, next_value, next_valid, gamma, gae_lambda):
-    """GAE where some steps are not the agent's. terminated[t]: step t ended an episode (no bootstrap). valid[t]: the
-    agent decided step t. A truncated game's step t is followed by the invalid autoreset step t+1 whose observation is
-    the final one, so V(final) bootstraps step t while the chain is cut there."""
-    rewards, values, terminated, valid = buf["rewards"], buf["values"], buf["terminated"], buf["valid"]
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        last = t == rewards.shape[0] - 1
-        nextvalues, nextvalid = (next_value, next_valid.float()) if last else (values[t + 1], valid[t + 1].float())
-        nonterminal = 1.0 - terminated[t]
-        delta = rewards[t] + gamma * nextvalues * nonterminal - values[t]
-        lastgaelam = delta + gamma * gae_lambda * nonterminal * nextvalid * lastgaelam
-        advantages[t] = lastgaelam
-    return advantages, advantages + values
-
-
-def flatten_rollout(buf: dict, advantages, returns) -> dict:
-    """The decided steps, flat: obs, actions, logprobs, values, advantages, returns and any frozen/... outputs."""
-    keep = torch.nonzero(buf["valid"].reshape(-1)).squeeze(1)
-    data = dict(buf, advantages=advantages, returns=returns)
-    return {k: v.flatten(0, 1)[keep] for k, v in data.items() if k not in ("rewards", "terminated", "valid")}
+    return {f"policy.{name}": encoder for name in agent.encoders}
 
 
 # ==== BEGIN SHARED BLOCK: injection (shared_blocks/injection.py; sync: tools/sync_blocks.py) ====
@@ -568,7 +505,29 @@ def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = 
 # ==== END SHARED BLOCK: injection ====
 
 
-# ---- PPO update (cleanRL's), plasticity metrics, the frozen-output cache ---------------------------------------------
+# ---- PPO (cleanRL's): advantages, the flat batch of the decided steps, the update; plasticity metrics, the cache -----
+def compute_gae(buf: dict, next_value, next_valid, gamma, gae_lambda):
+    """GAE where some steps are not the agent's (valid[t]: it decided step t). A truncated game's step t is followed by
+    the invalid autoreset step t+1, whose observation is the final one: V(final) bootstraps t, the chain is cut."""
+    rewards, values, terminated, valid = buf["rewards"], buf["values"], buf["terminated"], buf["valid"]
+    advantages, lastgaelam = torch.zeros_like(rewards), torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        last = t == rewards.shape[0] - 1
+        nextvalues, nextvalid = (next_value, next_valid.float()) if last else (values[t + 1], valid[t + 1].float())
+        nonterminal = 1.0 - terminated[t]
+        delta = rewards[t] + gamma * nextvalues * nonterminal - values[t]
+        lastgaelam = delta + gamma * gae_lambda * nonterminal * nextvalid * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+def flatten_rollout(buf: dict, advantages, returns) -> dict:
+    """The decided steps, flat: obs, actions, logprobs, values, advantages, returns and any frozen/... outputs."""
+    keep = torch.nonzero(buf["valid"].reshape(-1)).squeeze(1)
+    data = dict(buf, advantages=advantages, returns=returns)
+    return {k: v.flatten(0, 1)[keep] for k, v in data.items() if k not in ("rewards", "terminated", "valid")}
+
+
 def ppo_loss(agent: Agent, mb: dict, args: Args):
     """cleanRL's PPO loss on one minibatch (its frozen/... entries, if any, spare the frozen terms); (loss, parts)."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"], cache=mb)
@@ -580,7 +539,6 @@ def ppo_loss(agent: Agent, mb: dict, args: Args):
     pg_loss1 = -mb_advantages * ratio
     pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-    newvalue = newvalue.view(-1)
     if args.clip_vloss:
         v_loss_unclipped = (newvalue - mb["returns"]) ** 2
         v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
@@ -601,27 +559,22 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args, global_step: in
     clipfracs = []
     for _ in range(args.update_epochs):
         np.random.shuffle(b_inds)
-        for mb_inds in np.array_split(b_inds, args.num_minibatches):
-            if len(mb_inds) == 0:
-                continue
+        for mb_inds in np.array_split(b_inds, min(args.num_minibatches, len(b_inds))):  # none empty
             mb = torch.as_tensor(mb_inds, device=batch["obs"].device)
             loss, parts = ppo_loss(agent, {k: v[mb] for k, v in batch.items()}, args)
             if l2 > 0:
                 loss = loss + l2 * l2_penalty(agent)
             with torch.no_grad():
                 logratio, ratio = parts["logratio"], parts["logratio"].exp()
-                old_approx_kl = (-logratio).mean()
-                approx_kl = ((ratio - 1) - logratio).mean()
+                old_approx_kl, approx_kl = (-logratio).mean(), ((ratio - 1) - logratio).mean()
                 clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())  # on the device: no sync
             check_finite(loss, "PPO loss", global_step)
-
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # injection clears frozen .grad
             optimizer.step()
         if args.target_kl is not None and approx_kl > args.target_kl:
             break
-
     y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
     var_y = np.var(y_true)
     explained_var = np.nan if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
@@ -637,16 +590,13 @@ def plasticity_metrics(agent: Agent, batch: dict, summary: dict, args: Args) -> 
     if summary["probe"] is None:
         n = len(batch["obs"])
         idx = np.random.default_rng(args.seed + 12345).choice(n, min(args.metrics_batch_size, n), replace=False)
-        idx = torch.as_tensor(np.sort(idx), device=batch["obs"].device)
-        summary["probe"] = {k: v[idx].clone() for k, v in batch.items() if not k.startswith("frozen/")}
+        summary["probe"] = {k: v[np.sort(idx)] for k, v in batch.items() if not k.startswith("frozen/")}
     probe = summary["probe"] = {k: v.to(batch["obs"].device) for k, v in summary["probe"].items()}
-    loss_fn = lambda model: ppo_loss(model, probe, args)[0]
-    return measure_plasticity(agent, probe["obs"], loss_fn=loss_fn, tau=args.dormant_tau)
+    return measure_plasticity(agent, probe["obs"], lambda model: ppo_loss(model, probe, args)[0], args.dormant_tau)
 
 
 def cached_paths(agent: Agent, args: Args) -> list:
-    """Injected modules fed by the observation (encoder, all): their frozen terms run once per rollout step and the
-    outputs travel with the rollout data into every update epoch. Frozen heads stay in the shared encoder's graph."""
+    """Injected modules fed by the observation (encoder, all): their frozen terms run per rollout step, not epoch."""
     if not args.inject_cache_frozen or args.inject_target == "heads":
         return []
     return [p for p in target_modules(agent, args.inject_target) if isinstance(agent.get_submodule(p), InjectedModule)]
@@ -658,11 +608,8 @@ def validate_args(args: Args) -> tuple:
     {kind: {iteration: step}} of --{kind}-at: each step acts at the first rollout boundary at or after it."""
     check_ranges(args)
     check_compile(args)
-    metric_keys = plasticity_keys(Agent(4, args.share_features_extractor, args.layer_norm, args.activation))
-    check_intervention_args(args, args.total_timesteps, metric_keys)
-    parse_env_id(args.env_id)
+    check_intervention_args(args, args.total_timesteps, plasticity_keys(Agent(4)))  # the same keys for every variant
     args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
     if args.num_iterations < 1:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({args.batch_size} steps)")
@@ -671,8 +618,7 @@ def validate_args(args: Args) -> tuple:
         print(f"--total-timesteps {args.total_timesteps} is not a whole number of rollouts: running {steps}")
     if args.batch_size % args.num_minibatches:
         raise UserError(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch of {args.batch_size} steps "
-            "(--num-envs x --num-steps)"
+            f"--num-minibatches {args.num_minibatches} does not divide --num-envs x --num-steps = {args.batch_size}"
         )
     args.inject_at = sorted(args.inject_at)
     plan = {}
@@ -680,10 +626,9 @@ def validate_args(args: Args) -> tuple:
         flag, steps = f"--{kind.replace('_', '-')}-at", getattr(args, f"{kind}_at")
         plan[kind] = {-(-s // args.batch_size) + 1: s for s in check_steps(flag, steps, args.total_timesteps)}
         if max(plan[kind], default=0) > args.num_iterations or len(plan[kind]) < len(steps):
-            last = (args.num_iterations - 1) * args.batch_size
             raise UserError(
                 f"{flag} {steps}: each step must fall before a rollout of its own (one every {args.batch_size} steps, "
-                f"the last at step {last})"
+                f"the last at step {(args.num_iterations - 1) * args.batch_size})"
             )
     if args.pretrained_load_optimizer and not args.pretrained:
         raise UserError("--pretrained-load-optimizer needs --pretrained")
@@ -691,8 +636,8 @@ def validate_args(args: Args) -> tuple:
         raise UserError("--layer-norm cannot be combined with --pretrained: SB3 CnnPolicy weights have no norm layers")
     if not args.pretrained:
         return None, plan
-    info = read_sb3_zip(resolve_pretrained(args.pretrained))
-    envs = AtariEnvs(args.env_id, 1, 0, 0, 100, 1)
+    info = read_sb3_zip(args.pretrained)
+    envs = AtariEnvs(args.env_id, 1, 0, 100, 1, noop_max=0)
     envs.close()
     if info["n_actions"] != envs.n_actions:
         raise UserError(
@@ -701,8 +646,6 @@ def validate_args(args: Args) -> tuple:
         )
     print(f"continuing the {envs.n_actions}-action agent of {args.pretrained} on {args.env_id} (a zip names no game)")
     args.share_features_extractor = info["share"]
-    if args.pretrained_load_optimizer:  # check the Adam state now, before any run folder exists
-        build_agent(args, info["n_actions"], torch.device("cpu"), info)
     return info, plan
 
 
@@ -711,11 +654,10 @@ def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
     agent = Agent(n_actions, args.share_features_extractor, args.layer_norm, args.activation).to(device)
     if zip_info is not None:
         agent.load_state_dict(zip_info["state_dict"])
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)  # = per-tensor loop
     if zip_info is None or not args.pretrained_load_optimizer:
         return agent, optimizer
-    # SB3's Adam indexes policy.parameters(): the same tensors in the same order as agent.parameters() (SB3 lists an
-    # aliased features extractor once, first). Its moments and step counts load; our param group (lr, eps) stays.
+    # SB3's Adam indexes policy.parameters(), agent.parameters()' order (an aliased extractor once, first); lr: ours
     saved, params = zip_info["optimizer"], list(agent.parameters())
     if saved is None:
         raise UserError(f"--pretrained-load-optimizer: {zip_info['path']} has no policy.optimizer.pth")
@@ -727,29 +669,22 @@ def build_agent(args: Args, n_actions: int, device, zip_info: dict = None):
     return agent, optimizer
 
 
-def resolve_pretrained(spec: str) -> str:
-    """A local zip path, or a model-hub id (`org/name`) downloaded with huggingface_hub."""
-    if os.path.isfile(spec):
-        return spec
-    if os.path.exists(spec) or spec.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        raise UserError(f"--pretrained {spec}: no such file")
-    filename = spec.split("/")[1] + ".zip"
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo_id=spec, filename=filename)
-    except Exception as e:  # not installed, offline, unknown repo, missing file
-        what = f"could not download {filename} from the model hub ({type(e).__name__})"
-        raise UserError(f"--pretrained {spec}: {what}; pass a local path to the zip instead") from None
-
-
 def read_sb3_zip(path: str) -> dict:
-    """An SB3 PPO CnnPolicy zip, read by SB3's own loader and checked: its weights under our names (the extractors'
-    aliases dropped), Adam state, action count and extractor sharing. Spaces and schedules are never unpickled (the
-    public sb3/ agents were saved with the old `gym`): the spaces' facts come from the readable copy in `data`."""
+    """An SB3 PPO CnnPolicy zip (a file, or a model-hub id `org/name` fetched with huggingface_hub), read by SB3's
+    loader and checked: weights (our names), Adam state, action count, extractor sharing. Spaces are not unpickled
+    (old `gym` in the public sb3/ agents): their facts are in `data`."""
     from stable_baselines3.common.save_util import load_from_zip_file
 
     flag = f"--pretrained {path}"
+    if not os.path.isfile(path):
+        if os.path.exists(path) or path.endswith(".zip") or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            raise UserError(f"{flag}: no such file")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(repo_id=path, filename=path.split("/")[1] + ".zip")
+        except Exception as e:  # not installed, offline, unknown repo, missing file
+            raise UserError(f"{flag}: model-hub download failed ({type(e).__name__}); pass a local path") from None
     unused = ("learning_rate", "lr_schedule", "clip_range", "clip_range_vf", "observation_space", "action_space")
     try:
         with warnings.catch_warnings():
@@ -795,7 +730,8 @@ def read_sb3_zip(path: str) -> dict:
 @torch.no_grad()
 def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
     """Scores of --eval-episodes games of the greedy (or sampling) policy; none if a stop request cuts it short."""
-    envs = AtariEnvs(args.env_id, min(args.eval_episodes, args.num_envs), seed, *env_options(args))
+    num_envs = min(args.eval_episodes, args.num_envs)
+    envs = AtariEnvs(args.env_id, num_envs, seed, args.max_episode_frames, args.env_threads)
     obs, _ = envs.reset()
     scores = []
     while len(scores) < args.eval_episodes and RUN["stop"] is None:
@@ -808,31 +744,27 @@ def evaluate(agent: Agent, args: Args, device, seed: int) -> list:
 
 
 class VideoRecorder:
-    """--capture-video: the agent's view of env 0's games 0, 1, 8, 27, ..., 729, then every 1000th (cleanRL's
-    capped cubic schedule), to {folder}/game-{k}.mp4."""
+    """--capture-video: env 0's games 0, 1, 8, 27, ..., 729, then every 1000th (cleanRL's), to {folder}/game-{k}.mp4."""
 
     def __init__(self, folder: str):
-        self.folder, self.frames, self.game, self.on = folder, [], 0, True
+        self.folder, self.frames, self.game = folder, [], 0
 
     def add(self, frame: np.ndarray, games: list) -> None:
-        if self.on:
+        if self.game < 1000 and round(self.game ** (1 / 3)) ** 3 == self.game or self.game % 1000 == 0:
             self.frames.append(frame.copy())
-        if not any(env_i == 0 for env_i, _, _ in games):
-            return
-        if self.on and self.frames:
-            from moviepy import ImageSequenceClip
+        if any(env_i == 0 for env_i, _, _ in games):  # env 0's game ended
+            if self.frames:
+                from moviepy import ImageSequenceClip
 
-            os.makedirs(self.folder, exist_ok=True)
-            clip = ImageSequenceClip([np.repeat(f[:, :, None], 3, axis=2) for f in self.frames], fps=15)
-            clip.write_videofile(f"{self.folder}/game-{self.game}.mp4", logger=None)
-        self.game, self.frames = self.game + 1, []
-        self.on = self.game < 1000 and round(self.game ** (1 / 3)) ** 3 == self.game or self.game % 1000 == 0
+                os.makedirs(self.folder, exist_ok=True)
+                clip = ImageSequenceClip([np.repeat(f[:, :, None], 3, axis=2) for f in self.frames], fps=15)
+                clip.write_videofile(f"{self.folder}/game-{self.game}.mp4", logger=None)
+            self.game, self.frames = self.game + 1, []
 
 
 # ---- Training --------------------------------------------------------------------------------------------------------
 def intervene(kind: str, agent: Agent, optimizer, args: Args, obs: torch.Tensor) -> dict:
-    """Injection (`inject`), `reset` or `shrink_perturb` of --{kind}-target, or `redo` (ReDo, over the whole network),
-    in place; returns the values to log."""
+    """`inject`, `reset`, `shrink_perturb` (of --{kind}-target) or `redo` (whole network) in place; returns the log."""
     fresh = target_modules(agent, getattr(args, f"{kind}_target", "all"))
     if kind == "inject":
         ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
@@ -853,16 +785,15 @@ def train(args: Args) -> dict:
     seed_everything(args.seed, args.torch_deterministic)
     device = pick_device(args.cuda)
     start_step = ckpt["global_step"] if ckpt else 0  # a resumed run starts new games: ale-py cannot save them
-    envs = AtariEnvs(args.env_id, args.num_envs, args.seed + start_step, *env_options(args))
+    envs = AtariEnvs(args.env_id, args.num_envs, args.seed + start_step, args.max_episode_frames, args.env_threads)
     agent, optimizer = build_agent(args, envs.n_actions, device, zip_info)
     if args.compile:  # in place: the state_dict keys, injection and the metrics' hooks work as without it
         agent.compile()
-    # the run's history, which a checkpoint holds: games, events, evaluations, the adaptive trigger's fired steps
-    summary = {"games": [], "injections": [], "interventions": [], "evals": [], "losses": {}, "timing": []}
-    summary.update(fired=[], adaptive_reason=None, next_eval=args.eval_every, next_metrics=args.metrics_every)
-    summary.update(probe=None, iteration=1, intervened=0, global_step=0)
+    networks, optimizers = {"agent": agent}, {"optimizer": (optimizer, agent)}  # in checkpoints, with the summary
+    summary = dict(games=[], injections=[], interventions=[], evals=[], losses={}, timing=[], fired=[], probe=None)
+    summary.update(adaptive_reason=None, next_eval=args.eval_every, next_metrics=args.metrics_every)
     if ckpt is not None:  # resume: every state but the games in progress (a misfit stops here, nothing written)
-        restore_checkpoint(ckpt, {"agent": agent}, {"optimizer": (optimizer, agent)}, {})
+        restore_checkpoint(ckpt, networks, optimizers, {})
         summary = ckpt["history"]
     run_dir, writer = start_run(args, ckpt)  # the run's folder, locked; the first write of the run
     progress = Progress(args, device, start_step, args.num_iterations * args.batch_size)  # a bar or status lines
@@ -870,12 +801,11 @@ def train(args: Args) -> dict:
     global_step, start_time = start_step, time.time()
     next_obs, next_valid = (torch.as_tensor(a, device=device) for a in envs.reset())
 
-    for iteration in range(summary["iteration"], args.num_iterations + 1):
+    for iteration in range(start_step // args.batch_size + 1, args.num_iterations + 1):
         previous_step = max(global_step - args.batch_size, start_step)
-        # --- injection (at --inject-at, or when the adaptive trigger fired), reset, shrink-and-perturb ---------------
+        # --- injection (at --inject-at, or when the adaptive trigger fired), reset, shrink-and-perturb, ReDo ----------
         adaptive, summary["adaptive_reason"] = summary["adaptive_reason"], None
-        if summary["intervened"] < iteration:  # not yet done (a checkpoint of this iteration is written after them)
-            summary["intervened"] = iteration
+        if ckpt is None or global_step > start_step:  # a checkpoint is written after its step's interventions
             if iteration in plan["inject"] or adaptive is not None:
                 log = intervene("inject", agent, optimizer, args, next_obs)
                 if iteration in plan["inject"]:
@@ -890,29 +820,23 @@ def train(args: Args) -> dict:
                     log = intervene(kind, agent, optimizer, args, next_obs)
                     what = f"{kind} of {getattr(args, f'{kind}_target', 'all')}"
                     log_event(writer, summary["interventions"], global_step, what, log, kind=kind)
-        # --- checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop ------------
-        # (after everything logged at global_step: the resumed run logs from global_step + 1 on)
+        # --- checkpoint (--checkpoint-every, Ctrl-C, SIGTERM) after all logged at global_step; resumes log from + 1 --
         if checkpoint_due(args, global_step, previous_step):
-            summary.update(iteration=iteration, global_step=global_step)
-            networks, optimizers = {"agent": agent}, {"optimizer": (optimizer, agent)}
             save_checkpoint(global_step, global_step + 1, networks, optimizers, {}, history=summary)
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
-        cached = cached_paths(agent, args)  # their frozen terms run once per step; the outputs travel with the data
 
         # --- rollout ----------------------------------------------------------------------------------------------
         rollout_start, rollout = time.time(), []
         for _ in range(args.num_steps):
             global_step += args.num_envs
             with torch.no_grad():
-                cache = agent.frozen_outputs(next_obs, cached)
+                cache = agent.frozen_outputs(next_obs, cached_paths(agent, args))
                 action, logprob, _, value = agent.get_action_and_value(next_obs, cache=cache, step=global_step)
-            rollout.append(dict(obs=next_obs, valid=next_valid, actions=action, logprobs=logprob))
+            rollout.append(dict(cache, obs=next_obs, valid=next_valid, actions=action, logprobs=logprob, values=value))
             next_obs_np, reward, terminated, _, next_valid_np, info = envs.step(action.cpu().numpy())
-            rollout[-1].update(cache, values=value.flatten(), rewards=torch.as_tensor(reward, device=device))
-            rollout[-1]["terminated"] = torch.as_tensor(terminated, device=device, dtype=torch.float32)
-            next_obs = torch.as_tensor(next_obs_np, device=device)
-            next_valid = torch.as_tensor(next_valid_np, device=device)
+            rollout[-1].update(rewards=reward, terminated=terminated.astype(np.float32))  # to the device when stacked
+            next_obs, next_valid = (torch.as_tensor(a, device=device) for a in (next_obs_np, next_valid_np))
             if video is not None:
                 video.add(next_obs_np[0, -1], info["games"])
             for _, score, length in info["games"]:
@@ -920,10 +844,10 @@ def train(args: Args) -> dict:
                 writer.add_scalar("charts/episodic_return", score, global_step)
                 writer.add_scalar("charts/episodic_length", length, global_step)
                 summary["games"].append((global_step, score))
-        buf = {k: torch.stack([s[k] for s in rollout]) for k in rollout[0]}
+        buf = {k: torch.stack([torch.as_tensor(s[k], device=device) for s in rollout]) for k in rollout[0]}
         rollout_time = time.time() - rollout_start
 
-        # --- advantages and update --------------------------------------------------------------------------------
+        # --- advantages, update, the iteration's logs --------------------------------------------------------------
         with torch.no_grad():
             next_value = agent(next_obs)[:, -1]
             advantages, returns = compute_gae(buf, next_value, next_valid, args.gamma, args.gae_lambda)
@@ -932,7 +856,6 @@ def train(args: Args) -> dict:
         update_start = time.time()
         summary["losses"] = ppo_update(agent, optimizer, batch, args, global_step, l2)
         update_time = time.time() - update_start
-
         sps = int((global_step - start_step) / (time.time() - start_time))
         progress.update(global_step)
         scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps}
@@ -965,16 +888,13 @@ def train(args: Args) -> dict:
 
     if args.save_model:
         summary["model_path"] = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        model = {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args)}
-        model.update(global_step=global_step, agent_config=agent.config, n_actions=agent.n_actions)
-        model.update(share_features_extractor=agent.config["share_features_extractor"])
-        model["adaptive_trigger"] = {"fired": summary["fired"]}
+        model = dict(agent.config, model=agent.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
+        model.update(global_step=global_step, agent_config=agent.config, adaptive_trigger={"fired": summary["fired"]})
         atomic_save(model, summary["model_path"])
         print(f"model saved to {summary['model_path']}")
     envs.close()
     finish_run(global_step, summary.get("model_path") or run_dir)  # a stop asked during the last iteration exits here
-    run_name = os.path.basename(run_dir)
-    return dict(summary, global_step=global_step, run_name=run_name, agent=agent, optimizer=optimizer)
+    return dict(summary, global_step=global_step, run_name=os.path.basename(run_dir), agent=agent, optimizer=optimizer)
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
