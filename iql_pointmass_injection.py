@@ -968,6 +968,7 @@ RUN = dict(stop=None, checkpoint=None, writer=None, dir=None, lock=None, args=No
 RESUME_FREE = {"resume", "resume_allow_changes", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "cuda"}
 RESUME_FREE |= {"compile", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "verbose"}
 RESUME_ALLOWED = {"total_timesteps", "online_steps", "eval_every", "eval_episodes", "metrics_every", "log_every"}
+RESUME_ALLOWED |= {"num_iterations"}  # PPO's rollouts, computed from --total-timesteps
 
 
 class UserError(Exception):

@@ -427,3 +427,28 @@ def test_report_reads_a_resumed_run_as_tensorboard_does(tmp_path):
     theirs = read_scalars(tmp_path)
     assert ours["a"] == {s: float(v) for s, v in theirs["a"]} == {**{s: s for s in range(6)}, 6: 106, 7: 107}
     assert ours["b"] == {s: float(v) for s, v in theirs["b"]} == {s: -s for s in range(6)}
+
+
+def test_a_longer_ppo_run_may_resume_with_resume_allow_changes(tmp_path, monkeypatch):
+    """PPO's rollout count follows --total-timesteps: a longer run resumes (with the flag), a shorter one is refused."""
+    monkeypatch.chdir(tmp_path)
+    P = load_script("ppo_atari_injection")
+    flags = dict(env_id="BreakoutNoFrameskip-v4", num_envs=2, num_steps=32, cuda=False, exp_name="r")
+    saved = P.Args(total_timesteps=256, **flags)
+    P.validate_args(saved)
+    path = tmp_path / "runs" / "r" / "checkpoints" / "step_000000000128.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"script": "ppo_atari_injection.py", "log_step": 129, "global_step": 128, "args": vars(saved)}, path)
+    for total, allow, says in ((512, True, None), (512, False, "--resume-allow-changes"), (128, True, "only grow")):
+        args = P.Args(total_timesteps=total, resume="runs/r", resume_allow_changes=allow, **flags)
+        P.validate_args(args)
+        try:
+            if says is None:
+                assert P.find_checkpoint(args, "ppo_atari_injection.py")["global_step"] == 128
+            else:
+                with pytest.raises(P.UserError, match=says):
+                    P.find_checkpoint(args, "ppo_atari_injection.py")
+        finally:
+            if P.RUN["lock"] is not None:
+                os.close(P.RUN["lock"])
+            P.RUN.update(lock=None, dir=None)
