@@ -17,8 +17,8 @@ from conftest import ROOT, load_blocks, load_script, read_scalars, run_script
 
 DQN = "--env-id CartPole-v1 --total-timesteps 6000 --learning-starts 500 --buffer-size 2000 --inject-at 3500 "
 DQN += "--metrics-every 500 --eval-every 0 --eval-episodes 2 --checkpoint-every 1000 --keep-checkpoints 20"
-IQL = "--offline-steps 1500 --online-steps 3000 --inject-at 2500 --dataset-steps 2000 --eval-every 1000 "
-IQL += "--eval-episodes 3 --metrics-every 500 --checkpoint-every 500 --keep-checkpoints 20 --dataset-dir datasets"
+IQL = "--offline-steps 600 --online-steps 1200 --inject-at 1000 --dataset-steps 1000 --eval-every 400 "
+IQL += "--eval-episodes 3 --metrics-every 200 --checkpoint-every 200 --keep-checkpoints 20 --dataset-dir datasets"
 PPO = "--env-id BreakoutNoFrameskip-v4 --num-envs 2 --num-steps 32 --total-timesteps 1280 --inject-at 640 "
 PPO += "--metrics-every 256 --eval-every 0 --checkpoint-every 128 --keep-checkpoints 20"
 RUNS = {"dqn_atari_injection": DQN, "iql_pointmass_injection": IQL, "ppo_atari_injection": PPO}
@@ -102,7 +102,7 @@ def plant_partial_write(folder: str, step: int) -> str:
     return tmp
 
 
-KILLS = {"dqn_atari_injection": (1000, 4000), "iql_pointmass_injection": (500, 3000)}  # checkpoint steps, see RUNS
+KILLS = {"dqn_atari_injection": (1000, 4000), "iql_pointmass_injection": (200, 1200)}  # checkpoint steps, see RUNS
 
 
 @pytest.mark.parametrize("script", ["dqn_atari_injection", "iql_pointmass_injection"])
@@ -398,7 +398,7 @@ def test_atari_dqn_without_the_buffer_in_checkpoints_resumes_with_new_games_and_
 
 def test_tracked_run_resumes_the_same_wandb_run(tmp_cwd):
     script = "iql_pointmass_injection"
-    flags = [*IQL.split(), "--online-steps", "1500", "--no-cuda", "--track", "--exp-name", "tracked"]
+    flags = [*IQL.split(), "--online-steps", "600", "--no-cuda", "--track", "--exp-name", "tracked"]
     assert run_script(script, *flags, cwd=tmp_cwd).returncode == 0
     checkpoint = sorted(glob.glob(os.path.join(run_dir(tmp_cwd, "tracked"), "checkpoints", "*.pt")))[0]
     unfinish(run_dir(tmp_cwd, "tracked"))
