@@ -151,7 +151,6 @@ class RunArgs:
 class Args(PlasticityArgs, RunArgs):
     capture_video: bool = False
     """record one greedy episode at each evaluation into `videos/{run_name}`"""
-
     # Algorithm specific arguments
     env_id: str = "PhoenixNoFrameskip-v4"
     """an Atari game (`<Game>NoFrameskip-v4`, `ALE/<Game>-v5`) or an env with flat Box obs and Discrete actions"""
@@ -193,7 +192,6 @@ class Args(PlasticityArgs, RunArgs):
     """number of whole episodes (real games, all lives) per evaluation; 0 = no evaluation"""
     eval_epsilon: float = bounded(0.0, min=0, max=1)
     """epsilon of the evaluation policy (0 = greedy)"""
-
     # Plasticity injection and the interventions (the shared flags are PlasticityArgs')
     inject_target: Literal["head", "all"] = "head"
     """where to inject: `head` = the MLP head after the encoder (the paper), `all` = the whole Q-network"""
@@ -205,7 +203,6 @@ class Args(PlasticityArgs, RunArgs):
     """what --reset-at re-initialises"""
     shrink_perturb_target: Literal["head", "all"] = "all"
     """what --shrink-perturb-at changes"""
-
     # Continual mode (vector observations only)
     task_switch_every: int = bounded(0, min=0)
     """continual learning: every this many env steps the task changes: task k shows the observation features in a
@@ -214,7 +211,6 @@ class Args(PlasticityArgs, RunArgs):
     of a task); the networks and optimizer carry over; 0 = off"""
     task_permute_actions: bool = False
     """continual mode: each task also relabels the actions (a seeded random permutation)"""
-
     # Atari-only options (an error on other envs when changed from the default)
     frame_stack: int = bounded(4, min=1)
     """Atari only: number of stacked frames"""
@@ -267,10 +263,9 @@ def make_env_spec(args: Args) -> EnvSpec:
     return EnvSpec(env_id, None, tuple(obs_space.shape), int(n_actions))
 
 
-class PermutedTask(gym.Wrapper):
-    """Continual mode (--task-switch-every): task k shows the observation features in a seeded random order with
-    random signs and, with --task-permute-actions, relabels the actions; task 0 is the env itself. Every task is the
-    same MDP with its inputs (and outputs) renamed, so all are equally hard for an MLP."""
+class PermutedTask(gym.ObservationWrapper):
+    """Continual mode: task k > 0 is the env with its observation features (and, with --task-permute-actions, its
+    actions) renamed: the same MDP, equally hard for an MLP."""
 
     def __init__(self, env: gym.Env, seed: int, task: int, permute_actions: bool):
         super().__init__(env)
@@ -286,13 +281,8 @@ class PermutedTask(gym.Wrapper):
     def observation(self, obs) -> np.ndarray:
         return (np.asarray(obs, np.float32)[self.order] * self.signs).astype(np.float32)
 
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        return self.observation(obs), info
-
     def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(int(self.actions[action]))
-        return self.observation(obs), reward, terminated, truncated, info
+        return super().step(int(self.actions[action]))
 
 
 def task_at(args: Args, step: int) -> int:
@@ -313,21 +303,14 @@ def make_envs(spec: EnvSpec, args: Args, num_envs: int, task: int = 0):
         if args.task_switch_every:
             make = lambda: PermutedTask(gym.make(spec.env_id), args.seed, task, args.task_permute_actions)
         return gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
-    return ale_py.vector_env.AtariVectorEnv(
-        spec.atari_game,
-        num_envs,
-        num_threads=max(1, min(num_envs, os.cpu_count() or 1)),
-        stack_num=args.frame_stack,
-        frameskip=4,
-        maxpool=True,
-        noop_max=args.noop_max,
-        repeat_action_probability=args.repeat_action_probability,
-        max_num_frames_per_episode=args.max_episode_frames,
-        use_fire_reset=True,
-        episodic_life=False,  # life losses come from info["lives"] (EpisodeTracker): the game goes on
-        life_loss_info=False,
-        reward_clipping=False,  # raw rewards: the tracker clips them for training
+    threads = max(1, min(num_envs, os.cpu_count() or 1))
+    frames = dict(stack_num=args.frame_stack, frameskip=4, maxpool=True, noop_max=args.noop_max, use_fire_reset=True)
+    games = dict(
+        repeat_action_probability=args.repeat_action_probability, max_num_frames_per_episode=args.max_episode_frames
     )
+    # raw rewards, and a life loss goes on with the game: the EpisodeTracker clips rewards and reads info["lives"]
+    raw = dict(episodic_life=False, life_loss_info=False, reward_clipping=False)
+    return ale_py.vector_env.AtariVectorEnv(spec.atari_game, num_envs, num_threads=threads, **frames, **games, **raw)
 
 
 def make_video_env(spec: EnvSpec, args: Args, run_name: str):
@@ -738,42 +721,36 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             tp.lerp_(p, tau)
 
 
-def inject(q_network, target_network, optimizer, probe, args: Args) -> dict:
-    """Plasticity injection into --inject-target; the target network is synced first (--inject-sync-target) and gets
-    the same fresh values. `probe`, a batch of observations, only measures the output change."""
-    return inject_plasticity(
-        q_network,
-        INJECT_PATHS[args.inject_target],
-        probe,
-        targets=[target_network],
-        sync_targets=args.inject_sync_target,
-        optimizers=[optimizer],
-        reset_optimizer=args.inject_reset_optimizer,
-        keep_trainable=args.inject_keep_trainable,
-        third_term=not args.inject_no_third_term,
-    )
+def apply_intervention(kind: str, q_network, target_network, optimizer, probe, args: Args) -> dict:
+    """Plasticity injection (`kind` "injection", into --inject-target; the target network synced first with
+    --inject-sync-target) or a baseline: "reset" or "shrink_perturb" (of --{kind}-target) or "redo"; the target network
+    gets the same fresh values. `probe` (observations) measures the output change, or finds ReDo's dormant units.
+    Returns the values to log."""
+    targets = [target_network]
+    if kind == "injection":
+        adam = dict(optimizers=[optimizer], reset_optimizer=args.inject_reset_optimizer)
+        ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
+        paths, sync = INJECT_PATHS[args.inject_target], args.inject_sync_target
+        return inject_plasticity(q_network, paths, probe, targets=targets, sync_targets=sync, **adam, **ablations)
+    if kind == "redo":
+        return redo(q_network, probe, args.redo_tau, optimizers=[optimizer], targets=targets)
+    if kind == "reset":
+        return reset_modules(q_network, INJECT_PATHS[args.reset_target], optimizers=[optimizer], targets=targets)
+    paths = INJECT_PATHS[args.shrink_perturb_target]
+    return shrink_perturb(q_network, paths, args.sp_shrink, args.sp_perturb, targets=targets)
 
 
 def intervene(kind: str, step: int, q_network, target_network, optimizer, rb, rngs: dict, args: Args, writer, history):
-    """Plasticity injection (`kind` "injection", or "adaptive" when the trigger fired) or a baseline it is compared
-    against ("reset", "shrink_perturb", "redo") at `step`; the target network gets the same values. Logged as an
-    event."""
-    if kind in ("injection", "adaptive", "redo"):  # the probe: a seeded replay batch
+    """`apply_intervention` at `step` (`kind` "adaptive": an injection the trigger fired), probing with a seeded
+    replay batch; logged as an event."""
+    injection, probe = kind in ("injection", "adaptive"), None
+    if kind not in ("reset", "shrink_perturb"):
         probe = rb.sample(args.probe_batch_size, next(q_network.parameters()).device, rng=rngs["probe"])[0]
-    if kind in ("injection", "adaptive"):
-        log = inject(q_network, target_network, optimizer, probe, args)
+    log = apply_intervention("injection" if injection else kind, q_network, target_network, optimizer, probe, args)
+    if injection:
         log["injection/adaptive"] = float(kind == "adaptive")
         log_event(writer, history["injections"], step, "injection", log)
-    elif kind == "redo":
-        log = redo(q_network, probe, args.redo_tau, optimizers=[optimizer], targets=[target_network])
-        log_event(writer, history["interventions"], step, kind, log, kind=kind)
-    elif kind == "reset":
-        paths = INJECT_PATHS[args.reset_target]
-        log = reset_modules(q_network, paths, optimizers=[optimizer], targets=[target_network])
-        log_event(writer, history["interventions"], step, kind, log, kind=kind)
     else:
-        paths = INJECT_PATHS[args.shrink_perturb_target]
-        log = shrink_perturb(q_network, paths, args.sp_shrink, args.sp_perturb, targets=[target_network])
         log_event(writer, history["interventions"], step, kind, log, kind=kind)
 
 
@@ -801,27 +778,23 @@ def play(q_network, envs, seed: int, epsilon: float, device) -> Optional[np.ndar
     return returns if done.all() else None
 
 
-def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) -> list:
-    """RAW returns of --eval-episodes whole games (one per env of a fresh vector env, on the task of `step`), logged;
-    [] after a stop."""
+def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer, video_env) -> tuple:
+    """RAW returns of --eval-episodes whole games (one per env of a fresh vector env, on the task of `step`), logged
+    ([] after a stop), then one greedy episode into the video env; returns them and the video env (None once a
+    recording failed, with a warning: video never ends a run)."""
     envs = make_envs(spec, args, args.eval_episodes, task_at(args, max(step - 1, 0)))
     returns = play(q_network, envs, args.seed + 100_000, args.eval_epsilon, device)
     envs.close()
-    if returns is None:
-        return []
-    writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
-    print(f"global_step={step}, eval/episodic_return={np.mean(returns):.2f} (+- {np.std(returns):.2f})")
-    return returns.tolist()
-
-
-def record_video(q_network, video_env, device, seed: int):
-    """One greedy episode into the video env; returns it, or None (with a warning) once recording fails."""
+    if returns is not None:
+        writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
+        print(f"global_step={step}, eval/episodic_return={np.mean(returns):.2f} (+- {np.std(returns):.2f})")
     try:
         if video_env is not None:
-            play(q_network, video_env, seed, 0.0, device)
-        return video_env
+            play(q_network, video_env, args.seed + 200_000 + step, 0.0, device)
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
+        video_env = None
+    return ([] if returns is None else returns.tolist()), video_env
 
 
 def new_games(envs, rb: ReplayBuffer, tracker: EpisodeTracker, seed: int) -> np.ndarray:
@@ -999,14 +972,12 @@ def train(args: Args) -> dict:
                     intervene("adaptive", step, q_network, target_network, optimizer, rb, rngs, args, writer, history)
 
             if args.eval_episodes > 0 and args.eval_every > 0 and step > 0 and step % args.eval_every == 0:
-                history["eval_returns"] = evaluate(q_network, spec, args, device, step, writer)
-                video_env = record_video(q_network, video_env, device, args.seed + 200_000 + step)
+                history["eval_returns"], video_env = evaluate(q_network, spec, args, device, step, writer, video_env)
         progress.update(global_step + args.num_envs)
 
     global_step = args.total_timesteps
     if args.eval_episodes > 0:
-        history["eval_returns"] = evaluate(q_network, spec, args, device, global_step, writer)
-        video_env = record_video(q_network, video_env, device, args.seed + 200_000 + global_step)
+        history["eval_returns"], video_env = evaluate(q_network, spec, args, device, global_step, writer, video_env)
     model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model") if args.save_model else None
     if model_path:
         save_model(model_path, q_network, args, global_step, history["injections"], history["fired"])
@@ -1015,23 +986,15 @@ def train(args: Args) -> dict:
     if video_env is not None:
         video_env.close()
     finish_run(global_step, model_path or run_dir)  # a stop asked during the final evaluation or save exits here
-    returns = history["train_returns"]
-    return {
-        "run_name": os.path.basename(run_dir),
-        "run_dir": run_dir,
-        "model_path": model_path,
-        "global_step": global_step,
-        "eval/episodic_return": float(np.mean(history["eval_returns"])) if history["eval_returns"] else None,
-        "eval_returns": history["eval_returns"],
-        "charts/episodic_return": float(np.mean(returns[-20:])) if returns else None,
-        "train_returns": returns,
-        "losses/td_loss": None if loss is None else float(loss),
-        "losses/q_values": None if q_mean is None else float(q_mean),
-        "injections": history["injections"],
-        "interventions": history["interventions"],
-        "plasticity": history["metrics"],
-        "SPS": int((global_step - start_step) / max(time.time() - start_time, 1e-9)),
-    }
+    returns, evals = history["train_returns"], history["eval_returns"]
+    summary = dict(history, run_name=os.path.basename(run_dir), run_dir=run_dir, model_path=model_path)
+    summary.update(global_step=global_step, plasticity=history["metrics"])
+    summary["eval/episodic_return"] = float(np.mean(evals)) if evals else None
+    summary["charts/episodic_return"] = float(np.mean(returns[-20:])) if returns else None
+    summary["losses/td_loss"] = None if loss is None else float(loss)
+    summary["losses/q_values"] = None if q_mean is None else float(q_mean)
+    summary["SPS"] = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
+    return summary
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====
