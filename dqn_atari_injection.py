@@ -1,12 +1,8 @@
-"""DQN (Double DQN by default) with plasticity injection (Nikishin et al., NeurIPS 2023), cleanRL style.
+"""DQN (Double DQN by default) with plasticity injection (Nikishin et al., NeurIPS 2023), cleanRL style: Atari games
+on ale-py's vector env (`NoFrameskip-v4` semantics, Nature DQN), or flat-observation envs (CartPole-v1) with an MLP.
+`python dqn_atari_injection.py --env-id PhoenixNoFrameskip-v4 --inject-at 5000000`; flags: `--help`; more: README.md."""
 
-    python dqn_atari_injection.py --env-id PhoenixNoFrameskip-v4 --inject-at 5000000 --cuda
-
-Atari games run on ale-py's native vector env with `NoFrameskip-v4` semantics (Nature DQN network); flat-observation
-gymnasium envs (CartPole-v1, LunarLander-v3) use an MLP. Training treats a life loss as terminal and learns from
-sign-clipped rewards; logged scores are raw whole games. Flags: `--help`; logs, checkpoints, tests: README.md.
-"""
-
+import importlib.util
 import os
 import pickle
 import time
@@ -206,9 +202,8 @@ class Args(PlasticityArgs, RunArgs):
     # Continual mode (vector observations only)
     task_switch_every: int = bounded(0, min=0)
     """continual learning: every this many env steps the task changes: task k shows the observation features in a
-    seeded random order with random signs (task 0: the env itself); each task starts new episodes with an empty
-    replay buffer, learns after --learning-starts of its steps and decays epsilon anew (over --exploration-fraction
-    of a task); the networks and optimizer carry over; 0 = off"""
+    seeded random order with random signs (task 0: the env itself); each task starts new episodes with an empty replay
+    buffer, --learning-starts and epsilon's decay anew; the networks and optimizer carry over; 0 = off"""
     task_permute_actions: bool = False
     """continual mode: each task also relabels the actions (a seeded random permutation)"""
     # Atari-only options (an error on other envs when changed from the default)
@@ -220,13 +215,11 @@ class Args(PlasticityArgs, RunArgs):
     """Atari only: sticky actions (0 = NoFrameskip-v4 semantics; v5 ids also use this value)"""
     episodic_life: bool = True
     """Atari only: a life loss ends the episode for training (the game continues; scores are whole games)"""
-    clip_reward: bool = True
-    """Atari only: learn from sign(reward) (scores are always logged raw)"""
     max_episode_frames: int = bounded(108000, min=1)
     """Atari only: truncate a game after this many emulator frames (108000 = 30 minutes)"""
 
 
-ATARI_ONLY = "frame_stack noop_max repeat_action_probability episodic_life clip_reward max_episode_frames".split()
+ATARI_ONLY = "frame_stack noop_max repeat_action_probability episodic_life max_episode_frames".split()
 INJECT_PATHS = {"head": ["net.1"], "all": ["net"]}  # --inject-target, --reset-target, --shrink-perturb-target
 
 
@@ -242,9 +235,8 @@ class EnvSpec:
 
 def make_env_spec(args: Args) -> EnvSpec:
     """What --env-id is (`Phoenix-v5` means `ALE/Phoenix-v5`); a UserError naming --env-id when it is unusable."""
-    env_id = args.env_id
-    if env_id.endswith("-v5") and "/" not in env_id and f"ALE/{env_id}" in gym.registry:
-        env_id = f"ALE/{env_id}"
+    ale_id = f"ALE/{args.env_id}"
+    env_id = ale_id if args.env_id.endswith("-v5") and ale_id in gym.registry else args.env_id
     try:
         spec, env = gym.spec(env_id), gym.make(env_id)
         env.close()
@@ -296,8 +288,7 @@ def task_start(args: Args, step: int) -> int:
 
 
 def make_envs(spec: EnvSpec, args: Args, num_envs: int, task: int = 0):
-    """A gymnasium 1.x vector env with next-step autoreset (Atari: ale-py's native C++ vector env); in continual
-    mode each env shows `task`."""
+    """A gymnasium 1.x vector env with next-step autoreset (Atari: ale-py's C++ vector env); its envs show `task`."""
     if not spec.atari:
         make = lambda: gym.make(spec.env_id)
         if args.task_switch_every:
@@ -384,7 +375,7 @@ class QNetwork(nn.Module):
     """Atari: the Nature DQN conv torso (3136 features), head Linear(3136, 512) + activation + Linear(512, actions).
     Vector obs: encoder Linear(obs, 120) + activation, head Linear(120, 84) + activation + Linear(84, actions)."""
 
-    def __init__(self, obs_shape, n_actions: int, *, atari: bool, layer_norm: bool = False, activation: str = "relu"):
+    def __init__(self, obs_shape, n_actions: int, atari: bool, layer_norm: bool = False, activation: str = "relu"):
         super().__init__()
         self.obs_shape, self.n_actions, self.atari = tuple(obs_shape), int(n_actions), atari
         if atari:
@@ -403,9 +394,7 @@ class QNetwork(nn.Module):
 
 
 def build_network(spec: EnvSpec, args: Args) -> QNetwork:
-    return QNetwork(
-        spec.obs_shape, spec.n_actions, atari=spec.atari, layer_norm=args.layer_norm, activation=args.activation
-    )
+    return QNetwork(spec.obs_shape, spec.n_actions, spec.atari, args.layer_norm, args.activation)
 
 
 def save_model(path: str, q_network: QNetwork, args: Args, global_step: int, injections: list, fired=()) -> None:
@@ -455,7 +444,9 @@ class ReplayBuffer:
         self.rng = np.random.default_rng(seed)
 
     def reset(self, obs: np.ndarray) -> None:
-        """The observations of env.reset(): each env's first."""
+        """The observations of env.reset(): each env's first (the newest before them end their episodes)."""
+        if self.t > 0:
+            self.last[:, (self.t - 1) % self.cap] = True
         p = self.t % self.cap
         self.frames[:, p] = obs[:, -1] if self.stacked else obs
         self.first[:, p], self.last[:, p] = True, False
@@ -523,11 +514,6 @@ class ReplayBuffer:
         for k in self.ARRAYS:
             getattr(self, k)[:, : state[k].shape[1]] = state[k].numpy()
         self.t = state["t"]
-
-    def end_episodes(self) -> None:
-        """The envs restart (a resume that could not restore them): the newest observations end their episodes."""
-        if self.t > 0:
-            self.last[:, (self.t - 1) % self.cap] = True
 
 
 # ==== BEGIN SHARED BLOCK: injection (shared_blocks/injection.py; sync: tools/sync_blocks.py) ====
@@ -722,10 +708,9 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
 
 
 def apply_intervention(kind: str, q_network, target_network, optimizer, probe, args: Args) -> dict:
-    """Plasticity injection (`kind` "injection", into --inject-target; the target network synced first with
-    --inject-sync-target) or a baseline: "reset" or "shrink_perturb" (of --{kind}-target) or "redo"; the target network
-    gets the same fresh values. `probe` (observations) measures the output change, or finds ReDo's dormant units.
-    Returns the values to log."""
+    """Plasticity injection (`kind` "injection") or a baseline ("reset", "shrink_perturb", "redo") as the flags say;
+    the target network gets the same fresh values. `probe` (observations) measures the output change (ReDo: finds
+    dormant units). Returns the values to log."""
     targets = [target_network]
     if kind == "injection":
         adam = dict(optimizers=[optimizer], reset_optimizer=args.inject_reset_optimizer)
@@ -779,9 +764,8 @@ def play(q_network, envs, seed: int, epsilon: float, device) -> Optional[np.ndar
 
 
 def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer, video_env) -> tuple:
-    """RAW returns of --eval-episodes whole games (one per env of a fresh vector env, on the task of `step`), logged
-    ([] after a stop), then one greedy episode into the video env; returns them and the video env (None once a
-    recording failed, with a warning: video never ends a run)."""
+    """RAW returns of --eval-episodes games (one per env, on the task of `step`; [] after a stop), then a greedy episode
+    into the video env; returns both (the video env None, with a warning, once recording failed: never an error)."""
     envs = make_envs(spec, args, args.eval_episodes, task_at(args, max(step - 1, 0)))
     returns = play(q_network, envs, args.seed + 100_000, args.eval_epsilon, device)
     envs.close()
@@ -800,7 +784,6 @@ def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer, vi
 def new_games(envs, rb: ReplayBuffer, tracker: EpisodeTracker, seed: int) -> np.ndarray:
     """New episodes in every env (a new run, a resume with envs that cannot be saved, a task switch)."""
     obs, info = envs.reset(seed=env_seeds(envs, seed))
-    rb.end_episodes()
     rb.reset(obs)
     tracker.reset(info)
     return obs
@@ -840,11 +823,8 @@ def validate_args(args: Args) -> EnvSpec:
             flag = ("--no-" if getattr(args, f.name) is False else "--") + f.name.replace("_", "-")
             raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
     check_intervention_args(args, args.total_timesteps, plasticity_keys(build_network(spec, args)))
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            raise UserError("--capture-video needs moviepy (pip install moviepy)") from None
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        raise UserError("--capture-video needs moviepy (pip install moviepy)")
     return spec
 
 
@@ -868,7 +848,7 @@ def train(args: Args) -> dict:
     if args.compile:  # in place: the state_dict keys, injection and the metrics' hooks work as without it
         q_network.compile()
         target_network.compile()
-    tracker = EpisodeTracker(args.num_envs, spec.atari and args.episodic_life, spec.atari and args.clip_reward)
+    tracker = EpisodeTracker(args.num_envs, spec.atari and args.episodic_life, clip_reward=spec.atari)  # as cleanRL
     # the run's random generators: actions, injection probes, the metrics' probe batch, replay sampling (seed + 1)
     rngs = {k: np.random.default_rng(args.seed + i) for k, i in (("act", 0), ("probe", 2), ("metrics", 3))}
     rngs["buffer"] = rb.rng
