@@ -317,7 +317,6 @@ def make_video_env(spec: EnvSpec, args: Args, run_name: str):
         return gym.vector.SyncVectorEnv([lambda: env])
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
-        return None
 
 
 class EpisodeTracker:
