@@ -1,12 +1,8 @@
-"""DQN (Double DQN by default) with plasticity injection (Nikishin et al., NeurIPS 2023), cleanRL style.
+"""DQN (Double DQN by default) with plasticity injection (Nikishin et al., NeurIPS 2023), cleanRL style: Atari games
+on ale-py's vector env (`NoFrameskip-v4` semantics, Nature DQN), or flat-observation envs (CartPole-v1) with an MLP.
+`python dqn_atari_injection.py --env-id PhoenixNoFrameskip-v4 --inject-at 5000000`; flags: `--help`; more: README.md."""
 
-    python dqn_atari_injection.py --env-id PhoenixNoFrameskip-v4 --inject-at 5000000 --cuda
-
-Atari games run on ale-py's native vector env with `NoFrameskip-v4` semantics (Nature DQN network); flat-observation
-gymnasium envs (CartPole-v1, LunarLander-v3) use an MLP. Training treats a life loss as terminal and learns from
-sign-clipped rewards; logged scores are raw whole games. Flags: `--help`; logs, checkpoints, tests: README.md.
-"""
-
+import importlib.util
 import os
 import pickle
 import time
@@ -151,7 +147,6 @@ class RunArgs:
 class Args(PlasticityArgs, RunArgs):
     capture_video: bool = False
     """record one greedy episode at each evaluation into `videos/{run_name}`"""
-
     # Algorithm specific arguments
     env_id: str = "PhoenixNoFrameskip-v4"
     """an Atari game (`<Game>NoFrameskip-v4`, `ALE/<Game>-v5`) or an env with flat Box obs and Discrete actions"""
@@ -193,7 +188,6 @@ class Args(PlasticityArgs, RunArgs):
     """number of whole episodes (real games, all lives) per evaluation; 0 = no evaluation"""
     eval_epsilon: float = bounded(0.0, min=0, max=1)
     """epsilon of the evaluation policy (0 = greedy)"""
-
     # Plasticity injection and the interventions (the shared flags are PlasticityArgs')
     inject_target: Literal["head", "all"] = "head"
     """where to inject: `head` = the MLP head after the encoder (the paper), `all` = the whole Q-network"""
@@ -205,16 +199,13 @@ class Args(PlasticityArgs, RunArgs):
     """what --reset-at re-initialises"""
     shrink_perturb_target: Literal["head", "all"] = "all"
     """what --shrink-perturb-at changes"""
-
     # Continual mode (vector observations only)
     task_switch_every: int = bounded(0, min=0)
     """continual learning: every this many env steps the task changes: task k shows the observation features in a
-    seeded random order with random signs (task 0: the env itself); each task starts new episodes with an empty
-    replay buffer, learns after --learning-starts of its steps and decays epsilon anew (over --exploration-fraction
-    of a task); the networks and optimizer carry over; 0 = off"""
+    seeded random order with random signs (task 0: the env itself); each task starts new episodes with an empty replay
+    buffer, --learning-starts and epsilon's decay anew; the networks and optimizer carry over; 0 = off"""
     task_permute_actions: bool = False
     """continual mode: each task also relabels the actions (a seeded random permutation)"""
-
     # Atari-only options (an error on other envs when changed from the default)
     frame_stack: int = bounded(4, min=1)
     """Atari only: number of stacked frames"""
@@ -224,13 +215,11 @@ class Args(PlasticityArgs, RunArgs):
     """Atari only: sticky actions (0 = NoFrameskip-v4 semantics; v5 ids also use this value)"""
     episodic_life: bool = True
     """Atari only: a life loss ends the episode for training (the game continues; scores are whole games)"""
-    clip_reward: bool = True
-    """Atari only: learn from sign(reward) (scores are always logged raw)"""
     max_episode_frames: int = bounded(108000, min=1)
     """Atari only: truncate a game after this many emulator frames (108000 = 30 minutes)"""
 
 
-ATARI_ONLY = "frame_stack noop_max repeat_action_probability episodic_life clip_reward max_episode_frames".split()
+ATARI_ONLY = "frame_stack noop_max repeat_action_probability episodic_life max_episode_frames".split()
 INJECT_PATHS = {"head": ["net.1"], "all": ["net"]}  # --inject-target, --reset-target, --shrink-perturb-target
 
 
@@ -246,9 +235,8 @@ class EnvSpec:
 
 def make_env_spec(args: Args) -> EnvSpec:
     """What --env-id is (`Phoenix-v5` means `ALE/Phoenix-v5`); a UserError naming --env-id when it is unusable."""
-    env_id = args.env_id
-    if env_id.endswith("-v5") and "/" not in env_id and f"ALE/{env_id}" in gym.registry:
-        env_id = f"ALE/{env_id}"
+    ale_id = f"ALE/{args.env_id}"
+    env_id = ale_id if args.env_id.endswith("-v5") and ale_id in gym.registry else args.env_id
     try:
         spec, env = gym.spec(env_id), gym.make(env_id)
         env.close()
@@ -267,10 +255,9 @@ def make_env_spec(args: Args) -> EnvSpec:
     return EnvSpec(env_id, None, tuple(obs_space.shape), int(n_actions))
 
 
-class PermutedTask(gym.Wrapper):
-    """Continual mode (--task-switch-every): task k shows the observation features in a seeded random order with
-    random signs and, with --task-permute-actions, relabels the actions; task 0 is the env itself. Every task is the
-    same MDP with its inputs (and outputs) renamed, so all are equally hard for an MLP."""
+class PermutedTask(gym.ObservationWrapper):
+    """Continual mode: task k > 0 is the env with its observation features (and, with --task-permute-actions, its
+    actions) renamed: the same MDP, equally hard for an MLP."""
 
     def __init__(self, env: gym.Env, seed: int, task: int, permute_actions: bool):
         super().__init__(env)
@@ -286,13 +273,8 @@ class PermutedTask(gym.Wrapper):
     def observation(self, obs) -> np.ndarray:
         return (np.asarray(obs, np.float32)[self.order] * self.signs).astype(np.float32)
 
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        return self.observation(obs), info
-
     def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(int(self.actions[action]))
-        return self.observation(obs), reward, terminated, truncated, info
+        return super().step(int(self.actions[action]))
 
 
 def task_at(args: Args, step: int) -> int:
@@ -306,28 +288,20 @@ def task_start(args: Args, step: int) -> int:
 
 
 def make_envs(spec: EnvSpec, args: Args, num_envs: int, task: int = 0):
-    """A gymnasium 1.x vector env with next-step autoreset (Atari: ale-py's native C++ vector env); in continual
-    mode each env shows `task`."""
+    """A gymnasium 1.x vector env with next-step autoreset (Atari: ale-py's C++ vector env); its envs show `task`."""
     if not spec.atari:
         make = lambda: gym.make(spec.env_id)
         if args.task_switch_every:
             make = lambda: PermutedTask(gym.make(spec.env_id), args.seed, task, args.task_permute_actions)
         return gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
-    return ale_py.vector_env.AtariVectorEnv(
-        spec.atari_game,
-        num_envs,
-        num_threads=max(1, min(num_envs, os.cpu_count() or 1)),
-        stack_num=args.frame_stack,
-        frameskip=4,
-        maxpool=True,
-        noop_max=args.noop_max,
-        repeat_action_probability=args.repeat_action_probability,
-        max_num_frames_per_episode=args.max_episode_frames,
-        use_fire_reset=True,
-        episodic_life=False,  # life losses come from info["lives"] (EpisodeTracker): the game goes on
-        life_loss_info=False,
-        reward_clipping=False,  # raw rewards: the tracker clips them for training
+    threads = max(1, min(num_envs, os.cpu_count() or 1))
+    frames = dict(stack_num=args.frame_stack, frameskip=4, maxpool=True, noop_max=args.noop_max, use_fire_reset=True)
+    games = dict(
+        repeat_action_probability=args.repeat_action_probability, max_num_frames_per_episode=args.max_episode_frames
     )
+    # raw rewards, and a life loss goes on with the game: the EpisodeTracker clips rewards and reads info["lives"]
+    raw = dict(episodic_life=False, life_loss_info=False, reward_clipping=False)
+    return ale_py.vector_env.AtariVectorEnv(spec.atari_game, num_envs, num_threads=threads, **frames, **games, **raw)
 
 
 def make_video_env(spec: EnvSpec, args: Args, run_name: str):
@@ -343,7 +317,6 @@ def make_video_env(spec: EnvSpec, args: Args, run_name: str):
         return gym.vector.SyncVectorEnv([lambda: env])
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
-        return None
 
 
 class EpisodeTracker:
@@ -401,7 +374,7 @@ class QNetwork(nn.Module):
     """Atari: the Nature DQN conv torso (3136 features), head Linear(3136, 512) + activation + Linear(512, actions).
     Vector obs: encoder Linear(obs, 120) + activation, head Linear(120, 84) + activation + Linear(84, actions)."""
 
-    def __init__(self, obs_shape, n_actions: int, *, atari: bool, layer_norm: bool = False, activation: str = "relu"):
+    def __init__(self, obs_shape, n_actions: int, atari: bool, layer_norm: bool = False, activation: str = "relu"):
         super().__init__()
         self.obs_shape, self.n_actions, self.atari = tuple(obs_shape), int(n_actions), atari
         if atari:
@@ -420,9 +393,7 @@ class QNetwork(nn.Module):
 
 
 def build_network(spec: EnvSpec, args: Args) -> QNetwork:
-    return QNetwork(
-        spec.obs_shape, spec.n_actions, atari=spec.atari, layer_norm=args.layer_norm, activation=args.activation
-    )
+    return QNetwork(spec.obs_shape, spec.n_actions, spec.atari, args.layer_norm, args.activation)
 
 
 def save_model(path: str, q_network: QNetwork, args: Args, global_step: int, injections: list, fired=()) -> None:
@@ -472,7 +443,9 @@ class ReplayBuffer:
         self.rng = np.random.default_rng(seed)
 
     def reset(self, obs: np.ndarray) -> None:
-        """The observations of env.reset(): each env's first."""
+        """The observations of env.reset(): each env's first (the newest before them end their episodes)."""
+        if self.t > 0:
+            self.last[:, (self.t - 1) % self.cap] = True
         p = self.t % self.cap
         self.frames[:, p] = obs[:, -1] if self.stacked else obs
         self.first[:, p], self.last[:, p] = True, False
@@ -540,11 +513,6 @@ class ReplayBuffer:
         for k in self.ARRAYS:
             getattr(self, k)[:, : state[k].shape[1]] = state[k].numpy()
         self.t = state["t"]
-
-    def end_episodes(self) -> None:
-        """The envs restart (a resume that could not restore them): the newest observations end their episodes."""
-        if self.t > 0:
-            self.last[:, (self.t - 1) % self.cap] = True
 
 
 # ==== BEGIN SHARED BLOCK: injection (shared_blocks/injection.py; sync: tools/sync_blocks.py) ====
@@ -738,42 +706,35 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             tp.lerp_(p, tau)
 
 
-def inject(q_network, target_network, optimizer, probe, args: Args) -> dict:
-    """Plasticity injection into --inject-target; the target network is synced first (--inject-sync-target) and gets
-    the same fresh values. `probe`, a batch of observations, only measures the output change."""
-    return inject_plasticity(
-        q_network,
-        INJECT_PATHS[args.inject_target],
-        probe,
-        targets=[target_network],
-        sync_targets=args.inject_sync_target,
-        optimizers=[optimizer],
-        reset_optimizer=args.inject_reset_optimizer,
-        keep_trainable=args.inject_keep_trainable,
-        third_term=not args.inject_no_third_term,
-    )
+def apply_intervention(kind: str, q_network, target_network, optimizer, probe, args: Args) -> dict:
+    """Plasticity injection (`kind` "injection") or a baseline ("reset", "shrink_perturb", "redo") as the flags say;
+    the target network gets the same fresh values. `probe` (observations) measures the output change (ReDo: finds
+    dormant units). Returns the values to log."""
+    targets = [target_network]
+    if kind == "injection":
+        adam = dict(optimizers=[optimizer], reset_optimizer=args.inject_reset_optimizer)
+        ablations = dict(keep_trainable=args.inject_keep_trainable, third_term=not args.inject_no_third_term)
+        paths, sync = INJECT_PATHS[args.inject_target], args.inject_sync_target
+        return inject_plasticity(q_network, paths, probe, targets=targets, sync_targets=sync, **adam, **ablations)
+    if kind == "redo":
+        return redo(q_network, probe, args.redo_tau, optimizers=[optimizer], targets=targets)
+    if kind == "reset":
+        return reset_modules(q_network, INJECT_PATHS[args.reset_target], optimizers=[optimizer], targets=targets)
+    paths = INJECT_PATHS[args.shrink_perturb_target]
+    return shrink_perturb(q_network, paths, args.sp_shrink, args.sp_perturb, targets=targets)
 
 
 def intervene(kind: str, step: int, q_network, target_network, optimizer, rb, rngs: dict, args: Args, writer, history):
-    """Plasticity injection (`kind` "injection", or "adaptive" when the trigger fired) or a baseline it is compared
-    against ("reset", "shrink_perturb", "redo") at `step`; the target network gets the same values. Logged as an
-    event."""
-    if kind in ("injection", "adaptive", "redo"):  # the probe: a seeded replay batch
+    """`apply_intervention` at `step` (`kind` "adaptive": an injection the trigger fired), probing with a seeded
+    replay batch; logged as an event."""
+    injection, probe = kind in ("injection", "adaptive"), None
+    if kind not in ("reset", "shrink_perturb"):
         probe = rb.sample(args.probe_batch_size, next(q_network.parameters()).device, rng=rngs["probe"])[0]
-    if kind in ("injection", "adaptive"):
-        log = inject(q_network, target_network, optimizer, probe, args)
+    log = apply_intervention("injection" if injection else kind, q_network, target_network, optimizer, probe, args)
+    if injection:
         log["injection/adaptive"] = float(kind == "adaptive")
         log_event(writer, history["injections"], step, "injection", log)
-    elif kind == "redo":
-        log = redo(q_network, probe, args.redo_tau, optimizers=[optimizer], targets=[target_network])
-        log_event(writer, history["interventions"], step, kind, log, kind=kind)
-    elif kind == "reset":
-        paths = INJECT_PATHS[args.reset_target]
-        log = reset_modules(q_network, paths, optimizers=[optimizer], targets=[target_network])
-        log_event(writer, history["interventions"], step, kind, log, kind=kind)
     else:
-        paths = INJECT_PATHS[args.shrink_perturb_target]
-        log = shrink_perturb(q_network, paths, args.sp_shrink, args.sp_perturb, targets=[target_network])
         log_event(writer, history["interventions"], step, kind, log, kind=kind)
 
 
@@ -801,33 +762,27 @@ def play(q_network, envs, seed: int, epsilon: float, device) -> Optional[np.ndar
     return returns if done.all() else None
 
 
-def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer) -> list:
-    """RAW returns of --eval-episodes whole games (one per env of a fresh vector env, on the task of `step`), logged;
-    [] after a stop."""
+def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer, video_env) -> tuple:
+    """RAW returns of --eval-episodes games (one per env, on the task of `step`; [] after a stop), then a greedy episode
+    into the video env; returns both (the video env None, with a warning, once recording failed: never an error)."""
     envs = make_envs(spec, args, args.eval_episodes, task_at(args, max(step - 1, 0)))
     returns = play(q_network, envs, args.seed + 100_000, args.eval_epsilon, device)
     envs.close()
-    if returns is None:
-        return []
-    writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
-    print(f"global_step={step}, eval/episodic_return={np.mean(returns):.2f} (+- {np.std(returns):.2f})")
-    return returns.tolist()
-
-
-def record_video(q_network, video_env, device, seed: int):
-    """One greedy episode into the video env; returns it, or None (with a warning) once recording fails."""
+    if returns is not None:
+        writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
+        print(f"global_step={step}, eval/episodic_return={np.mean(returns):.2f} (+- {np.std(returns):.2f})")
     try:
         if video_env is not None:
-            play(q_network, video_env, seed, 0.0, device)
-        return video_env
+            play(q_network, video_env, args.seed + 200_000 + step, 0.0, device)
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
+        video_env = None
+    return ([] if returns is None else returns.tolist()), video_env
 
 
 def new_games(envs, rb: ReplayBuffer, tracker: EpisodeTracker, seed: int) -> np.ndarray:
     """New episodes in every env (a new run, a resume with envs that cannot be saved, a task switch)."""
     obs, info = envs.reset(seed=env_seeds(envs, seed))
-    rb.end_episodes()
     rb.reset(obs)
     tracker.reset(info)
     return obs
@@ -867,11 +822,8 @@ def validate_args(args: Args) -> EnvSpec:
             flag = ("--no-" if getattr(args, f.name) is False else "--") + f.name.replace("_", "-")
             raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
     check_intervention_args(args, args.total_timesteps, plasticity_keys(build_network(spec, args)))
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            raise UserError("--capture-video needs moviepy (pip install moviepy)") from None
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        raise UserError("--capture-video needs moviepy (pip install moviepy)")
     return spec
 
 
@@ -895,7 +847,7 @@ def train(args: Args) -> dict:
     if args.compile:  # in place: the state_dict keys, injection and the metrics' hooks work as without it
         q_network.compile()
         target_network.compile()
-    tracker = EpisodeTracker(args.num_envs, spec.atari and args.episodic_life, spec.atari and args.clip_reward)
+    tracker = EpisodeTracker(args.num_envs, spec.atari and args.episodic_life, clip_reward=spec.atari)  # as cleanRL
     # the run's random generators: actions, injection probes, the metrics' probe batch, replay sampling (seed + 1)
     rngs = {k: np.random.default_rng(args.seed + i) for k, i in (("act", 0), ("probe", 2), ("metrics", 3))}
     rngs["buffer"] = rb.rng
@@ -999,14 +951,12 @@ def train(args: Args) -> dict:
                     intervene("adaptive", step, q_network, target_network, optimizer, rb, rngs, args, writer, history)
 
             if args.eval_episodes > 0 and args.eval_every > 0 and step > 0 and step % args.eval_every == 0:
-                history["eval_returns"] = evaluate(q_network, spec, args, device, step, writer)
-                video_env = record_video(q_network, video_env, device, args.seed + 200_000 + step)
+                history["eval_returns"], video_env = evaluate(q_network, spec, args, device, step, writer, video_env)
         progress.update(global_step + args.num_envs)
 
     global_step = args.total_timesteps
     if args.eval_episodes > 0:
-        history["eval_returns"] = evaluate(q_network, spec, args, device, global_step, writer)
-        video_env = record_video(q_network, video_env, device, args.seed + 200_000 + global_step)
+        history["eval_returns"], video_env = evaluate(q_network, spec, args, device, global_step, writer, video_env)
     model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model") if args.save_model else None
     if model_path:
         save_model(model_path, q_network, args, global_step, history["injections"], history["fired"])
@@ -1015,23 +965,15 @@ def train(args: Args) -> dict:
     if video_env is not None:
         video_env.close()
     finish_run(global_step, model_path or run_dir)  # a stop asked during the final evaluation or save exits here
-    returns = history["train_returns"]
-    return {
-        "run_name": os.path.basename(run_dir),
-        "run_dir": run_dir,
-        "model_path": model_path,
-        "global_step": global_step,
-        "eval/episodic_return": float(np.mean(history["eval_returns"])) if history["eval_returns"] else None,
-        "eval_returns": history["eval_returns"],
-        "charts/episodic_return": float(np.mean(returns[-20:])) if returns else None,
-        "train_returns": returns,
-        "losses/td_loss": None if loss is None else float(loss),
-        "losses/q_values": None if q_mean is None else float(q_mean),
-        "injections": history["injections"],
-        "interventions": history["interventions"],
-        "plasticity": history["metrics"],
-        "SPS": int((global_step - start_step) / max(time.time() - start_time, 1e-9)),
-    }
+    returns, evals = history["train_returns"], history["eval_returns"]
+    summary = dict(history, run_name=os.path.basename(run_dir), run_dir=run_dir, model_path=model_path)
+    summary.update(global_step=global_step, plasticity=history["metrics"])
+    summary["eval/episodic_return"] = float(np.mean(evals)) if evals else None
+    summary["charts/episodic_return"] = float(np.mean(returns[-20:])) if returns else None
+    summary["losses/td_loss"] = None if loss is None else float(loss)
+    summary["losses/q_values"] = None if q_mean is None else float(q_mean)
+    summary["SPS"] = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
+    return summary
 
 
 # ==== BEGIN SHARED BLOCK: common (shared_blocks/common.py; sync: tools/sync_blocks.py) ====

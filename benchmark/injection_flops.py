@@ -48,7 +48,7 @@ def dqn_flops(D, label):
     optimizer = torch.optim.Adam(q.parameters(), lr=args.learning_rate)
     obs = torch.randint(0, 256, (args.batch_size, *spec.obs_shape), dtype=torch.uint8)
     if target:
-        D.inject(q, target_net, optimizer, obs, args)
+        D.apply_intervention("injection", q, target_net, optimizer, obs, args)
     zeros = torch.zeros(args.batch_size)
     batch = (obs, zeros.long(), zeros, zeros, obs)
 

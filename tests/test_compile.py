@@ -75,7 +75,7 @@ def test_dqn_compiled_network_matches_eager_through_injection_and_updates(compil
     logs = {}
     for k in nets:  # the same fresh pair in both: the same seed before each injection
         torch.manual_seed(5)
-        logs[k] = D.inject(nets[k], targets[k], opts[k], batch[0], args)
+        logs[k] = D.apply_intervention("injection", nets[k], targets[k], opts[k], batch[0], args)
     assert logs["compiled"]["injection/output_change"] <= 1e-6
     assert logs["compiled"]["injection/trainable_params"] == logs["eager"]["injection/trainable_params"]
     assert set(nets["compiled"].state_dict()) == set(nets["eager"].state_dict())  # no `_orig_mod.` keys

@@ -1,6 +1,7 @@
 """dqn_atari_injection.py: injection invariants, ablations, update function, save/load, bad input, seeding."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def train_steps(q, tgt, opt, spec, k, seed):
         dqn.dqn_update(q, tgt, opt, make_batch(spec, 16, seed + i), dqn.Args())  # Double DQN, Huber, γ 0.99
 
 
-inject = dqn.inject  # the injection as train() calls it
+inject = functools.partial(dqn.apply_intervention, "injection")  # the injection as train() calls it
 
 
 def n_params(module, trainable_only=False):
