@@ -1,5 +1,6 @@
 """The shared blocks are textually identical in every script, and the sync tool keeps them so."""
 
+import ast
 import importlib.util
 from pathlib import Path
 
@@ -24,3 +25,12 @@ def test_check_detects_an_edited_copy(tmp_path):
     # replace_blocks restores the canonical text
     restored = sync_blocks.replace_blocks(edited, {name: sync_blocks.canonical(name)})
     assert restored == text
+
+
+def test_the_injection_block_and_each_train_stay_within_their_line_budgets():
+    """What people copy (the injection block) at most 130 lines; each train() at most 150, read in five minutes."""
+    assert len(sync_blocks.canonical("injection").splitlines()) <= 130
+    for script in sync_blocks.SCRIPTS:
+        tree = ast.parse((ROOT / script).read_text())
+        (train,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
+        assert train.end_lineno - train.lineno + 1 <= 150, script
