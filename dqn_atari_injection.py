@@ -354,17 +354,6 @@ class EpisodeTracker:
 
 
 # ---- Network: Q(s) = head(encoder(s)), `net = nn.Sequential(encoder, head)`; --inject-target paths "net.1", "net" --
-ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh}  # leaky_relu: slope 0.01
-
-
-def hidden(layer: nn.Module, layer_norm: bool, activation: str) -> list:
-    """layer [-> LayerNorm, or GroupNorm(1, C) after a conv] -> its own activation module (the metrics hook it)."""
-    if not layer_norm:
-        return [layer, ACTIVATIONS[activation]()]
-    norm = nn.GroupNorm(1, layer.out_channels) if isinstance(layer, nn.Conv2d) else nn.LayerNorm(layer.out_features)
-    return [layer, norm, ACTIVATIONS[activation]()]
-
-
 class ScaleObs(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # uint8 frames -> float in [0, 1]
         return x.float() / 255.0
@@ -379,13 +368,15 @@ class QNetwork(nn.Module):
         self.obs_shape, self.n_actions, self.atari = tuple(obs_shape), int(n_actions), atari
         if atari:
             convs = [nn.Conv2d(obs_shape[0], 32, 8, 4), nn.Conv2d(32, 64, 4, 2), nn.Conv2d(64, 64, 3, 1)]
-            layers = [m for conv in convs for m in hidden(conv, layer_norm, activation)]
+            layers = [m for conv in convs for m in hidden_layer(conv, layer_norm, activation)]
             encoder = nn.Sequential(ScaleObs(), *layers, nn.Flatten())
             features, width = 64 * 7 * 7, 512
         else:
             features, width = 120, 84
-            encoder = nn.Sequential(*hidden(nn.Linear(int(np.prod(obs_shape)), features), layer_norm, activation))
-        head = nn.Sequential(*hidden(nn.Linear(features, width), layer_norm, activation), nn.Linear(width, n_actions))
+            encoder = nn.Sequential(*hidden_layer(nn.Linear(int(np.prod(obs_shape)), features), layer_norm, activation))
+        head = nn.Sequential(
+            *hidden_layer(nn.Linear(features, width), layer_norm, activation), nn.Linear(width, n_actions)
+        )
         self.net = nn.Sequential(encoder, head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1656,6 +1647,16 @@ def redo(model, probe, tau=0.025, optimizers=(), targets=(), make_fresh=None) ->
         "interventions/redo_dormant_before": _dormant_share(scan, layers),
         "interventions/redo_dormant_after": _dormant_share(_redo_scan(model, probe, tau), layers),
     }
+
+
+def hidden_layer(layer: nn.Module, layer_norm: bool, activation: str) -> list:
+    """`layer` [-> LayerNorm, GroupNorm(1, C) after a conv, with --layer-norm] -> its own --activation module (the
+    metrics and ReDo hook it): relu, leaky_relu (slope 0.01) or tanh."""
+    act = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh}[activation]()
+    if not layer_norm:
+        return [layer, act]
+    norm = nn.GroupNorm(1, layer.out_channels) if isinstance(layer, nn.Conv2d) else nn.LayerNorm(layer.out_features)
+    return [layer, norm, act]
 
 
 def l2_coef(args, step: int, total_steps: int) -> float:

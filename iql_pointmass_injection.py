@@ -401,14 +401,11 @@ def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
 
 
 # ---- Networks: MLPs; each critic is encoder + head, the head is what injection replaces ---------------------------
-ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh}  # leaky_relu: slope 0.01
-
-
 def mlp(in_dim: int, hidden, out_dim, layer_norm: bool = False, activation: str = "relu") -> nn.Sequential:
     """Linear [-> LayerNorm] -> activation per hidden size, then a Linear to out_dim (None: none); default init."""
     layers = []
     for h in hidden:
-        layers += [nn.Linear(in_dim, h)] + ([nn.LayerNorm(h)] if layer_norm else []) + [ACTIVATIONS[activation]()]
+        layers += hidden_layer(nn.Linear(in_dim, h), layer_norm, activation)
         in_dim = h
     return nn.Sequential(*layers, *([nn.Linear(in_dim, out_dim)] if out_dim is not None else []))
 
@@ -1624,6 +1621,16 @@ def redo(model, probe, tau=0.025, optimizers=(), targets=(), make_fresh=None) ->
         "interventions/redo_dormant_before": _dormant_share(scan, layers),
         "interventions/redo_dormant_after": _dormant_share(_redo_scan(model, probe, tau), layers),
     }
+
+
+def hidden_layer(layer: nn.Module, layer_norm: bool, activation: str) -> list:
+    """`layer` [-> LayerNorm, GroupNorm(1, C) after a conv, with --layer-norm] -> its own --activation module (the
+    metrics and ReDo hook it): relu, leaky_relu (slope 0.01) or tanh."""
+    act = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh}[activation]()
+    if not layer_norm:
+        return [layer, act]
+    norm = nn.GroupNorm(1, layer.out_channels) if isinstance(layer, nn.Conv2d) else nn.LayerNorm(layer.out_features)
+    return [layer, norm, act]
 
 
 def l2_coef(args, step: int, total_steps: int) -> float:

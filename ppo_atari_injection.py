@@ -289,18 +289,13 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
-def hidden_layer(layer: nn.Module, layer_norm: bool, activation: str) -> list:
-    """layer [-> LayerNorm; GroupNorm(1, C) after a conv] -> its own activation module."""
-    norm = nn.LayerNorm(layer.out_features) if isinstance(layer, nn.Linear) else nn.GroupNorm(1, layer.out_channels)
-    act = {"relu": nn.ReLU, "leaky_relu": partial(nn.LeakyReLU, 0.01), "tanh": nn.Tanh}[activation]()
-    return [layer_init(layer)] + ([norm] if layer_norm else []) + [act]
-
-
 def nature_cnn(layer_norm: bool = False, activation: str = "relu") -> nn.Sequential:
     """Mnih et al. (2015) encoder of 4x84x84 images in [0, 1], with SB3's keys (`cnn.0/2/4`, `linear.0`)."""
     convs = [nn.Conv2d(4, 32, 8, 4), nn.Conv2d(32, 64, 4, 2), nn.Conv2d(64, 64, 3, 1)]
-    cnn = nn.Sequential(*[m for conv in convs for m in hidden_layer(conv, layer_norm, activation)], nn.Flatten())
-    linear = nn.Sequential(*hidden_layer(nn.Linear(64 * 7 * 7, 512), layer_norm, activation))
+    cnn = nn.Sequential(
+        *[m for conv in convs for m in hidden_layer(layer_init(conv), layer_norm, activation)], nn.Flatten()
+    )
+    linear = nn.Sequential(*hidden_layer(layer_init(nn.Linear(64 * 7 * 7, 512)), layer_norm, activation))
     return nn.Sequential(OrderedDict(cnn=cnn, linear=linear))
 
 
@@ -1577,6 +1572,16 @@ def redo(model, probe, tau=0.025, optimizers=(), targets=(), make_fresh=None) ->
         "interventions/redo_dormant_before": _dormant_share(scan, layers),
         "interventions/redo_dormant_after": _dormant_share(_redo_scan(model, probe, tau), layers),
     }
+
+
+def hidden_layer(layer: nn.Module, layer_norm: bool, activation: str) -> list:
+    """`layer` [-> LayerNorm, GroupNorm(1, C) after a conv, with --layer-norm] -> its own --activation module (the
+    metrics and ReDo hook it): relu, leaky_relu (slope 0.01) or tanh."""
+    act = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh}[activation]()
+    if not layer_norm:
+        return [layer, act]
+    norm = nn.GroupNorm(1, layer.out_channels) if isinstance(layer, nn.Conv2d) else nn.LayerNorm(layer.out_features)
+    return [layer, norm, act]
 
 
 def l2_coef(args, step: int, total_steps: int) -> float:

@@ -138,6 +138,16 @@ def redo(model, probe, tau=0.025, optimizers=(), targets=(), make_fresh=None) ->
     }
 
 
+def hidden_layer(layer: nn.Module, layer_norm: bool, activation: str) -> list:
+    """`layer` [-> LayerNorm, GroupNorm(1, C) after a conv, with --layer-norm] -> its own --activation module (the
+    metrics and ReDo hook it): relu, leaky_relu (slope 0.01) or tanh."""
+    act = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh}[activation]()
+    if not layer_norm:
+        return [layer, act]
+    norm = nn.GroupNorm(1, layer.out_channels) if isinstance(layer, nn.Conv2d) else nn.LayerNorm(layer.out_features)
+    return [layer, norm, act]
+
+
 def l2_coef(args, step: int, total_steps: int) -> float:
     """λ of `--l2-schedule` at `step`: none 0; constant --l2-coef; incremental linear from --l2-start to --l2-end
     over the run; periodic --l2-coef for --l2-period-on steps, then 0 for --l2-period-off steps, repeating."""
