@@ -1029,7 +1029,7 @@ def check_finite(value: torch.Tensor, name: str, step: int = None) -> None:
         at = ("" if step is None else f" at global step {step}") + last_good()
         mean = float(value.detach().float().mean())
         raise UserError(
-            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, clipping, or another --seed"
+            f"{name} became non-finite ({mean}){at}; try a lower --learning-rate, gradient clipping, or another --seed"
         )
 
 
