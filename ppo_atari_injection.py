@@ -971,8 +971,11 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 def pick_device(cuda: bool) -> torch.device:
     """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (Progress says so)."""
-    found = [d for d, up in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if up]
-    return torch.device(found[0] if cuda and found else "cpu")
+    if cuda and torch.cuda.is_available():
+        return torch.device("cuda")
+    if cuda and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def check_compile(args) -> None:
@@ -1341,6 +1344,15 @@ def dormant_ratio(features: torch.Tensor, tau: float = 0.025) -> torch.Tensor:
     return dormant_units(features, tau).float().mean()
 
 
+def updated_units_fraction(grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Share of units (weight rows) whose incoming weights or bias got a non-zero gradient; None counts as zero."""
+    if grad_weight is None:
+        return torch.zeros(())
+    hit = (grad_weight.reshape(grad_weight.shape[0], -1) != 0).any(1)
+    hit = hit | (grad_bias != 0) if grad_bias is not None else hit
+    return hit.float().mean()
+
+
 def weight_layers(model: nn.Module) -> dict:
     """module path -> every Linear/Conv layer of the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, _PL_WEIGHT_LAYERS)}
@@ -1407,8 +1419,7 @@ def measure_plasticity(model, probe_inputs, loss_fn=None, tau=0.025) -> dict:
             m["feature_norm"] = h.float().reshape(h.shape[0], -1).norm(dim=1).mean()
         if loss_fn is not None and role == "trainable":
             gw, gb = grads.get(id(layer.weight)), grads.get(id(layer.bias))  # None: no gradient
-            hits = [(g.reshape(len(g), -1) != 0).any(1) for g in (gw, gb) if g is not None and gw is not None]
-            m["updated_units_pct"] = 100.0 * torch.stack(hits).any(0).float().mean() if hits else torch.zeros(())
+            m["updated_units_pct"] = 100.0 * updated_units_fraction(gw, gb)
             parts = [g.detach().float().pow(2).sum() for g in (gw, gb) if g is not None]
             m["grad_norm"] = torch.stack(parts).sum().sqrt() if parts else torch.zeros(())
         for metric, v in m.items():

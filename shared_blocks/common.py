@@ -76,8 +76,11 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 def pick_device(cuda: bool) -> torch.device:
     """`--cuda` uses the accelerator (CUDA, else Apple MPS) when there is one; otherwise the CPU (Progress says so)."""
-    found = [d for d, up in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if up]
-    return torch.device(found[0] if cuda and found else "cpu")
+    if cuda and torch.cuda.is_available():
+        return torch.device("cuda")
+    if cuda and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def check_compile(args) -> None:
