@@ -308,7 +308,9 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5, ba
         raise UserError(f"{what} {path}: cannot be read as an .npz file ({type(e).__name__}: {e})") from None
     if missing := [k for k in DATASET_KEYS if k not in data]:
         raise UserError(f"dataset {path}: missing key(s) {missing}; needs {', '.join(DATASET_KEYS)} [, truncations]")
-    n = len(data["actions"])
+    if (shape := data["actions"].shape) == ():  # a 0-d array has no length: say so as the other shapes do
+        raise UserError(f"dataset {path}: actions has shape (), expected (n,): one action per transition")
+    n = shape[0]
     out = {k: data.get(k, np.zeros(n)) for k in (*DATASET_KEYS, "truncations")}  # no truncations: none
     for k, v in out.items():
         shape = (n, 2) if k.endswith("observations") else (n,)

@@ -198,6 +198,8 @@ def _valid(n=50):
         (dict(observations=np.zeros((50, 3), np.float32)), "shape"),
         (dict(rewards=np.zeros(49, np.float32)), "shape"),
         (dict(terminals=np.full(50, 2)), "terminals"),
+        (dict(actions=np.int64(3)), r"actions has shape \(\)"),  # 0-d arrays: one line, not a TypeError
+        (dict(observations=np.float32(0.5)), r"observations has shape \(\)"),
     ],
 )
 def test_bad_dataset_files_are_rejected_by_name(tmp_path, bad, words):
