@@ -1,9 +1,6 @@
-"""Discrete-action IQL, offline -> online fine-tuning on PointmassHard (CS285 hw5), with plasticity injection.
-
-    python iql_pointmass_injection.py --inject-at 20000           # inject into the critics when fine-tuning starts
-
-The offline data comes from an RND-driven explorer, as in the homework (cached); IQL trains on it for --offline-steps,
-then fine-tunes online, one env step and one update per step. Flags, logs, results: README.md."""
+"""Discrete-action IQL with plasticity injection (Nikishin et al., NeurIPS 2023) on CS285 hw5's Pointmass mazes: offline
+on the (cached) data of an RND-driven explorer, then online fine-tuning, one env step and one update per step.
+`python iql_pointmass_injection.py --inject-at 20000` injects when fine-tuning starts; flags, logs: README.md."""
 
 import hashlib
 import io
@@ -369,7 +366,7 @@ def generate_dataset(args: Args) -> dict:
     return {k: np.array(v, np.int64 if k == "actions" else np.float32) for k, v in buf.items()}
 
 
-def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
+def load_or_make_dataset(args: Args) -> tuple:
     """(data, path, generated): --dataset if given, else the cached file for these settings (made once)."""
     if args.dataset is not None:
         return load_dataset_file(args.dataset, batch_size=args.batch_size), args.dataset, False
@@ -384,8 +381,7 @@ def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
     buffer = io.BytesIO()
     np.savez(buffer, **data)
     atomic_save(buffer.getvalue(), path)  # an interrupted run never leaves a half-written cache file
-    if verbose:
-        print(f"generated {len(data['actions'])} transitions in {time.time() - start:.1f}s: {path}")
+    print(f"generated {len(data['actions'])} transitions in {time.time() - start:.1f}s: {path}")
     return data, path, True
 
 
@@ -421,14 +417,11 @@ class TwinQ(nn.Module):
 
 # ---- Replay buffer: the offline data first, then the agent's own experience ---------------------------------------
 class ReplayBuffer:
-    FIELDS = dict(obs=("observations", np.float32), actions=("actions", np.int64), rewards=("rewards", np.float32))
-    FIELDS.update(next_obs=("next_observations", np.float32), terminals=("terminals", np.float32))
-
-    def __init__(self, data: dict, extra: int, device: torch.device):
+    def __init__(self, data: dict, extra: int, device: torch.device):  # data: in training's dtypes (load_dataset_file)
         self.size = self.offline_size = n = len(data["actions"])
         self.device, self.arrays = device, {}
-        for name, (key, dtype) in self.FIELDS.items():
-            self.arrays[name] = np.zeros((n + extra, *np.shape(data[key])[1:]), dtype)
+        for name, key in zip(("obs", "actions", "rewards", "next_obs", "terminals"), DATASET_KEYS):  # sample()'s order
+            self.arrays[name] = np.zeros((n + extra, *data[key].shape[1:]), data[key].dtype)
             self.arrays[name][:n] = data[key]
 
     def state_dict(self) -> dict:
@@ -644,7 +637,8 @@ class IQLAgent:
         self.qf_target.requires_grad_(False)
         self.vf = split_mlp(obs_dim, 1, args).to(device)
         self.actor = mlp(obs_dim, args.hidden_sizes, n_actions, args.layer_norm, args.activation).to(device)
-        for net in self.networks().values() if args.compile else ():  # in place: state_dict keys, injection, hooks
+        self.networks = dict(qf=self.qf, qf_target=self.qf_target, vf=self.vf, actor=self.actor)
+        for net in self.networks.values() if args.compile else ():  # in place: state_dict keys, injection, hooks
             net.compile()
         fused = device.type in ("cpu", "cuda")  # one kernel per parameter: much less overhead for small nets
         adam = lambda net: torch.optim.Adam(net.parameters(), lr=args.learning_rate, fused=fused)
@@ -694,9 +688,6 @@ class IQLAgent:
         if mode == "eps-greedy" and rng.random() < epsilon:
             return int(rng.integers(self.n_actions))
         return int(logits.argmax())
-
-    def networks(self) -> dict:
-        return dict(qf=self.qf, qf_target=self.qf_target, vf=self.vf, actor=self.actor)
 
 
 def plasticity_metrics(agent: IQLAgent, batch, tau: float) -> dict:
@@ -816,8 +807,7 @@ def train(args: Args) -> dict:
     obs, _ = env.reset(seed=args.seed)
     ep_ret, ep_len, start_step = 0.0, 0, 0
     if ckpt is not None:  # resume: every state as it was, the environment included (a misfit stops here)
-        restore_checkpoint(ckpt, agent.networks(), agent.trained, {"train": rng})
-        agent.qf_target.requires_grad_(False)
+        restore_checkpoint(ckpt, agent.networks, agent.trained, {"train": rng})
         if ckpt["buffer"] is not None:
             rb.load_state_dict(ckpt["buffer"])
         history, env = ckpt["history"], pickle.loads(ckpt["env"])
@@ -843,7 +833,7 @@ def train(args: Args) -> dict:
         if checkpoint:  # every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop (then exit)
             state = dict(history=history, env=pickle.dumps(env), episode=(obs, ep_ret, ep_len))
             state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None, dataset_sha256=data_sha256)
-            save_checkpoint(global_step, global_step, agent.networks(), agent.trained, {"train": rng}, **state)
+            save_checkpoint(global_step, global_step, agent.networks, agent.trained, {"train": rng}, **state)
         if evaluate_now:  # the greedy policy after every --eval-every updates
             final.update(evaluate(agent, args, writer, run_dir, global_step), global_step=global_step)
 
@@ -911,7 +901,7 @@ def train(args: Args) -> dict:
     final.update(online_episodic_return_last20=last20, dataset_goal_transitions=float(goals))
     if args.save_model:
         final["model_path"] = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        networks = {k: net.state_dict() for k, net in agent.networks().items()}
+        networks = {k: net.state_dict() for k, net in agent.networks.items()}
         model = dict(model=networks, args=vars(args), global_step=total, adaptive_trigger={"fired": fired})
         atomic_save(model, final["model_path"])
         print(f"model saved to {final['model_path']}")
