@@ -645,9 +645,11 @@ class IQLAgent:
         self.q_opt, self.v_opt, self.a_opt = adam(self.qf), adam(self.vf), adam(self.actor)
         # {name: (optimizer, the network it trains)}: what an update steps and a checkpoint saves and restores
         self.trained = dict(q=(self.q_opt, self.qf), v=(self.v_opt, self.vf), actor=(self.a_opt, self.actor))
+        # the first update with a non-finite loss (step -1: none yet) and its losses, noted on the device: no host sync
+        self.bad_step, self.bad_losses = torch.tensor(-1, device=device), torch.zeros(3, device=device)
 
-    def update(self, batch, l2: float = 0.0) -> dict:
-        """One IQL gradient step on a batch, l2 * l2_penalty(twin Q) added to the Q loss; returns detached stats."""
+    def update(self, batch, l2: float = 0.0, step: int = 0) -> dict:
+        """IQL gradient step `step` on a batch, l2 * l2_penalty(twin Q) added to the Q loss; returns detached stats."""
         args = self.args
         o, a, r, o2, d = batch
         with torch.no_grad():
@@ -667,6 +669,10 @@ class IQLAgent:
         weights = torch.exp(args.beta * adv).clamp(max=args.max_weight)
         logp = torch.log_softmax(self.actor(o), dim=1).gather(1, a[:, None]).squeeze(1)
         actor_loss = -(weights * logp).mean()
+        losses = torch.stack([q_loss, v_loss, actor_loss]).detach()
+        first = (self.bad_step < 0) & ~torch.isfinite(losses).all()
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_losses = torch.where(first, losses, self.bad_losses)
         for opt, _ in self.trained.values():
             opt.zero_grad(set_to_none=True)
         (v_loss + q_loss + actor_loss).backward()  # disjoint parameters: each network gets exactly its own gradient
@@ -677,6 +683,12 @@ class IQLAgent:
         stats = dict(q_loss=q_loss, v_loss=v_loss, actor_loss=actor_loss, q_values=q1a.mean(), v_values=v.mean())
         stats.update(advantage=adv.mean(), awr_weight=weights.mean())
         return {f"losses/{k}": value.detach() for k, value in stats.items()}
+
+    def check_losses(self) -> None:
+        """check_finite's one-line error for the first update with a non-finite loss, if any (a host sync)."""
+        if (step := int(self.bad_step)) >= 0:
+            for name, value in zip(("losses/q_loss", "losses/v_loss", "losses/actor_loss"), self.bad_losses):
+                check_finite(value, name, step)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, rng: np.random.Generator = None, mode: str = "greedy", epsilon: float = 0.0) -> int:
@@ -765,25 +777,6 @@ def evaluate(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> di
     return {k: float(v) for k, v in results.items()}
 
 
-class NonFiniteWatch:
-    """The first update with a non-finite loss, noted on the device (no sync per update); check() raises for it."""
-
-    NAMES = ("losses/q_loss", "losses/v_loss", "losses/actor_loss")
-
-    def __init__(self, device: torch.device):
-        self.step, self.losses = torch.tensor(-1, device=device), torch.zeros(3, device=device)  # -1: finite so far
-
-    def update(self, stats: dict, step: int) -> None:
-        losses = torch.stack([stats[k] for k in self.NAMES])
-        first = (self.step < 0) & ~torch.isfinite(losses).all()
-        self.step, self.losses = torch.where(first, step, self.step), torch.where(first, losses, self.losses)
-
-    def check(self) -> None:
-        if (step := int(self.step)) >= 0:
-            for name, value in zip(self.NAMES, self.losses):
-                check_finite(value, name, step)
-
-
 def train(args: Args) -> dict:
     """Run offline IQL, then online fine-tuning; returns the final metrics and the run's events."""
     stop_on_signals()  # Ctrl-C / SIGTERM from here on: a checkpoint at the end of the current step, never a traceback
@@ -819,7 +812,7 @@ def train(args: Args) -> dict:
     if ckpt is None:
         writer.add_text("dataset", f"{data_path}: {len(data['actions'])} transitions, {goals} goal-reaching")
 
-    watch, start_time = NonFiniteWatch(device), time.time()
+    start_time = time.time()
     for global_step in range(start_step, total):
         redo_now = args.redo_every > 0 and global_step > 0 and global_step % args.redo_every == 0
         intervene = redo_now or any(global_step in s for s in (args.inject_at, args.reset_at, args.shrink_perturb_at))
@@ -828,7 +821,7 @@ def train(args: Args) -> dict:
         checkpoint = checkpoint_due(args, global_step, max(global_step - 1, start_step))
         evaluate_now = global_step > 0 and global_step % args.eval_every == 0
         if intervene or measure or online or checkpoint or evaluate_now:  # a non-finite loss stops the run here
-            watch.check()
+            agent.check_losses()
 
         if checkpoint:  # every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop (then exit)
             state = dict(history=history, env=pickle.dumps(env), episode=(obs, ep_ret, ep_len))
@@ -878,10 +871,9 @@ def train(args: Args) -> dict:
 
         # one IQL update on a batch of offline data and (online) the agent's own experience
         l2 = l2_coef(args, global_step, total)
-        stats = agent.update(rb.sample(args.batch_size, rng), l2=l2)
-        watch.update(stats, global_step)
+        stats = agent.update(rb.sample(args.batch_size, rng), l2=l2, step=global_step)
         if global_step % args.log_every == 0 or global_step == total - 1:
-            watch.check()
+            agent.check_losses()
             scalars = {k: v.item() for k, v in stats.items()}
             scalars.update({"charts/learning_rate": agent.q_opt.param_groups[0]["lr"], "charts/online": float(online)})
             scalars["charts/SPS"] = int((global_step + 1 - start_step) / (time.time() - start_time))
@@ -891,7 +883,7 @@ def train(args: Args) -> dict:
                 writer.add_scalar(k, v, global_step)
         progress.update(global_step + 1)
 
-    watch.check()
+    agent.check_losses()
     final.update(evaluate(agent, args, writer, run_dir, total), global_step=total)
     final.update({k: float(v) for k, v in stats.items()}, injections=injections, interventions=interventions)
     elapsed = time.time() - start_time
