@@ -207,8 +207,7 @@ FOUR_ROOMS = ["00000100000", "00000100000", "00000000000", "00000100000", "00000
 FOUR_ROOMS += ["00000111011", "00000100000", "00000100000", "00000000000", "00000100000"]  # 11 x 11, 1 = wall
 MAZE_5X5 = ["00000", "11110", "11110", "11110", "11110"]
 MAZE_6X6 = ["001000", "101010", "001011", "011001", "001101", "100001"]
-# level -> (base map, scale, start, goal, success radius, time limit); start/goal in scaled cells.
-LEVELS = {
+LEVELS = {  # level -> (base map, scale, start, goal, success radius, time limit); start/goal in scaled cells
     "PointmassEasy-v0": (MAZE_5X5, 2, (1.0, 1.0), (9.0, 9.0), 2.0, 50),
     "PointmassMedium-v0": (MAZE_6X6, 1, (0.5, 0.5), (1.5, 5.5), 1.0, 150),
     "PointmassHard-v0": (FOUR_ROOMS, 2, (2.0, 2.0), (20.0, 20.0), 2.0, 100),
