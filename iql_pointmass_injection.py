@@ -1,10 +1,6 @@
-"""Discrete-action IQL, offline -> online fine-tuning on PointmassHard (CS285 hw5), with plasticity injection.
-
-    python iql_pointmass_injection.py --inject-at 20000           # inject into the critics when fine-tuning starts
-
-The offline data comes from an RND-driven explorer, as in the homework (cached); IQL trains on it for --offline-steps,
-then fine-tunes online, one env step and one update per step. Flags, logs, results: README.md.
-"""
+"""Discrete-action IQL with plasticity injection (Nikishin et al., NeurIPS 2023) on CS285 hw5's Pointmass mazes: offline
+on the (cached) data of an RND-driven explorer, then online fine-tuning, one env step and one update per step.
+`python iql_pointmass_injection.py --inject-at 20000` injects when fine-tuning starts; flags, logs: README.md."""
 
 import hashlib
 import io
@@ -163,7 +159,6 @@ class Args(PlasticityArgs, RunArgs):
     """seed of the data generation (default: --seed)"""
     rnd_epsilon: float = bounded(0.3, min=0, max=1)
     """epsilon of the eps-greedy RND exploration DQN"""
-
     # Algorithm
     offline_steps: int = bounded(20000, min=0)
     """gradient steps on the offline data (global steps 0..N-1)"""
@@ -191,7 +186,6 @@ class Args(PlasticityArgs, RunArgs):
     """online action choice: sample the softmax policy, or eps-greedy on the actor's argmax"""
     online_epsilon: float = bounded(0.1, min=0, max=1)
     """epsilon of `--online-exploration eps-greedy`"""
-
     # Evaluation and logging
     eval_every: int = bounded(5000, min=1)
     """evaluate the greedy policy every this many global steps (and at the end)"""
@@ -199,7 +193,6 @@ class Args(PlasticityArgs, RunArgs):
     """episodes per evaluation"""
     log_every: int = bounded(1000, min=1)
     """write losses and SPS every this many global steps"""
-
     # Plasticity injection and the interventions (the shared flags are PlasticityArgs'); steps are global steps.
     inject_target: Literal["q", "qv"] = "q"
     """inject into the twin Q heads (and their targets); `qv` also into the value network's head"""
@@ -214,8 +207,7 @@ FOUR_ROOMS = ["00000100000", "00000100000", "00000000000", "00000100000", "00000
 FOUR_ROOMS += ["00000111011", "00000100000", "00000100000", "00000000000", "00000100000"]  # 11 x 11, 1 = wall
 MAZE_5X5 = ["00000", "11110", "11110", "11110", "11110"]
 MAZE_6X6 = ["001000", "101010", "001011", "011001", "001101", "100001"]
-# level -> (base map, scale, start, goal, success radius, time limit); start/goal in scaled cells.
-LEVELS = {
+LEVELS = {  # level -> (base map, scale, start, goal, success radius, time limit); start/goal in scaled cells
     "PointmassEasy-v0": (MAZE_5X5, 2, (1.0, 1.0), (9.0, 9.0), 2.0, 50),
     "PointmassMedium-v0": (MAZE_6X6, 1, (0.5, 0.5), (1.5, 5.5), 1.0, 150),
     "PointmassHard-v0": (FOUR_ROOMS, 2, (2.0, 2.0), (20.0, 20.0), 2.0, 100),
@@ -224,12 +216,8 @@ ACTIONS = np.array([[0.0, 0.0], [0.0, -1.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0]
 
 
 class PointmassEnv(gym.Env):
-    """A point in a 2-D maze. Position (row, col) in map cells; observation = position / map size.
-
-    Actions: 0 stay, 1 (0,-1), 2 (0,+1), 3 (-1,0), 4 (+1,0). The move is perturbed with Gaussian noise (sigma 0.5)
-    and applied as 10 sub-steps of 0.1 * move; in each sub-step each axis moves on its own and a move into a wall or
-    off the map is skipped. Reward -1 per step, 0 when the goal is reached (`terminated`); the time limit truncates.
-    """
+    """A point at (row, col) in a 2-D maze, seen as position / map size. A move (ACTIONS) plus N(0, 0.5) noise goes in
+    10 sub-steps, each axis on its own, none into a wall or off the map. Reward -1 a step; the goal (0) terminates."""
 
     def __init__(self, env_id: str = "PointmassHard-v0", action_noise: float = 0.5):
         rows, scale, start, goal, self.success_radius, self.max_episode_steps = LEVELS[env_id]
@@ -244,17 +232,14 @@ class PointmassEnv(gym.Env):
     def cell(self, pos) -> tuple:
         return min(int(pos[0]), self.height - 1), min(int(pos[1]), self.width - 1)
 
-    def blocked(self, pos) -> bool:  # a wall, or off the map
-        return min(pos) < 0 or pos[0] > self.height or pos[1] > self.width or bool(self.walls[self.cell(pos)])
-
     def move(self, pos: np.ndarray, a: np.ndarray) -> np.ndarray:  # noise-free
         pos = pos.copy()
         for _ in range(10):
             for axis in (0, 1):
                 new = pos.copy()
                 new[axis] += 0.1 * a[axis]
-                if not self.blocked(new):
-                    pos = new
+                if min(new) >= 0 and new[0] <= self.height and new[1] <= self.width and not self.walls[self.cell(new)]:
+                    pos = new  # not into a wall, nor off the map
         return pos
 
     def obs(self) -> np.ndarray:
@@ -308,6 +293,8 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5, ba
         raise UserError(f"{what} {path}: cannot be read as an .npz file ({type(e).__name__}: {e})") from None
     if missing := [k for k in DATASET_KEYS if k not in data]:
         raise UserError(f"dataset {path}: missing key(s) {missing}; needs {', '.join(DATASET_KEYS)} [, truncations]")
+    if data["actions"].ndim == 0:  # a 0-d array has no len(): one line, as for the other shapes below
+        raise UserError(f"dataset {path}: actions has shape (), expected (n,): one action per transition")
     n = len(data["actions"])
     out = {k: data.get(k, np.zeros(n)) for k in (*DATASET_KEYS, "truncations")}  # no truncations: none
     for k, v in out.items():
@@ -322,12 +309,10 @@ def load_dataset_file(path: str, what: str = "--dataset", n_actions: int = 5, ba
             raise UserError(f"dataset {path}: {k} has dtype {v.dtype}, expected a real number type")
         if not np.isfinite(v.astype(np.float64)).all():
             raise UserError(f"dataset {path}: {k} holds NaN or inf values")
-        if np.abs(v).max() > np.finfo(np.float32).max:
-            big = f"|x| up to {np.abs(v).max():g} > 3.4e38"
-            raise UserError(f"dataset {path}: {k} does not fit float32, the dtype training uses ({big})")
-        if k != "rewards" and not (0 <= v.min() and v.max() <= 1):
-            values = f"[{v.min():g}, {v.max():g}]"
-            raise UserError(f"dataset {path}: {k} range over {values}, outside the env's observation space [0, 1]^2")
+        low, high = (0, 1) if k != "rewards" else (-np.finfo(np.float32).max, np.finfo(np.float32).max)
+        if v.min() < low or v.max() > high:
+            space = "the env's observation space [0, 1]^2" if k != "rewards" else "float32, the dtype training uses"
+            raise UserError(f"dataset {path}: {k} range over [{v.min():g}, {v.max():g}], outside {space}")
     a = out["actions"]
     if not np.issubdtype(a.dtype, np.integer):
         raise UserError(f"dataset {path}: actions have dtype {a.dtype}, expected integers in [0, {n_actions})")
@@ -380,7 +365,7 @@ def generate_dataset(args: Args) -> dict:
     return {k: np.array(v, np.int64 if k == "actions" else np.float32) for k, v in buf.items()}
 
 
-def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
+def load_or_make_dataset(args: Args) -> tuple:
     """(data, path, generated): --dataset if given, else the cached file for these settings (made once)."""
     if args.dataset is not None:
         return load_dataset_file(args.dataset, batch_size=args.batch_size), args.dataset, False
@@ -395,8 +380,7 @@ def load_or_make_dataset(args: Args, verbose: bool = True) -> tuple:
     buffer = io.BytesIO()
     np.savez(buffer, **data)
     atomic_save(buffer.getvalue(), path)  # an interrupted run never leaves a half-written cache file
-    if verbose:
-        print(f"generated {len(data['actions'])} transitions in {time.time() - start:.1f}s: {path}")
+    print(f"generated {len(data['actions'])} transitions in {time.time() - start:.1f}s: {path}")
     return data, path, True
 
 
@@ -432,16 +416,11 @@ class TwinQ(nn.Module):
 
 # ---- Replay buffer: the offline data first, then the agent's own experience ---------------------------------------
 class ReplayBuffer:
-    # array: (dataset key, dtype), in the order of sample()'s tensors
-    FIELDS = dict(obs=("observations", np.float32), actions=("actions", np.int64), rewards=("rewards", np.float32))
-    FIELDS.update(next_obs=("next_observations", np.float32), terminals=("terminals", np.float32))
-
-    def __init__(self, data: dict, extra: int, device: torch.device):
+    def __init__(self, data: dict, extra: int, device: torch.device):  # data: in training's dtypes (load_dataset_file)
         self.size = self.offline_size = n = len(data["actions"])
-        self.device = device
-        self.arrays = {}
-        for name, (key, dtype) in self.FIELDS.items():
-            self.arrays[name] = np.zeros((n + extra, *np.shape(data[key])[1:]), dtype)
+        self.device, self.arrays = device, {}
+        for name, key in zip(("obs", "actions", "rewards", "next_obs", "terminals"), DATASET_KEYS):  # sample()'s order
+            self.arrays[name] = np.zeros((n + extra, *data[key].shape[1:]), data[key].dtype)
             self.arrays[name][:n] = data[key]
 
     def state_dict(self) -> dict:
@@ -602,8 +581,7 @@ def load_injected_state_dict(model: nn.Module, state_dict: dict, strict: bool = 
 
 # ---- Plasticity injection into the critics, and the interventions to compare it against ----------------------------
 def intervention_parts(agent, target: str) -> list:
-    """(network, sub-module paths, optimizer, target networks) of each network that `target` names: --reset-target,
-    --shrink-perturb-target, or --inject-target as q-head / qv-head."""
+    """(network, sub-module paths, optimizer, target networks) of each network that a --*-target value names."""
     heads = target.endswith("-head")
     q = (agent.qf, ["q1.head", "q2.head"] if heads else ["q1", "q2"], agent.q_opt, [agent.qf_target])
     v = (agent.vf, ["head"] if heads else [""], agent.v_opt, [])
@@ -631,14 +609,15 @@ def reset_networks(agent, target: str) -> dict:
     return {"interventions/reset_params": count}
 
 
-def shrink_perturb_networks(agent, target: str, shrink: float, perturb: float) -> dict:
+def shrink_perturb_networks(agent, target: str, args: Args) -> dict:
     """--shrink-perturb-at on `target`, the target critics with the same eps; the relative change over all of it."""
     parts = intervention_parts(agent, target)
     touched = [p for net, paths, _, _ in parts for path in paths for _, p in trainable_under(net, path)]
     before = [p.detach().clone() for p in touched]
     count = 0.0
     for net, paths, _, targets in parts:
-        count += shrink_perturb(net, paths, shrink, perturb, targets=targets)["interventions/shrink_perturb_params"]
+        log = shrink_perturb(net, paths, args.sp_shrink, args.sp_perturb, targets=targets)
+        count += log["interventions/shrink_perturb_params"]
     sq_change = sum(float((p.detach() - old).double().pow(2).sum()) for p, old in zip(touched, before))
     sq_norm = sum(float(old.double().pow(2).sum()) for old in before)
     rel_change = (sq_change / sq_norm) ** 0.5 if sq_norm > 0 else 0.0
@@ -657,17 +636,19 @@ class IQLAgent:
         self.qf_target.requires_grad_(False)
         self.vf = split_mlp(obs_dim, 1, args).to(device)
         self.actor = mlp(obs_dim, args.hidden_sizes, n_actions, args.layer_norm, args.activation).to(device)
-        for net in self.networks().values() if args.compile else ():  # in place: state_dict keys, injection, hooks
+        self.networks = dict(qf=self.qf, qf_target=self.qf_target, vf=self.vf, actor=self.actor)
+        for net in self.networks.values() if args.compile else ():  # in place: state_dict keys, injection, hooks
             net.compile()
         fused = device.type in ("cpu", "cuda")  # one kernel per parameter: much less overhead for small nets
         adam = lambda net: torch.optim.Adam(net.parameters(), lr=args.learning_rate, fused=fused)
         self.q_opt, self.v_opt, self.a_opt = adam(self.qf), adam(self.vf), adam(self.actor)
         # {name: (optimizer, the network it trains)}: what an update steps and a checkpoint saves and restores
         self.trained = dict(q=(self.q_opt, self.qf), v=(self.v_opt, self.vf), actor=(self.a_opt, self.actor))
+        # the first update with a non-finite loss (step -1: none yet) and its losses, noted on the device: no host sync
+        self.bad_step, self.bad_losses = torch.tensor(-1, device=device), torch.zeros(3, device=device)
 
-    def update(self, batch, l2: float = 0.0) -> dict:
-        """One IQL gradient step on a batch, l2 * l2_penalty(twin Q) added to the Q loss; returns detached stats. The
-        losses touch disjoint parameters: one backward pass of their sum gives each network exactly its own gradient."""
+    def update(self, batch, l2: float = 0.0, step: int = 0) -> dict:
+        """IQL gradient step `step` on a batch, l2 * l2_penalty(twin Q) added to the Q loss; returns detached stats."""
         args = self.args
         o, a, r, o2, d = batch
         with torch.no_grad():
@@ -687,9 +668,13 @@ class IQLAgent:
         weights = torch.exp(args.beta * adv).clamp(max=args.max_weight)
         logp = torch.log_softmax(self.actor(o), dim=1).gather(1, a[:, None]).squeeze(1)
         actor_loss = -(weights * logp).mean()
+        losses = torch.stack([q_loss, v_loss, actor_loss]).detach()
+        first = (self.bad_step < 0) & ~torch.isfinite(losses).all()
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_losses = torch.where(first, losses, self.bad_losses)
         for opt, _ in self.trained.values():
             opt.zero_grad(set_to_none=True)
-        (v_loss + q_loss + actor_loss).backward()
+        (v_loss + q_loss + actor_loss).backward()  # disjoint parameters: each network gets exactly its own gradient
         for opt, _ in self.trained.values():
             opt.step()
         with torch.no_grad():  # soft target update
@@ -697,6 +682,12 @@ class IQLAgent:
         stats = dict(q_loss=q_loss, v_loss=v_loss, actor_loss=actor_loss, q_values=q1a.mean(), v_values=v.mean())
         stats.update(advantage=adv.mean(), awr_weight=weights.mean())
         return {f"losses/{k}": value.detach() for k, value in stats.items()}
+
+    def check_losses(self) -> None:
+        """check_finite's one-line error for the first update with a non-finite loss, if any (a host sync)."""
+        if (step := int(self.bad_step)) >= 0:
+            for name, value in zip(("losses/q_loss", "losses/v_loss", "losses/actor_loss"), self.bad_losses):
+                check_finite(value, name, step)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, rng: np.random.Generator = None, mode: str = "greedy", epsilon: float = 0.0) -> int:
@@ -708,12 +699,6 @@ class IQLAgent:
         if mode == "eps-greedy" and rng.random() < epsilon:
             return int(rng.integers(self.n_actions))
         return int(logits.argmax())
-
-    def networks(self) -> dict:
-        return dict(qf=self.qf, qf_target=self.qf_target, vf=self.vf, actor=self.actor)
-
-    def state_dict(self) -> dict:
-        return {k: net.state_dict() for k, net in self.networks().items()}
 
 
 def plasticity_metrics(agent: IQLAgent, batch, tau: float) -> dict:
@@ -791,26 +776,6 @@ def evaluate(agent: IQLAgent, args: Args, writer, run_dir: str, step: int) -> di
     return {k: float(v) for k, v in results.items()}
 
 
-class NonFiniteWatch:
-    """The first update with a non-finite IQL loss, noted on the device (no host sync per update: a GPU runs ahead
-    offline). check() raises check_finite's error for it: train() calls it before anything is measured or saved."""
-
-    NAMES = ("losses/q_loss", "losses/v_loss", "losses/actor_loss")
-
-    def __init__(self, device: torch.device):
-        self.step, self.losses = torch.tensor(-1, device=device), torch.zeros(3, device=device)  # -1: finite so far
-
-    def update(self, stats: dict, step: int) -> None:
-        losses = torch.stack([stats[k] for k in self.NAMES])
-        first = (self.step < 0) & ~torch.isfinite(losses).all()
-        self.step, self.losses = torch.where(first, step, self.step), torch.where(first, losses, self.losses)
-
-    def check(self) -> None:
-        if (step := int(self.step)) >= 0:
-            for name, value in zip(self.NAMES, self.losses):
-                check_finite(value, name, step)
-
-
 def train(args: Args) -> dict:
     """Run offline IQL, then online fine-tuning; returns the final metrics and the run's events."""
     stop_on_signals()  # Ctrl-C / SIGTERM from here on: a checkpoint at the end of the current step, never a traceback
@@ -834,8 +799,7 @@ def train(args: Args) -> dict:
     obs, _ = env.reset(seed=args.seed)
     ep_ret, ep_len, start_step = 0.0, 0, 0
     if ckpt is not None:  # resume: every state as it was, the environment included (a misfit stops here)
-        restore_checkpoint(ckpt, agent.networks(), agent.trained, {"train": rng})
-        agent.qf_target.requires_grad_(False)
+        restore_checkpoint(ckpt, agent.networks, agent.trained, {"train": rng})
         if ckpt["buffer"] is not None:
             rb.load_state_dict(ckpt["buffer"])
         history, env = ckpt["history"], pickle.loads(ckpt["env"])
@@ -847,7 +811,7 @@ def train(args: Args) -> dict:
     if ckpt is None:
         writer.add_text("dataset", f"{data_path}: {len(data['actions'])} transitions, {goals} goal-reaching")
 
-    watch, start_time = NonFiniteWatch(device), time.time()
+    start_time = time.time()
     for global_step in range(start_step, total):
         redo_now = args.redo_every > 0 and global_step > 0 and global_step % args.redo_every == 0
         intervene = redo_now or any(global_step in s for s in (args.inject_at, args.reset_at, args.shrink_perturb_at))
@@ -856,12 +820,12 @@ def train(args: Args) -> dict:
         checkpoint = checkpoint_due(args, global_step, max(global_step - 1, start_step))
         evaluate_now = global_step > 0 and global_step % args.eval_every == 0
         if intervene or measure or online or checkpoint or evaluate_now:  # a non-finite loss stops the run here
-            watch.check()
+            agent.check_losses()
 
         if checkpoint:  # every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop (then exit)
             state = dict(history=history, env=pickle.dumps(env), episode=(obs, ep_ret, ep_len))
             state.update(buffer=rb.state_dict() if args.checkpoint_buffer else None, dataset_sha256=data_sha256)
-            save_checkpoint(global_step, global_step, agent.networks(), agent.trained, {"train": rng}, **state)
+            save_checkpoint(global_step, global_step, agent.networks, agent.trained, {"train": rng}, **state)
         if evaluate_now:  # the greedy policy after every --eval-every updates
             final.update(evaluate(agent, args, writer, run_dir, global_step), global_step=global_step)
 
@@ -869,15 +833,11 @@ def train(args: Args) -> dict:
         if global_step in args.inject_at:
             log = dict(inject_critics(agent, probe, args), **{"injection/adaptive": 0.0})
             log_event(writer, injections, global_step, f"injected plasticity into {args.inject_target}", log)
-        if global_step in args.reset_at:
-            target = args.reset_target
-            log = reset_networks(agent, target)
-            log_event(writer, interventions, global_step, f"reset of {target}", log, kind="reset", target=target)
-        if global_step in args.shrink_perturb_at:
-            target = args.shrink_perturb_target
-            log = shrink_perturb_networks(agent, target, args.sp_shrink, args.sp_perturb)
-            what = f"shrink_perturb of {target}"
-            log_event(writer, interventions, global_step, what, log, kind="shrink_perturb", target=target)
+        for kind in ("reset", "shrink_perturb"):  # at --reset-at, --shrink-perturb-at
+            if global_step in getattr(args, f"{kind}_at"):
+                target = getattr(args, f"{kind}_target")
+                log = reset_networks(agent, target) if kind == "reset" else shrink_perturb_networks(agent, target, args)
+                log_event(writer, interventions, global_step, f"{kind} of {target}", log, kind=kind, target=target)
         if redo_now:  # ReDo in both Q critics (targets mirrored) and in V; the dormant shares are Q's
             log = redo(agent.qf, probe, args.redo_tau, optimizers=[agent.q_opt], targets=[agent.qf_target])
             v_log = redo(agent.vf, probe, args.redo_tau, optimizers=[agent.v_opt])
@@ -910,32 +870,31 @@ def train(args: Args) -> dict:
 
         # one IQL update on a batch of offline data and (online) the agent's own experience
         l2 = l2_coef(args, global_step, total)
-        stats = agent.update(rb.sample(args.batch_size, rng), l2=l2)
-        watch.update(stats, global_step)
+        stats = agent.update(rb.sample(args.batch_size, rng), l2=l2, step=global_step)
         if global_step % args.log_every == 0 or global_step == total - 1:
-            watch.check()
-            sps = int((global_step + 1 - start_step) / (time.time() - start_time))
+            agent.check_losses()
             scalars = {k: v.item() for k, v in stats.items()}
-            scalars.update({"charts/learning_rate": agent.q_opt.param_groups[0]["lr"], "charts/SPS": sps})
-            scalars["charts/online"] = float(online)
+            scalars.update({"charts/learning_rate": agent.q_opt.param_groups[0]["lr"], "charts/online": float(online)})
+            scalars["charts/SPS"] = int((global_step + 1 - start_step) / (time.time() - start_time))
             if args.l2_schedule != "none":
                 scalars["losses/l2_coef"] = l2
             for k, v in scalars.items():
                 writer.add_scalar(k, v, global_step)
         progress.update(global_step + 1)
 
-    watch.check()
+    agent.check_losses()
     final.update(evaluate(agent, args, writer, run_dir, total), global_step=total)
     final.update({k: float(v) for k, v in stats.items()}, injections=injections, interventions=interventions)
     elapsed = time.time() - start_time
-    final.update({"charts/SPS": (total - start_step) / elapsed, "train_time_s": elapsed})
-    final["online_episodic_return_last20"] = float(np.mean(recent)) if recent else float("nan")
+    final.update({"charts/SPS": (total - start_step) / elapsed, "train_time_s": elapsed, "run_dir": run_dir})
     final.update({"injection/count": float(len(injections)), "injection/adaptive_count": float(len(fired))})
-    final.update(dataset_goal_transitions=float(goals), run_dir=run_dir)
+    last20 = float(np.mean(recent)) if recent else float("nan")
+    final.update(online_episodic_return_last20=last20, dataset_goal_transitions=float(goals))
     if args.save_model:
         final["model_path"] = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        model = {"model": agent.state_dict(), "args": vars(args), "global_step": total}
-        atomic_save(dict(model, adaptive_trigger={"fired": fired}), final["model_path"])
+        networks = {k: net.state_dict() for k, net in agent.networks.items()}
+        model = dict(model=networks, args=vars(args), global_step=total, adaptive_trigger={"fired": fired})
+        atomic_save(model, final["model_path"])
         print(f"model saved to {final['model_path']}")
     finish_run(total, final.get("model_path") or run_dir)  # a stop asked during the last step exits here
     return final

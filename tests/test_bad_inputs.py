@@ -197,6 +197,7 @@ DATA_FILES = [
         ["few.npz", "actions", "10 transitions", "--batch-size (16)"],
         npz("few.npz", n=10),
     ),
+    (IQL, ["--dataset", "scalar.npz"], ["scalar.npz", "actions has shape ()"], npz("scalar.npz", actions=np.int64(3))),
 ]
 MODEL_FILES = [
     (

@@ -143,8 +143,8 @@ def test_iql_compiled_agent_matches_eager_through_injection(compiler):
     assert compiled_graphs() >= 1
     for key, value in stats[False].items():
         torch.testing.assert_close(stats[True][key], value, **TOL, msg=key)
-    for name, net in agents[False].networks().items():
-        other = agents[True].networks()[name].state_dict()
+    for name, net in agents[False].networks.items():
+        other = agents[True].networks[name].state_dict()
         assert set(other) == set(net.state_dict())
         for key, value in net.state_dict().items():
             torch.testing.assert_close(other[key], value, **TOL, msg=f"{name}.{key}")

@@ -139,7 +139,7 @@ def _args(tmp_path, **kw):
 
 def test_dataset_is_cached_reused_and_invalidated(tmp_path, monkeypatch):
     args = _args(tmp_path)
-    data, path, generated = m.load_or_make_dataset(args, verbose=False)
+    data, path, generated = m.load_or_make_dataset(args)
     assert generated and os.path.isfile(path)
     assert set(m.DATASET_KEYS) <= set(data)
     assert data["observations"].shape == (700, 2) and data["actions"].dtype == np.int64
@@ -149,7 +149,7 @@ def test_dataset_is_cached_reused_and_invalidated(tmp_path, monkeypatch):
         raise AssertionError("the cached dataset was regenerated")
 
     monkeypatch.setattr(m, "generate_dataset", fail)
-    again, path2, generated2 = m.load_or_make_dataset(args, verbose=False)
+    again, path2, generated2 = m.load_or_make_dataset(args)
     assert path2 == path and not generated2 and os.stat(path).st_mtime_ns == mtime
     for k in m.DATASET_KEYS:
         np.testing.assert_array_equal(again[k], data[k])
@@ -158,7 +158,7 @@ def test_dataset_is_cached_reused_and_invalidated(tmp_path, monkeypatch):
     for change in (dict(dataset_seed=4), dict(dataset_steps=600), dict(dataset_kind="random"), dict(rnd_epsilon=0.5)):
         other = m.dataset_path(_args(tmp_path, **change))
         assert other != path, change
-    d2, p2, g2 = m.load_or_make_dataset(_args(tmp_path, dataset_seed=4), verbose=False)
+    d2, p2, g2 = m.load_or_make_dataset(_args(tmp_path, dataset_seed=4))
     assert g2 and p2 != path and not np.array_equal(d2["observations"], data["observations"])
     # the training seed does not change the data when --dataset-seed is fixed
     assert m.dataset_path(_args(tmp_path, seed=9, dataset_seed=3)) == path
@@ -198,6 +198,8 @@ def _valid(n=50):
         (dict(observations=np.zeros((50, 3), np.float32)), "shape"),
         (dict(rewards=np.zeros(49, np.float32)), "shape"),
         (dict(terminals=np.full(50, 2)), "terminals"),
+        (dict(actions=np.int64(3)), r"actions has shape \(\)"),  # 0-d arrays: one line, not a TypeError
+        (dict(observations=np.float32(0.5)), r"observations has shape \(\)"),
     ],
 )
 def test_bad_dataset_files_are_rejected_by_name(tmp_path, bad, words):

@@ -112,10 +112,9 @@ def test_value_injection_and_reload():
     assert log["injection/v_output_change"] == 0.0 and count_params(agent.vf, trainable_only=True) == n_v
     _train(agent, rb, rng, 10)
     # a saved state dict rebuilds the same functions in a fresh, un-injected agent
-    sd = agent.state_dict()
     _, fresh = _agent(inject_target="qv", seed=5)
-    m.load_injected_state_dict(fresh.qf, sd["qf"])
-    m.load_injected_state_dict(fresh.vf, sd["vf"])
+    m.load_injected_state_dict(fresh.qf, agent.qf.state_dict())
+    m.load_injected_state_dict(fresh.vf, agent.vf.state_dict())
     for a, b in zip(agent.qf(probe), fresh.qf(probe)):
         assert torch.equal(a, b)
     assert torch.equal(agent.vf(probe), fresh.vf(probe))

@@ -1,5 +1,6 @@
 """End-to-end and command-line tests of iql_pointmass_injection.py (tiny budgets, CPU)."""
 
+import dataclasses
 import glob
 import os
 
@@ -180,24 +181,36 @@ def test_bad_settings_are_rejected_before_anything_is_written(tmp_cwd, kw, words
     assert not (tmp_cwd / "runs").exists() and not (tmp_cwd / "datasets").exists()
 
 
-def poison_update(monkeypatch, key: str, value: float, poisoned_call) -> list:
-    """IQLAgent.update reports `value` for `key` on the calls that poisoned_call(n) picks (n counts from 1);
-    returns the list that counts the calls."""
+POISONS = {  # a non-finite value that reaches one loss alone: q through l2, v through the expectile, actor through beta
+    "losses/q_loss": dict(l2=float("inf")),
+    "losses/v_loss": dict(expectile=float("nan")),
+    "losses/actor_loss": dict(beta=float("nan")),
+}
+
+
+def poison_update(monkeypatch, key: str, poisoned_call) -> list:
+    """IQLAgent.update really computes a non-finite `key` loss (POISONS) on the calls that poisoned_call(n) picks
+    (n counts from 1); returns the list that counts the calls."""
     real, calls = m.IQLAgent.update, []
 
     def poisoned(self, batch, **kw):
-        stats = real(self, batch, **kw)
         calls.append(1)
-        if poisoned_call(len(calls)):
-            stats[key] = torch.tensor(value)
-        return stats
+        if not poisoned_call(len(calls)):
+            return real(self, batch, **kw)
+        flags, args = dict(POISONS[key]), self.args
+        kw["l2"] = flags.pop("l2", kw.get("l2", 0.0))
+        self.args = dataclasses.replace(args, **flags)
+        try:
+            return real(self, batch, **kw)
+        finally:
+            self.args = args
 
     monkeypatch.setattr(m.IQLAgent, "update", poisoned)
     return calls
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_cwd, monkeypatch):
-    poison_update(monkeypatch, "losses/v_loss", float("nan"), lambda n: n > 3)
+    poison_update(monkeypatch, "losses/v_loss", lambda n: n > 3)
     with pytest.raises(m.UserError, match="losses/v_loss became non-finite .* at global step 3"):
         m.train(
             m.Args(
@@ -224,7 +237,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_cwd, monkeypatch):
 def test_non_finite_loss_between_log_points_is_named_at_the_next_check(tmp_cwd, monkeypatch):
     """Offline, the losses are checked on the device without a host sync per update: a NaN at a step that logs
     nothing is still named with its own step, before the run evaluates, logs or saves anything after it."""
-    calls = poison_update(monkeypatch, "losses/actor_loss", float("nan"), lambda n: n == 13)  # step 12 only
+    calls = poison_update(monkeypatch, "losses/actor_loss", lambda n: n == 13)  # step 12 (NaN weights after it)
     args = dict(hidden_sizes=[8], batch_size=16, dataset_kind="random", dataset_steps=100, offline_steps=30)
     args.update(online_steps=0, cuda=False, log_every=20, eval_every=100, metrics_every=0, save_model=True)
     with pytest.raises(m.UserError, match=r"losses/actor_loss became non-finite \(nan\) at global step 12"):
@@ -243,7 +256,7 @@ def test_non_finite_loss_names_the_last_checkpoint_which_still_resumes(tmp_cwd, 
     real = m.IQLAgent.update
     args = dict(hidden_sizes=[8], batch_size=16, dataset_steps=100, offline_steps=8, online_steps=8, cuda=False)
     args.update(dataset_kind="random", metrics_every=0, eval_every=100, eval_episodes=1, checkpoint_every=4)
-    poison_update(monkeypatch, "losses/q_loss", float("inf"), lambda n: n == 11)
+    poison_update(monkeypatch, "losses/q_loss", lambda n: n == 11)
     with pytest.raises(m.UserError, match=r"q_loss became non-finite \(inf\) at global step 10; the last good ch") as e:
         m.train(m.Args(**args))
     last = str(e.value).split("the last good checkpoint is ")[1].split(";")[0]
