@@ -257,16 +257,20 @@ def make_env_spec(args: Args) -> EnvSpec:
 
 class PermutedTask(gym.ObservationWrapper):
     """Continual mode: task k > 0 is the env with its observation features (and, with --task-permute-actions, its
-    actions) renamed: the same MDP, equally hard for an MLP."""
+    actions) renamed: the same MDP, equally hard for an MLP. `set_task` re-points it to another task."""
 
     def __init__(self, env: gym.Env, seed: int, task: int, permute_actions: bool):
         super().__init__(env)
-        n, rng = env.observation_space.shape[0], np.random.default_rng([seed, task])
+        self.task_seed, self.permute_actions = seed, permute_actions
+        self.set_task(task)
+
+    def set_task(self, task: int) -> None:
+        env, n, rng = self.env, self.env.observation_space.shape[0], np.random.default_rng([self.task_seed, task])
         self.task, self.order, self.signs = task, np.arange(n), np.ones(n, np.float32)
         self.actions = np.arange(env.action_space.n)
         if task > 0:
             self.order, self.signs = rng.permutation(n), rng.choice([-1.0, 1.0], n).astype(np.float32)
-            self.actions = rng.permutation(env.action_space.n) if permute_actions else self.actions
+            self.actions = rng.permutation(env.action_space.n) if self.permute_actions else self.actions
         low, high = (b[self.order] * self.signs for b in (env.observation_space.low, env.observation_space.high))
         self.observation_space = gym.spaces.Box(np.minimum(low, high), np.maximum(low, high), dtype=np.float32)
 
@@ -305,7 +309,8 @@ def make_envs(spec: EnvSpec, args: Args, num_envs: int, task: int = 0):
 
 
 def make_video_env(spec: EnvSpec, args: Args, run_name: str):
-    """A one-env vector env recording every episode; None (and a warning) on failure: video never ends a run."""
+    """A one-env vector env recording every episode (continual mode: of the task `evaluate` sets); None (and a
+    warning) on failure: video never ends a run."""
     try:
         atari = dict(frameskip=1, repeat_action_probability=args.repeat_action_probability)
         atari.update(max_episode_steps=args.max_episode_frames)
@@ -314,6 +319,8 @@ def make_video_env(spec: EnvSpec, args: Args, run_name: str):
         if spec.atari:
             env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, terminal_on_life_loss=False)
             env = gym.wrappers.FrameStackObservation(env, args.frame_stack, padding_type="zero")
+        if args.task_switch_every:
+            env = PermutedTask(env, args.seed, 0, args.task_permute_actions)
         return gym.vector.SyncVectorEnv([lambda: env])
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
@@ -755,14 +762,18 @@ def play(q_network, envs, seed: int, epsilon: float, device) -> Optional[np.ndar
 
 def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer, video_env) -> tuple:
     """RAW returns of --eval-episodes games (one per env, on the task of `step`; [] after a stop), then a greedy episode
-    into the video env; returns both (the video env None, with a warning, once recording failed: never an error)."""
-    envs = make_envs(spec, args, args.eval_episodes, task_at(args, max(step - 1, 0)))
+    of that task into the video env; returns both (the video env None, with a warning, once recording failed)."""
+    task = task_at(args, max(step - 1, 0))
+    envs = make_envs(spec, args, args.eval_episodes, task)
     returns = play(q_network, envs, args.seed + 100_000, args.eval_epsilon, device)
     envs.close()
     if returns is not None:
         writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
         print(f"global_step={step}, eval/episodic_return={np.mean(returns):.2f} (+- {np.std(returns):.2f})")
     try:
+        if video_env is not None and args.task_switch_every:  # the evaluated task, into files of its own
+            video_env.call("set_task", task)
+            video_env.set_attr("name_prefix", f"rl-video-task{task}")
         if video_env is not None:
             play(q_network, video_env, args.seed + 200_000 + step, 0.0, device)
     except Exception as e:
