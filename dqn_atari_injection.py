@@ -646,13 +646,10 @@ def select_actions(q_network, obs, epsilon: float, n_actions: int, rng: np.rando
 def td_loss(q_network, target_network, batch, args: Args):
     """(TD loss, Q(s, a)) of a replay batch (Double DQN or max targets, Huber or MSE); the target has no gradient."""
     obs, actions, rewards, terminated, next_obs = batch
-    with torch.no_grad():
+    with torch.no_grad():  # the next action: the online network's choice (Double DQN) or the target network's
         target_q = target_network(next_obs)
-        if args.double_dqn:
-            next_value = target_q.gather(1, q_network(next_obs).argmax(dim=1, keepdim=True)).squeeze(1)
-        else:
-            next_value = target_q.max(dim=1).values
-        td_target = rewards + args.gamma * next_value * (1.0 - terminated)
+        next_action = (q_network(next_obs) if args.double_dqn else target_q).argmax(dim=1, keepdim=True)
+        td_target = rewards + args.gamma * target_q.gather(1, next_action).squeeze(1) * (1.0 - terminated)
     q_sa = q_network(obs).gather(1, actions.long().unsqueeze(1)).squeeze(1)
     loss = F.smooth_l1_loss(q_sa, td_target) if args.loss == "huber" else F.mse_loss(q_sa, td_target)
     return loss, q_sa
