@@ -233,7 +233,7 @@ class EnvSpec:
 
 
 def make_env_spec(args: Args) -> EnvSpec:
-    """What --env-id is (`Phoenix-v5` means `ALE/Phoenix-v5`); a UserError naming --env-id when it is unusable."""
+    """What --env-id is (`Phoenix-v5` means `ALE/Phoenix-v5`); a UserError naming the flag that does not fit."""
     ale_id = f"ALE/{args.env_id}"
     env_id = ale_id if args.env_id.endswith("-v5") and ale_id in gym.registry else args.env_id
     try:
@@ -246,9 +246,14 @@ def make_env_spec(args: Args) -> EnvSpec:
         if spec.kwargs.get("obs_type", "rgb") != "rgb" or not env_id.endswith(("NoFrameskip-v4", "-v5")):
             use = "use <Game>NoFrameskip-v4 or ALE/<Game>-v5 (this script does its own frame skip and stacking)"
             raise UserError(f"--env-id {env_id!r}: unsupported Atari variant; {use}")
+        if args.task_switch_every:
+            raise UserError(f"--task-switch-every permutes observation features: not for the Atari game {env_id!r}")
         return EnvSpec(spec.id, spec.kwargs["game"], (args.frame_stack, 84, 84), int(n_actions))
     if n_actions is None or not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise UserError(f"--env-id {env_id!r}: needs Discrete actions and a flat Box observation, or an Atari game")
+    if changed := [f.name for f in fields(args) if f.name in ATARI_ONLY and getattr(args, f.name) != f.default]:
+        flag = ("--no-" if getattr(args, changed[0]) is False else "--") + changed[0].replace("_", "-")
+        raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
     return EnvSpec(env_id, None, tuple(obs_space.shape), int(n_actions))
 
 
@@ -794,12 +799,6 @@ def validate_args(args: Args) -> EnvSpec:
         task = " of its task" if args.task_switch_every else ""
         raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}{task}: no data yet")
     spec = make_env_spec(args)
-    if args.task_switch_every and spec.atari:
-        raise UserError(f"--task-switch-every permutes observation features: not for the Atari game {args.env_id!r}")
-    for f in fields(args) if not spec.atari else ():
-        if f.name in ATARI_ONLY and getattr(args, f.name) != f.default:
-            flag = ("--no-" if getattr(args, f.name) is False else "--") + f.name.replace("_", "-")
-            raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
     check_intervention_args(args, args.total_timesteps, plasticity_keys(build_network(spec, args)))
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy (pip install moviepy)")
