@@ -443,16 +443,11 @@ class ReplayBuffer:
         self.last[:, q] = next_last
         self.t += 1
 
-    def step_range(self) -> tuple:
-        """[lo, hi) of observation numbers from which a sampled transition may start (before `last`)."""
-        hi = self.t - 1  # the newest observation has no successor yet
-        lo = self.t - self.cap + self.stack - 1 if self.t > self.cap else 0  # its stack must be intact
-        return lo, hi
-
     def sample_indices(self, n: int, rng: Optional[np.random.Generator] = None) -> tuple:
         """n (env, step) pairs drawn uniformly from the valid transitions (rejection sampling)."""
         rng = self.rng if rng is None else rng
-        lo, hi = self.step_range()
+        hi = self.t - 1  # the newest observation has no successor yet
+        lo = self.t - self.cap + self.stack - 1 if self.t > self.cap else 0  # the oldest one's stack must be intact
         envs, steps, have = [], [], 0
         for _ in range(1000):
             e = rng.integers(0, self.num_envs, 2 * (n - have) + 8)
