@@ -290,10 +290,8 @@ def task_start(args: Args, step: int) -> int:
 
 def make_envs(spec: EnvSpec, args: Args, num_envs: int, task: int = 0):
     """A gymnasium 1.x vector env with next-step autoreset (Atari: ale-py's C++ vector env); its envs show `task`."""
-    if not spec.atari:
-        make = lambda: gym.make(spec.env_id)
-        if args.task_switch_every:
-            make = lambda: PermutedTask(gym.make(spec.env_id), args.seed, task, args.task_permute_actions)
+    if not spec.atari:  # float32 observations, as the continual mode's `task` shows them (task 0: the env's own)
+        make = lambda: PermutedTask(gym.make(spec.env_id), args.seed, task, args.task_permute_actions)
         return gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
     threads = max(1, min(num_envs, os.cpu_count() or 1))
     frames = dict(stack_num=args.frame_stack, frameskip=4, maxpool=True, noop_max=args.noop_max, use_fire_reset=True)
