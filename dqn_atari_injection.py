@@ -839,9 +839,9 @@ def train(args: Args) -> dict:
     explore_steps = args.exploration_fraction * (args.task_switch_every or args.total_timesteps)  # of each task
 
     obs = start_games(envs, rb, tracker, args.seed + start_step, ckpt)
-    # learning starts once --learning-starts steps filled the replay buffer (again, when a checkpoint lacks it)
-    learning_starts = start_step + args.learning_starts if ckpt and ckpt["buffer"] is None else args.learning_starts
-    learning_starts = max(learning_starts, task_start(args, start_step) + args.learning_starts)  # continual mode
+    # learning starts --learning-starts steps after the buffer began to fill (the task's start, or a resume without it)
+    filled_from = start_step if ckpt and ckpt["buffer"] is None else task_start(args, start_step)
+    learning_starts = filled_from + args.learning_starts
     start_time = time.time()
     for global_step in range(start_step, args.total_timesteps, args.num_envs):
         # checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop (then exit)
