@@ -201,9 +201,8 @@ class Args(PlasticityArgs, RunArgs):
     """what --shrink-perturb-at changes"""
     # Continual mode (vector observations only)
     task_switch_every: int = bounded(0, min=0)
-    """continual learning: every this many env steps the task changes: task k shows the observation features in a
-    seeded random order with random signs (task 0: the env itself); each task starts new episodes with an empty replay
-    buffer, --learning-starts and epsilon's decay anew; the networks and optimizer carry over; 0 = off"""
+    """continual learning: a new task every this many env steps (task k > 0: the observation features in a seeded
+    order with random signs), with new episodes, an empty buffer, --learning-starts and epsilon anew; 0 = off"""
     task_permute_actions: bool = False
     """continual mode: each task also relabels the actions (a seeded random permutation)"""
     # Atari-only options (an error on other envs when changed from the default)
@@ -234,7 +233,7 @@ class EnvSpec:
 
 
 def make_env_spec(args: Args) -> EnvSpec:
-    """What --env-id is (`Phoenix-v5` means `ALE/Phoenix-v5`); a UserError naming --env-id when it is unusable."""
+    """What --env-id is (`Phoenix-v5` means `ALE/Phoenix-v5`); a UserError naming the flag that does not fit."""
     ale_id = f"ALE/{args.env_id}"
     env_id = ale_id if args.env_id.endswith("-v5") and ale_id in gym.registry else args.env_id
     try:
@@ -245,19 +244,21 @@ def make_env_spec(args: Args) -> EnvSpec:
     obs_space, n_actions = env.observation_space, getattr(env.action_space, "n", None)
     if str(spec.entry_point).startswith("ale_py"):
         if spec.kwargs.get("obs_type", "rgb") != "rgb" or not env_id.endswith(("NoFrameskip-v4", "-v5")):
-            raise UserError(
-                f"--env-id {env_id!r}: unsupported Atari variant; use <Game>NoFrameskip-v4 or ALE/<Game>-v5 "
-                "(this script does its own frame skip, stacking and preprocessing)"
-            )
+            use = "use <Game>NoFrameskip-v4 or ALE/<Game>-v5 (this script does its own frame skip and stacking)"
+            raise UserError(f"--env-id {env_id!r}: unsupported Atari variant; {use}")
+        if args.task_switch_every:
+            raise UserError(f"--task-switch-every permutes observation features: not for the Atari game {env_id!r}")
         return EnvSpec(spec.id, spec.kwargs["game"], (args.frame_stack, 84, 84), int(n_actions))
     if n_actions is None or not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise UserError(f"--env-id {env_id!r}: needs Discrete actions and a flat Box observation, or an Atari game")
+    if changed := [f.name for f in fields(args) if f.name in ATARI_ONLY and getattr(args, f.name) != f.default]:
+        flag = ("--no-" if getattr(args, changed[0]) is False else "--") + changed[0].replace("_", "-")
+        raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
     return EnvSpec(env_id, None, tuple(obs_space.shape), int(n_actions))
 
 
 class PermutedTask(gym.ObservationWrapper):
-    """Continual mode: task k > 0 is the env with its observation features (and, with --task-permute-actions, its
-    actions) renamed: the same MDP, equally hard for an MLP."""
+    """Continual mode: task k > 0 renames the observation features (--task-permute-actions: and the actions)."""
 
     def __init__(self, env: gym.Env, seed: int, task: int, permute_actions: bool):
         super().__init__(env)
@@ -289,16 +290,13 @@ def task_start(args: Args, step: int) -> int:
 
 def make_envs(spec: EnvSpec, args: Args, num_envs: int, task: int = 0):
     """A gymnasium 1.x vector env with next-step autoreset (Atari: ale-py's C++ vector env); its envs show `task`."""
-    if not spec.atari:
-        make = lambda: gym.make(spec.env_id)
-        if args.task_switch_every:
-            make = lambda: PermutedTask(gym.make(spec.env_id), args.seed, task, args.task_permute_actions)
+    if not spec.atari:  # float32 observations, as the continual mode's `task` shows them (task 0: the env's own)
+        make = lambda: PermutedTask(gym.make(spec.env_id), args.seed, task, args.task_permute_actions)
         return gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
     threads = max(1, min(num_envs, os.cpu_count() or 1))
     frames = dict(stack_num=args.frame_stack, frameskip=4, maxpool=True, noop_max=args.noop_max, use_fire_reset=True)
-    games = dict(
-        repeat_action_probability=args.repeat_action_probability, max_num_frames_per_episode=args.max_episode_frames
-    )
+    games = dict(repeat_action_probability=args.repeat_action_probability)
+    games.update(max_num_frames_per_episode=args.max_episode_frames)
     # raw rewards, and a life loss goes on with the game: the EpisodeTracker clips rewards and reads info["lives"]
     raw = dict(episodic_life=False, life_loss_info=False, reward_clipping=False)
     return ale_py.vector_env.AtariVectorEnv(spec.atari_game, num_envs, num_threads=threads, **frames, **games, **raw)
@@ -314,14 +312,15 @@ def make_video_env(spec: EnvSpec, args: Args, run_name: str):
         if spec.atari:
             env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, terminal_on_life_loss=False)
             env = gym.wrappers.FrameStackObservation(env, args.frame_stack, padding_type="zero")
+        if args.task_switch_every:
+            env = PermutedTask(env, args.seed, 0, args.task_permute_actions)
         return gym.vector.SyncVectorEnv([lambda: env])
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
 
 
 class EpisodeTracker:
-    """Vector-env outputs -> training signals and RAW per-game scores. The step after an episode's end is the
-    autoreset step (no transition); a life loss is terminal for training under `episodic_life`."""
+    """Vector-env outputs -> training signals and RAW per-game scores; the autoreset step is no transition."""
 
     def __init__(self, num_envs: int, episodic_life: bool, clip_reward: bool):
         self.num_envs, self.episodic_life, self.clip_reward = num_envs, episodic_life, clip_reward
@@ -342,12 +341,9 @@ class EpisodeTracker:
         finished = [(int(e), float(self.returns[e]), int(self.lengths[e])) for e in np.flatnonzero(last)]
         self.returns[last] = 0
         self.lengths[last] = 0
-        life_loss = np.zeros_like(last)
-        if "lives" in info:
-            lives = np.array(info["lives"])
-            if self.episodic_life and self.lives is not None:
-                life_loss = live & (lives < self.lives)
-            self.lives = lives
+        lives = np.array(info["lives"]) if "lives" in info else None  # Atari: a life loss ends a training episode
+        life_loss = live & (lives < self.lives) if self.episodic_life else np.zeros_like(last)
+        self.lives = lives
         self.prev_last = last
         train_rewards = np.sign(rewards) if self.clip_reward else rewards
         return train_rewards.astype(np.float32), (terminated | life_loss) & live, last, finished
@@ -360,23 +356,20 @@ class ScaleObs(nn.Module):
 
 
 class QNetwork(nn.Module):
-    """Atari: the Nature DQN conv torso (3136 features), head Linear(3136, 512) + activation + Linear(512, actions).
-    Vector obs: encoder Linear(obs, 120) + activation, head Linear(120, 84) + activation + Linear(84, actions)."""
+    """Atari: the Nature DQN conv torso, head 3136-512-actions; vector obs: encoder obs-120, head 120-84-actions."""
 
     def __init__(self, obs_shape, n_actions: int, atari: bool, layer_norm: bool = False, activation: str = "relu"):
         super().__init__()
         self.obs_shape, self.n_actions, self.atari = tuple(obs_shape), int(n_actions), atari
+        hidden = lambda layer: hidden_layer(layer, layer_norm, activation)  # [layer, (norm), activation]
         if atari:
             convs = [nn.Conv2d(obs_shape[0], 32, 8, 4), nn.Conv2d(32, 64, 4, 2), nn.Conv2d(64, 64, 3, 1)]
-            layers = [m for conv in convs for m in hidden_layer(conv, layer_norm, activation)]
-            encoder = nn.Sequential(ScaleObs(), *layers, nn.Flatten())
+            encoder = nn.Sequential(ScaleObs(), *[m for conv in convs for m in hidden(conv)], nn.Flatten())
             features, width = 64 * 7 * 7, 512
         else:
             features, width = 120, 84
-            encoder = nn.Sequential(*hidden_layer(nn.Linear(int(np.prod(obs_shape)), features), layer_norm, activation))
-        head = nn.Sequential(
-            *hidden_layer(nn.Linear(features, width), layer_norm, activation), nn.Linear(width, n_actions)
-        )
+            encoder = nn.Sequential(*hidden(nn.Linear(int(np.prod(obs_shape)), features)))
+        head = nn.Sequential(*hidden(nn.Linear(features, width)), nn.Linear(width, n_actions))
         self.net = nn.Sequential(encoder, head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -398,16 +391,11 @@ def load_model(path: str, device="cpu") -> QNetwork:
     """Rebuild a saved (possibly injected) Q-network; a UserError naming the file when it is unusable."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read the model file ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"model", "args", "obs_shape", "n_actions", "atari"} <= set(ckpt):
-        raise UserError(f"{path}: not a model saved by dqn_atari_injection.py (missing keys)")
-    layers = {k: v for k, v in ckpt["args"].items() if k in ("layer_norm", "activation")}
-    net = QNetwork(ckpt["obs_shape"], ckpt["n_actions"], atari=ckpt["atari"], **layers).to(device)
-    try:
+        layers = {k: v for k, v in ckpt["args"].items() if k in ("layer_norm", "activation")}
+        net = QNetwork(ckpt["obs_shape"], ckpt["n_actions"], atari=ckpt["atari"], **layers).to(device)
         load_injected_state_dict(net, ckpt["model"])
-    except Exception as e:
-        raise UserError(f"{path}: the saved weights do not match the network ({type(e).__name__}: {e})") from None
+    except Exception as e:  # unreadable, not a model of this script, or weights that do not fit
+        raise UserError(f"{path}: not a model saved by dqn_atari_injection.py ({type(e).__name__}: {e})") from None
     return net
 
 
@@ -453,16 +441,11 @@ class ReplayBuffer:
         self.last[:, q] = next_last
         self.t += 1
 
-    def step_range(self) -> tuple:
-        """[lo, hi) of observation numbers from which a sampled transition may start (before `last`)."""
-        hi = self.t - 1  # the newest observation has no successor yet
-        lo = self.t - self.cap + self.stack - 1 if self.t > self.cap else 0  # its stack must be intact
-        return lo, hi
-
     def sample_indices(self, n: int, rng: Optional[np.random.Generator] = None) -> tuple:
         """n (env, step) pairs drawn uniformly from the valid transitions (rejection sampling)."""
         rng = self.rng if rng is None else rng
-        lo, hi = self.step_range()
+        hi = self.t - 1  # the newest observation has no successor yet
+        lo = self.t - self.cap + self.stack - 1 if self.t > self.cap else 0  # the oldest one's stack must be intact
         envs, steps, have = [], [], 0
         for _ in range(1000):
             e = rng.integers(0, self.num_envs, 2 * (n - have) + 8)
@@ -480,9 +463,8 @@ class ReplayBuffer:
         k = self.stack
         slots = (steps[:, None] + np.arange(-(k - 1), 2)) % self.cap  # (B, k+1) window
         window = self.frames[envs[:, None], slots]
-        if k > 1:  # frame w (< k-1) is before the episode's start when any step after it up to t is `first`
-            first = self.first[envs[:, None], slots[:, 1:k]]  # (B, k-1): first flags of steps t-k+2 .. t
-            window[:, : k - 1][np.flip(np.logical_or.accumulate(np.flip(first, 1), 1), 1)] = 0
+        first = self.first[envs[:, None], slots[:, 1:k]]  # (B, k-1): first flags of steps t-k+2 .. t
+        window[:, : k - 1][np.flip(np.logical_or.accumulate(np.flip(first, 1), 1), 1)] = 0  # frames before a first
         p = slots[:, k - 1]
         obs, next_obs = (window[:, :k], window[:, 1:]) if self.stacked else (window[:, 0], window[:, 1])
         return obs, self.actions[envs, p], self.rewards[envs, p], self.terminated[envs, p], next_obs
@@ -662,13 +644,10 @@ def select_actions(q_network, obs, epsilon: float, n_actions: int, rng: np.rando
 def td_loss(q_network, target_network, batch, args: Args):
     """(TD loss, Q(s, a)) of a replay batch (Double DQN or max targets, Huber or MSE); the target has no gradient."""
     obs, actions, rewards, terminated, next_obs = batch
-    with torch.no_grad():
+    with torch.no_grad():  # the next action: the online network's choice (Double DQN) or the target network's
         target_q = target_network(next_obs)
-        if args.double_dqn:
-            next_value = target_q.gather(1, q_network(next_obs).argmax(dim=1, keepdim=True)).squeeze(1)
-        else:
-            next_value = target_q.max(dim=1).values
-        td_target = rewards + args.gamma * next_value * (1.0 - terminated)
+        next_action = (q_network(next_obs) if args.double_dqn else target_q).argmax(dim=1, keepdim=True)
+        td_target = rewards + args.gamma * target_q.gather(1, next_action).squeeze(1) * (1.0 - terminated)
     q_sa = q_network(obs).gather(1, actions.long().unsqueeze(1)).squeeze(1)
     loss = F.smooth_l1_loss(q_sa, td_target) if args.loss == "huber" else F.mse_loss(q_sa, td_target)
     return loss, q_sa
@@ -698,9 +677,8 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
 
 
 def apply_intervention(kind: str, q_network, target_network, optimizer, probe, args: Args) -> dict:
-    """Plasticity injection (`kind` "injection") or a baseline ("reset", "shrink_perturb", "redo") as the flags say;
-    the target network gets the same fresh values. `probe` (observations) measures the output change (ReDo: finds
-    dormant units). Returns the values to log."""
+    """Plasticity injection (`kind` "injection") or a baseline ("reset", "shrink_perturb", "redo") as the flags say,
+    mirrored in the target network; `probe`: observations (the output change; ReDo's dormant units). The log values."""
     targets = [target_network]
     if kind == "injection":
         adam = dict(optimizers=[optimizer], reset_optimizer=args.inject_reset_optimizer)
@@ -716,8 +694,7 @@ def apply_intervention(kind: str, q_network, target_network, optimizer, probe, a
 
 
 def intervene(kind: str, step: int, q_network, target_network, optimizer, rb, rngs: dict, args: Args, writer, history):
-    """`apply_intervention` at `step` (`kind` "adaptive": an injection the trigger fired), probing with a seeded
-    replay batch; logged as an event."""
+    """`apply_intervention` at `step` ("adaptive": an injection the trigger fired), a seeded probe batch; logged."""
     injection, probe = kind in ("injection", "adaptive"), None
     if kind not in ("reset", "shrink_perturb"):
         probe = rb.sample(args.probe_batch_size, next(q_network.parameters()).device, rng=rngs["probe"])[0]
@@ -730,7 +707,8 @@ def intervene(kind: str, step: int, q_network, target_network, optimizer, rb, rn
 
 
 def plasticity_metrics(q_network, target_network, probe, args: Args) -> dict:
-    """plasticity/... of the Q-network on the fixed probe batch, with its TD loss for the gradient metrics."""
+    """plasticity/... on the fixed probe batch (moved to the network's device: a resumed run's is on the CPU)."""
+    probe = tuple(x.to(next(q_network.parameters()).device) for x in probe)
     loss_fn = lambda model: td_loss(model, target_network, probe, args)[0]
     return measure_plasticity(q_network, probe[0], loss_fn=loss_fn, tau=args.dormant_tau)
 
@@ -755,15 +733,19 @@ def play(q_network, envs, seed: int, epsilon: float, device) -> Optional[np.ndar
 
 def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer, video_env) -> tuple:
     """RAW returns of --eval-episodes games (one per env, on the task of `step`; [] after a stop), then a greedy episode
-    into the video env; returns both (the video env None, with a warning, once recording failed: never an error)."""
-    envs = make_envs(spec, args, args.eval_episodes, task_at(args, max(step - 1, 0)))
+    of that task into the video env; returns both (the video env None, with a warning, once recording failed)."""
+    task = task_at(args, max(step - 1, 0))
+    envs = make_envs(spec, args, args.eval_episodes, task)
     returns = play(q_network, envs, args.seed + 100_000, args.eval_epsilon, device)
     envs.close()
     if returns is not None:
         writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
         print(f"global_step={step}, eval/episodic_return={np.mean(returns):.2f} (+- {np.std(returns):.2f})")
     try:
+        if video_env is not None and args.task_switch_every:  # the video plays the evaluated task
+            video_env.envs[0] = PermutedTask(video_env.envs[0].env, args.seed, task, args.task_permute_actions)
         if video_env is not None:
+            video_env.set_attr("name_prefix", f"rl-video-step{step}")  # a file of its own, a resumed run's too
             play(q_network, video_env, args.seed + 200_000 + step, 0.0, device)
     except Exception as e:
         print(f"warning: --capture-video disabled ({type(e).__name__}: {e})")
@@ -771,8 +753,12 @@ def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer, vi
     return ([] if returns is None else returns.tolist()), video_env
 
 
-def new_games(envs, rb: ReplayBuffer, tracker: EpisodeTracker, seed: int) -> np.ndarray:
-    """New episodes in every env (a new run, a resume with envs that cannot be saved, a task switch)."""
+def start_games(envs, rb: ReplayBuffer, tracker: EpisodeTracker, seed: int, ckpt=None) -> np.ndarray:
+    """The checkpoint's games when it could save them (CartPole), else new seeded episodes in every env."""
+    if ckpt and ckpt["envs"] is not None:
+        vars(envs).update(pickle.loads(ckpt["envs"]))
+        vars(tracker).update(ckpt["tracker"])
+        return ckpt["obs"]
     obs, info = envs.reset(seed=env_seeds(envs, seed))
     rb.reset(obs)
     tracker.reset(info)
@@ -806,12 +792,6 @@ def validate_args(args: Args) -> EnvSpec:
         task = " of its task" if args.task_switch_every else ""
         raise UserError(f"--inject-at {early} is before --learning-starts {args.learning_starts}{task}: no data yet")
     spec = make_env_spec(args)
-    if args.task_switch_every and spec.atari:
-        raise UserError(f"--task-switch-every permutes observation features: not for the Atari game {args.env_id!r}")
-    for f in fields(args) if not spec.atari else ():
-        if f.name in ATARI_ONLY and getattr(args, f.name) != f.default:
-            flag = ("--no-" if getattr(args, f.name) is False else "--") + f.name.replace("_", "-")
-            raise UserError(f"{flag} is an Atari-only option; --env-id {args.env_id!r} is not an Atari game")
     check_intervention_args(args, args.total_timesteps, plasticity_keys(build_network(spec, args)))
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy (pip install moviepy)")
@@ -839,54 +819,44 @@ def train(args: Args) -> dict:
         q_network.compile()
         target_network.compile()
     tracker = EpisodeTracker(args.num_envs, spec.atari and args.episodic_life, clip_reward=spec.atari)  # as cleanRL
-    # the run's random generators: actions, injection probes, the metrics' probe batch, replay sampling (seed + 1)
     rngs = {k: np.random.default_rng(args.seed + i) for k, i in (("act", 0), ("probe", 2), ("metrics", 3))}
     rngs["buffer"] = rb.rng
     # the run's history, part of each checkpoint (fired: the steps the adaptive trigger fired at)
     history = dict(injections=[], interventions=[], train_returns=[], eval_returns=[], fired=[], metrics={})
     history["metrics_probe"] = None
     networks = dict(q_network=q_network, target_network=target_network)
+    optimizers = dict(optimizer=(optimizer, q_network))  # with its model: saved by parameter names
     if ckpt:  # resume: every state as it was (a checkpoint that does not fit stops here, before anything is written)
-        restore_checkpoint(ckpt, networks, {"optimizer": (optimizer, q_network)}, rngs)
+        restore_checkpoint(ckpt, networks, optimizers, rngs)
+        history = ckpt["history"]
         if ckpt["buffer"] is not None:
             rb.load_state_dict(ckpt["buffer"])
-        history = ckpt["history"]
-        if history["metrics_probe"] is not None:  # checkpoints load onto the CPU
-            history["metrics_probe"] = tuple(t.to(device) for t in history["metrics_probe"])
     run_dir, writer = start_run(args, ckpt)  # the run's folder, locked; the first write of the run
     progress = Progress(args, device, start_step, args.total_timesteps)  # the start line, then a bar or status lines
     schedule = {"injection": args.inject_at, "reset": args.reset_at, "shrink_perturb": args.shrink_perturb_at}
     video_env = make_video_env(spec, args, os.path.basename(run_dir)) if args.capture_video else None
     loss = q_mean = None
-    # epsilon decays from start-e to end-e over these steps (in continual mode: of each task)
-    explore_steps = args.exploration_fraction * (args.task_switch_every or args.total_timesteps)
+    explore_steps = args.exploration_fraction * (args.task_switch_every or args.total_timesteps)  # of each task
 
-    if ckpt and ckpt["envs"] is not None:
-        vars(envs).update(pickle.loads(ckpt["envs"]))
-        vars(tracker).update(ckpt["tracker"])
-        obs = ckpt["obs"]
-    else:  # new games: a new run, or a resume with envs that cannot be saved (Atari, Box2D)
-        obs = new_games(envs, rb, tracker, args.seed + start_step)
-    # learning starts once --learning-starts steps filled the replay buffer (again, when a checkpoint lacks it)
-    learning_starts = start_step + args.learning_starts if ckpt and ckpt["buffer"] is None else args.learning_starts
-    learning_starts = max(learning_starts, task_start(args, start_step) + args.learning_starts)  # continual mode
+    obs = start_games(envs, rb, tracker, args.seed + start_step, ckpt)
+    # learning starts --learning-starts steps after the buffer began to fill (the task's start, or a resume without it)
+    filled_from = start_step if ckpt and ckpt["buffer"] is None else task_start(args, start_step)
+    learning_starts = filled_from + args.learning_starts
     start_time = time.time()
     for global_step in range(start_step, args.total_timesteps, args.num_envs):
-        # checkpoint every --checkpoint-every steps (after all that was logged before this step), and when Ctrl-C or
-        # SIGTERM asked the run to stop (then exit)
+        # checkpoint every --checkpoint-every steps, and when Ctrl-C or SIGTERM asked the run to stop (then exit)
         if checkpoint_due(args, global_step, max(global_step - args.num_envs, start_step)):
             state = dict(history=history, obs=obs, tracker=vars(tracker))
             state["buffer"] = rb.state_dict() if args.checkpoint_buffer else None
             state["envs"] = None if spec.atari else env_state(envs)  # CartPole: exact resume; Atari, Box2D: new games
-            save_checkpoint(global_step, global_step, networks, {"optimizer": (optimizer, q_network)}, rngs, **state)
+            save_checkpoint(global_step, global_step, networks, optimizers, rngs, **state)
 
-        # continual mode: a new task every --task-switch-every steps: new episodes, an empty replay buffer, learning
-        # again after --learning-starts steps, epsilon decaying anew; the networks and their optimizer carry over
+        # continual mode: a new task (new episodes, an empty buffer, learning and epsilon anew; the networks carry over)
         if global_step > start_step and task_at(args, global_step) != task_at(args, global_step - args.num_envs):
             envs.close()
             envs = make_envs(spec, args, args.num_envs, task_at(args, global_step))
             rb.t, learning_starts = 0, global_step + args.learning_starts  # what the buffer held is out of reach
-            obs = new_games(envs, rb, tracker, args.seed + global_step)
+            obs = start_games(envs, rb, tracker, args.seed + global_step)
 
         # ALGO LOGIC: epsilon-greedy actions of every env
         epsilon = linear_schedule(args.start_e, args.end_e, explore_steps, global_step - task_start(args, global_step))
@@ -909,9 +879,8 @@ def train(args: Args) -> dict:
         # every env step of this vector step: interventions, training, metrics, evaluation
         for step in range(global_step, global_step + args.num_envs):
             # plasticity injection, and the baselines it is compared against, at their --*-at steps
-            for kind, steps in schedule.items():
-                if step in steps:
-                    intervene(kind, step, q_network, target_network, optimizer, rb, rngs, args, writer, history)
+            for kind in [kind for kind, steps in schedule.items() if step in steps]:
+                intervene(kind, step, q_network, target_network, optimizer, rb, rngs, args, writer, history)
             if args.redo_every > 0 and step > learning_starts and step % args.redo_every == 0:
                 intervene("redo", step, q_network, target_network, optimizer, rb, rngs, args, writer, history)
 

@@ -2,7 +2,9 @@
 
 import copy
 import functools
+import types
 
+import gymnasium as gym
 import pytest
 import torch
 from conftest import load_script, run_script
@@ -275,6 +277,42 @@ def test_linear_schedule_and_polyak():
 
 
 # ------------------------------------------------------------------ environments & bad input
+def test_the_video_episode_plays_the_evaluated_task(tmp_cwd, monkeypatch):
+    """Continual mode: the --capture-video episode of an evaluation during task k feeds the network task k's
+    observations (not the raw env's), and each evaluation's video has a file name of its own (its step)."""
+    names = []  # the files RecordVideo would write (moviepy need not be installed: a stand-in records the names)
+
+    class Recorder(gym.Wrapper):
+        def __init__(self, env, video_folder, name_prefix="rl-video", **kw):
+            super().__init__(env)
+            self.name_prefix, self.episode_id = name_prefix, -1
+
+        def reset(self, **kw):
+            self.episode_id += 1
+            names.append(f"{self.name_prefix}-episode-{self.episode_id}")
+            return super().reset(**kw)
+
+    monkeypatch.setattr(gym.wrappers, "RecordVideo", Recorder)
+    args = dqn.Args(env_id="CartPole-v1", task_switch_every=1000, task_permute_actions=True, eval_episodes=1)
+    spec = dqn.make_env_spec(args)
+    video_env = dqn.make_video_env(spec, args, "run")
+    seen = []  # every observation batch the network is given
+
+    def network(obs):
+        seen.append(obs.clone())
+        return torch.zeros(len(obs), spec.n_actions)
+
+    writer = types.SimpleNamespace(add_scalar=lambda *a: None)
+    for step, task in ((1000, 0), (1500, 1), (2000, 1), (3000, 2)):
+        seen.clear()
+        _, video_env = dqn.evaluate(network, spec, args, "cpu", step, writer, video_env)
+        raw_first, _ = gym.make("CartPole-v1").reset(seed=args.seed + 200_000 + step)  # the video episode's start
+        task_first = dqn.PermutedTask(gym.make("CartPole-v1"), args.seed, task, True).observation(raw_first)
+        assert any(torch.equal(obs[0], torch.as_tensor(task_first)) for obs in seen), (step, task)
+        assert task == 0 or not any(torch.equal(obs[0], torch.as_tensor(raw_first)) for obs in seen), (step, task)
+    assert names == [f"rl-video-step{step}-episode-{i}" for i, step in enumerate((1000, 1500, 2000, 3000))]
+
+
 def test_env_ids_resolve():
     assert dqn.make_env_spec(dqn.Args(env_id="PhoenixNoFrameskip-v4")) == dqn.EnvSpec(
         "PhoenixNoFrameskip-v4", "phoenix", (4, 84, 84), 8

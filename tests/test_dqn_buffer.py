@@ -102,9 +102,15 @@ def fill_and_check(env, rb, steps, check_every, life_loss_truth=None, seed=0):
     return ref, checks
 
 
+def step_range(rb):
+    """[lo, hi) of the observation numbers a transition may start from: the newest has no successor yet, and the
+    oldest needs its whole stack still in the buffer."""
+    return (rb.t - rb.cap + rb.stack - 1 if rb.t > rb.cap else 0), rb.t - 1
+
+
 def valid_indices(rb):
     """Every (env, step) from which a transition may start: inside step_range and not an episode's last step."""
-    lo, hi = rb.step_range()
+    lo, hi = step_range(rb)
     steps = np.arange(lo, max(lo, hi))
     envs, steps = np.repeat(np.arange(rb.num_envs), len(steps)), np.tile(steps, rb.num_envs)
     ok = ~rb.last[envs, steps % rb.cap]
@@ -112,7 +118,7 @@ def valid_indices(rb):
 
 
 def check(rb, ref):
-    lo, hi = rb.step_range()
+    lo, hi = step_range(rb)
     envs, steps = valid_indices(rb)
     got = set(zip(envs.tolist(), steps.tolist()))
     expected = {(e, t) for (e, t) in ref if lo <= t < hi}
