@@ -4,6 +4,8 @@ import ast
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("sync_blocks", ROOT / "tools" / "sync_blocks.py")
 sync_blocks = importlib.util.module_from_spec(spec)
@@ -34,3 +36,28 @@ def test_the_injection_block_and_each_train_stay_within_their_line_budgets():
         tree = ast.parse((ROOT / script).read_text())
         (train,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
         assert train.end_lineno - train.lineno + 1 <= 150, script
+
+
+def own_part(script: str) -> int:
+    """Lines of a script outside its shared blocks (the marker lines count as the blocks')."""
+    inside, count = False, 0
+    for line in (ROOT / script).read_text().splitlines():
+        inside = inside or "==== BEGIN SHARED BLOCK" in line
+        count += not inside
+        inside = inside and "==== END SHARED BLOCK" not in line
+    return count
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "ppo_atari_injection.py",
+        "iql_pointmass_injection.py",
+        pytest.param(
+            "dqn_atari_injection.py",
+            marks=pytest.mark.xfail(strict=True, reason="685 lines: over the 650 budget (issue 20, closing note)"),
+        ),
+    ],
+)
+def test_each_script_own_part_stays_within_650_lines(script):
+    assert own_part(script) <= 650
