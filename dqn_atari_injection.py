@@ -312,7 +312,7 @@ def make_video_env(spec: EnvSpec, args: Args, run_name: str):
         if spec.atari:
             env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, terminal_on_life_loss=False)
             env = gym.wrappers.FrameStackObservation(env, args.frame_stack, padding_type="zero")
-        if args.task_switch_every:
+        else:  # float32 observations as in training (continual mode: evaluate() re-points it to the evaluated task)
             env = PermutedTask(env, args.seed, 0, args.task_permute_actions)
         return gym.vector.SyncVectorEnv([lambda: env])
     except Exception as e:
