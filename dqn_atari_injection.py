@@ -304,6 +304,7 @@ def make_envs(spec: EnvSpec, args: Args, num_envs: int, task: int = 0):
 
 def make_video_env(spec: EnvSpec, args: Args, run_name: str):
     """A one-env vector env recording every episode; None (and a warning) on failure: video never ends a run."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame draws rgb_array frames without a display: no noise
     try:
         atari = dict(frameskip=1, repeat_action_probability=args.repeat_action_probability)
         atari.update(max_episode_steps=args.max_episode_frames)

@@ -2,6 +2,8 @@
 
 import copy
 import functools
+import glob
+import os
 import types
 
 import gymnasium as gym
@@ -311,6 +313,20 @@ def test_the_video_episode_plays_the_evaluated_task(tmp_cwd, monkeypatch):
         assert any(torch.equal(obs[0], torch.as_tensor(task_first)) for obs in seen), (step, task)
         assert task == 0 or not any(torch.equal(obs[0], torch.as_tensor(raw_first)) for obs in seen), (step, task)
     assert names == [f"rl-video-step{step}-episode-{i}" for i, step in enumerate((1000, 1500, 2000, 3000))]
+
+
+def test_a_cartpole_video_run_records_each_evaluation_without_noise(tmp_cwd, monkeypatch):
+    """--capture-video on a vector-observation env: an mp4 per evaluation, and on a headless machine no SDL line
+    (`error: XDG_RUNTIME_DIR is invalid ...`) that reads like one of the script's own errors."""
+    for name in ("SDL_VIDEODRIVER", "XDG_RUNTIME_DIR", "DISPLAY"):  # a headless machine
+        monkeypatch.delenv(name, raising=False)
+    flags = ["--env-id", "CartPole-v1", "--total-timesteps", "600", "--learning-starts", "200", "--buffer-size", "600"]
+    flags += ["--eval-every", "300", "--eval-episodes", "1", "--metrics-every", "0", "--capture-video", "--no-cuda"]
+    proc = run_script("dqn_atari_injection", *flags, cwd=tmp_cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "error" not in proc.stderr and "warning" not in proc.stdout, proc.stderr[-3000:] + proc.stdout[-3000:]
+    videos = sorted(os.path.basename(p) for p in glob.glob("videos/*/*.mp4"))
+    assert [v.split("-episode")[0] for v in videos] == ["rl-video-step300", "rl-video-step600"], videos
 
 
 def test_env_ids_resolve():

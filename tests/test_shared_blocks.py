@@ -55,7 +55,7 @@ def own_part(script: str) -> int:
         "iql_pointmass_injection.py",
         pytest.param(
             "dqn_atari_injection.py",
-            marks=pytest.mark.xfail(strict=True, reason="685 lines: over the 650 budget (issue 20, closing note)"),
+            marks=pytest.mark.xfail(strict=True, reason="over the 650 budget (issue 20: see its closing note)"),
         ),
     ],
 )
