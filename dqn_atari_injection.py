@@ -743,9 +743,9 @@ def evaluate(q_network, spec: EnvSpec, args: Args, device, step: int, writer, vi
         writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
         print(f"global_step={step}, eval/episodic_return={np.mean(returns):.2f} (+- {np.std(returns):.2f})")
     try:
-        if video_env is not None and args.task_switch_every:  # the video plays the evaluated task
-            video_env.envs[0] = PermutedTask(video_env.envs[0].env, args.seed, task, args.task_permute_actions)
         if video_env is not None:
+            if args.task_switch_every:  # the video plays the evaluated task
+                video_env.envs[0] = PermutedTask(video_env.envs[0].env, args.seed, task, args.task_permute_actions)
             video_env.set_attr("name_prefix", f"rl-video-step{step}")  # a file of its own, a resumed run's too
             play(q_network, video_env, args.seed + 200_000 + step, 0.0, device)
     except Exception as e:
